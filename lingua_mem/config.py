@@ -1,0 +1,276 @@
+"""Nested dataclass configs: dataclass defaults <- YAML file <- CLI dotlist.
+
+`load_config(argv)` is the single entry: it merges, type-checks and validates
+once, and raises ConfigError with a one-line message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line and names the key."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None: n_heads (no grouping)
+    vocab_size: int = 258
+    ffn_dim_multiplier: Optional[float] = None
+    multiple_of: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """Llama's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+@dataclass
+class MemoryConfig:
+    """Product-key memory (Memory+) replacing the FFN at `layers`."""
+
+    layers: list[int] = field(default_factory=list)  # empty: a dense model
+    n_keys: int = 1024  # sub-keys per half; memory size n_keys**2
+    heads: int = 4
+    knn: int = 32  # top-k per head
+    k_dim: Optional[int] = None  # None: model dim / 2
+    v_dim: Optional[int] = None  # None: model dim
+    shared_values: bool = True  # one value table for all memory layers
+    swilu: bool = True  # Memory+ gated output; False: vanilla PKM
+    qk_norm: bool = False  # RMSNorm on query halves and sub-keys
+    query_batchnorm: bool = False  # BatchNorm on the query (Lample 2019)
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys**2
+
+
+@dataclass
+class TokenizerConfig:
+    name: str = "bytes"  # bytes | sentencepiece
+    path: Optional[str] = None  # model file for sentencepiece
+
+
+@dataclass
+class SourceConfig:
+    path: str = ""  # directory, file or glob of .jsonl / .jsonl.gz files
+    weight: float = 1.0
+    text_field: str = "text"
+
+
+@dataclass
+class FactsConfig:
+    """The generated synthetic facts corpus, used when data.sources is empty."""
+
+    people: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
+    facts: FactsConfig = field(default_factory=FactsConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    batch_size: int = 8  # sequences per micro-batch
+    seq_len: int = 256
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup: int = 100
+    scheduler: str = "cosine"  # cosine | linear | constant
+    lr_min_ratio: float = 0.1  # final lr as a fraction of the peak
+    clip: float = 1.0  # max grad norm of the dense parameters (0: off)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    value_lr: float = 1e-3  # value tables' own peak lr
+    value_weight_decay: float = 0.0
+    value_clip: float = 1.0  # max grad norm of the value tables (0: off)
+
+
+@dataclass
+class DistributedConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    compute_dtype: str = "fp32"  # fp32 | bf16 (autocast)
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "lingua_mem"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # online | offline | disabled
+
+
+@dataclass
+class LoggingConfig:
+    console: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: no periodic checkpoints
+
+
+@dataclass
+class TrainConfig:
+    dump_dir: str = "dumps/run"
+    name: str = "run"
+    steps: int = 1000  # optimizer steps
+    log_every: int = 10
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def _check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
+
+
+def validate_model(m: ModelConfig, mem: MemoryConfig) -> None:
+    """Impossible model/memory shapes, named by key (shared by train and stats)."""
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+        _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    _check(m.dim % m.n_heads == 0, "model.n_heads", f"{m.n_heads} does not divide model.dim={m.dim}")
+    _check(m.head_dim % 2 == 0, "model.n_heads", f"head dim {m.head_dim} must be even for RoPE")
+    _check(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
+           f"{m.kv_heads} does not divide model.n_heads={m.n_heads}")
+    _check(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _check(m.init_std > 0, "model.init_std", "must be positive")
+    if not mem.layers:
+        return
+    for i in mem.layers:
+        _check(0 <= i < m.n_layers, "memory.layers", f"layer {i} outside 0..{m.n_layers - 1}")
+    _check(len(set(mem.layers)) == len(mem.layers), "memory.layers", "repeats a layer")
+    for key in ("n_keys", "heads", "knn"):
+        _check(getattr(mem, key) > 0, f"memory.{key}", "must be positive")
+    _check(mem.knn <= mem.n_keys, "memory.knn", f"{mem.knn} exceeds memory.n_keys={mem.n_keys}")
+    k_dim = mem.k_dim if mem.k_dim is not None else m.dim // 2
+    _check(k_dim > 0 and k_dim % 2 == 0, "memory.k_dim", f"{k_dim} must be positive and even")
+    _check(mem.v_dim is None or mem.v_dim > 0, "memory.v_dim", "must be positive")
+
+
+def validate(cfg: TrainConfig) -> None:
+    validate_model(cfg.model, cfg.memory)
+    _check(cfg.steps > 0, "steps", "must be positive")
+    _check(cfg.log_every > 0, "log_every", "must be positive")
+    _check(bool(cfg.dump_dir), "dump_dir", "must not be empty")
+    d = cfg.data
+    _check(d.batch_size > 0, "data.batch_size", "must be positive")
+    _check(d.seq_len > 0, "data.seq_len", "must be positive")
+    _check(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+           f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    _check_choice(d.tokenizer.name, "data.tokenizer.name", ("bytes", "sentencepiece"))
+    if d.tokenizer.name == "sentencepiece":
+        _check(bool(d.tokenizer.path), "data.tokenizer.path", "required for sentencepiece")
+    for name, src in d.sources.items():
+        _check(bool(src.path), f"data.sources.{name}.path", "must be set")
+        _check(src.weight > 0, f"data.sources.{name}.weight", "must be positive")
+    _check(d.facts.people > 0, "data.facts.people", "must be positive")
+    o = cfg.optim
+    for key in ("lr", "value_lr"):
+        _check(getattr(o, key) > 0, f"optim.{key}", "must be positive")
+    for key in ("weight_decay", "value_weight_decay", "clip", "value_clip", "warmup"):
+        _check(getattr(o, key) >= 0, f"optim.{key}", "must not be negative")
+    _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+    _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+    _check(0 <= o.lr_min_ratio <= 1, "optim.lr_min_ratio", "must be in [0, 1]")
+    _check(o.grad_accum > 0, "optim.grad_accum", "must be positive")
+    _check_choice(o.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
+    _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
+    _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
+    _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must not be negative")
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0].strip()
+    return f"{key}: {msg}" if key else msg
+
+
+def load_config(args: list[str], schema: type = TrainConfig, check=validate):
+    """Build a config from `config=<yaml>` and `key=value` items.
+
+    Merge order: dataclass defaults <- YAML <- dotlist. Returns a dataclass
+    instance of `schema`, validated by `check`.
+    """
+    yaml_path = None
+    dotlist = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"{arg}: expected key=value (e.g. config=configs/debug.yaml)")
+        key, value = arg.split("=", 1)
+        if key == "config":
+            yaml_path = value
+        else:
+            dotlist.append(arg)
+    merged = OmegaConf.structured(schema)
+    try:
+        if yaml_path is not None:
+            path = Path(yaml_path)
+            if not path.is_file():
+                raise ConfigError(f"config: no such file {yaml_path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        where = f" (in {yaml_path})" if yaml_path else ""
+        raise ConfigError(_one_line(exc) + where) from None
+    except Exception as exc:  # a YAML syntax error and the like
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"config: cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
+    check(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """A plain dict of a config dataclass (for logging and W&B)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -1,0 +1,97 @@
+"""Product-key memory layer (Memory+) and the value table it reads.
+
+The layer does not own its values: the Transformer owns one ValueTable (or one
+per memory layer) and passes it to the layer at call time, so a table shared by
+several layers is one parameter with one name in the state dict.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lingua_mem.kernels import embedding_bag
+from lingua_mem.memory.product_topk import product_topk
+
+
+class ValueTable(nn.Module):
+    """The memory's values: (n_values, v_dim), read as weighted bags of rows."""
+
+    def __init__(self, n_values: int, v_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_values, v_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        # indices, weights: (N, M) -> (N, v_dim)
+        return embedding_bag(indices, weights, self.weight)
+
+
+class ProductKeyMemory(nn.Module):
+    """x -> query -> product-key top-k per head -> softmax -> bag of values -> out.
+
+    With `swilu` (Memory+): out = W2 (bag * silu(W1 x)). Without: the bag itself
+    (projected by W2 only when v_dim != dim), a vanilla PKM layer.
+    """
+
+    def __init__(self, dim: int, n_keys: int, heads: int, knn: int, k_dim: int, v_dim: int,
+                 swilu: bool = True, qk_norm: bool = False, query_batchnorm: bool = False,
+                 norm_eps: float = 1e-5):
+        super().__init__()
+        self.dim, self.n_keys, self.heads, self.knn = dim, n_keys, heads, knn
+        self.k_dim, self.v_dim, self.half = k_dim, v_dim, k_dim // 2
+        self.query = nn.Linear(dim, heads * k_dim, bias=True)
+        self.query_bn = nn.BatchNorm1d(heads * k_dim) if query_batchnorm else None
+        # sub-keys: (heads, 2 halves, n_keys, k_dim / 2)
+        self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, self.half))
+        self.q_norm = nn.RMSNorm(self.half, eps=norm_eps) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.half, eps=norm_eps) if qk_norm else None
+        self.gate = nn.Linear(dim, v_dim, bias=True) if swilu else None
+        self.out = nn.Linear(v_dim, dim, bias=True) if (swilu or v_dim != dim) else None
+
+    @torch.no_grad()
+    def init_weights(self, out_std: float) -> None:
+        for proj in (self.query, self.gate):
+            if proj is not None:
+                nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
+                nn.init.zeros_(proj.bias)
+        bound = 1 / math.sqrt(self.k_dim)
+        nn.init.uniform_(self.keys, -bound, bound)
+        for m in (self.query_bn, self.q_norm, self.k_norm):
+            if m is not None:
+                m.reset_parameters()
+        if self.out is not None:
+            nn.init.trunc_normal_(self.out.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
+            nn.init.zeros_(self.out.bias)
+
+    def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, dim) -> (indices, weights), each (N, heads * knn)."""
+        n = x.shape[0]
+        q = self.query(x)  # (N, heads * k_dim)
+        if self.query_bn is not None:
+            q = self.query_bn(q)
+        q = q.view(n, self.heads, 2, self.half)  # (N, heads, 2, half)
+        keys = self.keys  # (heads, 2, n_keys, half)
+        if self.q_norm is not None:
+            q, keys = self.q_norm(q), self.k_norm(keys)
+            q = q * self.half**-0.5  # keep scores O(1), as attention scales q.k
+        s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
+        scores, indices = product_topk(s[:, :, 0], s[:, :, 1], self.knn)  # (N, heads, knn)
+        weights = scores.float().softmax(dim=-1)  # each head's own softmax
+        return indices.view(n, -1), weights.view(n, -1)  # heads' bags summed as one bag
+
+    def forward(self, x: torch.Tensor, values: ValueTable) -> torch.Tensor:
+        shape = x.shape  # (B, T, dim)
+        x = x.reshape(-1, self.dim)  # (N, dim)
+        indices, weights = self.lookup(x)
+        out = values(indices, weights)  # (N, v_dim)
+        if self.gate is not None:
+            out = out * F.silu(self.gate(x))
+        if self.out is not None:
+            out = self.out(out)  # (N, dim)
+        return out.view(shape)

@@ -1,0 +1,73 @@
+"""Metrics out: <dump_dir>/metrics.jsonl, a console line with ETA, and W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lingua_mem.config import WandbConfig
+
+# dense bf16 peak FLOP/s by device name (no sparsity)
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak, or None when unknown (CPUs included)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in BF16_PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricLogger:
+    """One JSON object per logged step; the same dict goes to the console and W&B."""
+
+    def __init__(self, dump_dir: str | Path, total_steps: int, wandb_cfg: WandbConfig | None = None,
+                 run_config: dict | None = None, console: bool = True):
+        self.path = Path(dump_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.total_steps, self.console = total_steps, console
+        self.file = self.path.open("a")
+        self.wandb_run = None
+        if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
+                group=wandb_cfg.group, tags=list(wandb_cfg.tags), mode=wandb_cfg.mode,
+                dir=str(Path(dump_dir)), config=run_config)
+
+    def log(self, metrics: dict, seconds_per_step: float = float("nan")) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        if self.console:
+            eta = format_duration((self.total_steps - metrics["step"]) * seconds_per_step)
+            mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            print(f"step {metrics['step']:>6}/{self.total_steps} | loss {metrics['loss']:.4f} | "
+                  f"lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} "
+                  f"vnorm {metrics['value_grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s{mfu} | "
+                  f"eta {eta}", flush=True)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None

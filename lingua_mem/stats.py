@@ -1,0 +1,65 @@
+"""Parameter and FLOP accounting of a model config, on the meta device.
+
+    python -m lingua_mem.stats config=configs/memory_373m.yaml [key=value ...]
+
+prints one JSON line. Training FLOPs per token count every matmul weight at 6x
+(forward 2, backward 4), attention scores and values at 12 * layers * dim *
+seq_len (the usual convention, as in PaLM and Meta Lingua), and each memory
+lookup as what it really does: heads * knn rows of v_dim read, weighted and
+back-propagated (6 FLOPs per element), NOT 6x the whole value table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch.nn as nn
+
+from lingua_mem.config import ConfigError, TrainConfig, load_config
+from lingua_mem.model import Transformer, build_model
+from lingua_mem.memory import ProductKeyMemory
+
+
+def model_stats(model: Transformer, seq_len: int) -> dict:
+    cfg = model.cfg
+    n_params = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    total = n_params(model)
+    values = sum(n_params(t) for t in model.value_tables())
+    # matmul weights: every Linear, the memory sub-keys (scored against every query),
+    # and the output head (the tied embedding when there is no separate head)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    memories = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    matmul += sum(m.keys.numel() for m in memories)
+    if model.output is None:
+        matmul += model.tok_embeddings.weight.numel()
+    rows_read = sum(m.heads * m.knn * m.v_dim for m in memories)  # value elements per token
+    flops = 6 * matmul + 12 * cfg.n_layers * cfg.dim * seq_len + 6 * rows_read
+    return {
+        "total_params": total,
+        "memory_value_params": values,
+        "dense_params": total - values,
+        "active_params_per_token": total - values + rows_read,
+        "flops_per_token": flops,
+        "memory_layers": sorted(model.value_key),
+        "n_values": values // memories[0].v_dim if memories else 0,
+        "seq_len": seq_len,
+    }
+
+
+def config_stats(cfg: TrainConfig) -> dict:
+    return model_stats(build_model(cfg.model, cfg.memory, device="meta"), cfg.data.seq_len)
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = load_config(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(config_stats(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,176 @@
+import itertools
+
+import pytest
+import torch
+
+from lingua_mem.config import MemoryConfig, ModelConfig
+from lingua_mem.kernels import embedding_bag
+from lingua_mem.memory import ProductKeyMemory, ValueTable, product_topk
+from lingua_mem.model import FeedForward, build_model
+
+
+def brute_force_topk(s1, s2, k):
+    n = s1.shape[-1]
+    full = (s1[:, :, None] + s2[:, None, :]).reshape(s1.shape[0], n * n)  # index i1 * n + i2
+    return full.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("n_keys,k", [(8, 1), (16, 5), (32, 32), (64, 16)])
+def test_product_topk_equals_brute_force(n_keys, k):
+    gen = torch.Generator().manual_seed(n_keys * 100 + k)
+    s1 = torch.randn(50, n_keys, dtype=torch.float64, generator=gen)  # continuous: no ties
+    s2 = torch.randn(50, n_keys, dtype=torch.float64, generator=gen)
+    scores, idx = product_topk(s1, s2, k)
+    ref_scores, ref_idx = brute_force_topk(s1, s2, k)
+    assert scores.shape == idx.shape == (50, k)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
+    assert bool((scores[:, 1:] <= scores[:, :-1]).all())  # sorted descending
+    # the indices address i1 * n_keys + i2 and their scores match
+    torch.testing.assert_close(scores, s1.gather(1, idx // n_keys) + s2.gather(1, idx % n_keys))
+
+
+def test_product_topk_leading_dims_and_grad():
+    s1 = torch.randn(3, 4, 10, requires_grad=True)
+    s2 = torch.randn(3, 4, 10, requires_grad=True)
+    scores, idx = product_topk(s1, s2, 6)
+    assert scores.shape == idx.shape == (3, 4, 6)
+    flat_scores, flat_idx = product_topk(s1.reshape(12, 10), s2.reshape(12, 10), 6)
+    assert torch.equal(idx.reshape(12, 6), flat_idx)
+    scores.sum().backward()
+    # each chosen pair adds 1 to its rows' gradients; every gradient entry counts picks
+    assert s1.grad.sum().item() == pytest.approx(3 * 4 * 6)
+    assert s2.grad.sum().item() == pytest.approx(3 * 4 * 6)
+
+
+def test_product_topk_rejects_bad_k():
+    with pytest.raises(ValueError, match="k=9"):
+        product_topk(torch.randn(2, 8), torch.randn(2, 8), 9)
+
+
+def test_embedding_bag_matches_naive_float64():
+    gen = torch.Generator().manual_seed(0)
+    n, m, rows, d = 37, 12, 50, 9
+    indices = torch.randint(0, rows, (n, m), generator=gen)
+    indices[0, :4] = 3  # repeated rows inside a bag accumulate
+    table = torch.randn(rows, d, dtype=torch.float64, generator=gen, requires_grad=True)
+    weights = torch.rand(n, m, dtype=torch.float64, generator=gen, requires_grad=True)
+    out = embedding_bag(indices, weights, table)
+    grad_out = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    g_table, g_weights = torch.autograd.grad(out, (table, weights), grad_out)
+
+    ref = (weights[:, :, None] * table[indices]).sum(1)  # naive gather-and-sum
+    r_table, r_weights = torch.autograd.grad(ref, (table, weights), grad_out)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_table, r_table, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_weights, r_weights, rtol=1e-12, atol=1e-12)
+    untouched = torch.ones(rows, dtype=torch.bool)
+    untouched[indices.flatten()] = False
+    assert bool((g_table[untouched] == 0).all())
+
+
+def test_embedding_bag_gradcheck():
+    indices = torch.tensor([[0, 2, 2], [1, 3, 0]])
+    table = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda w, t: embedding_bag(indices, w, t), (weights, table))
+
+
+def small_cfg(**mem):
+    model = ModelConfig(dim=64, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
+    memory = MemoryConfig(layers=[1, 3], n_keys=8, heads=2, knn=4, **mem)
+    return model, memory
+
+
+def test_memory_layers_at_configured_ids_only():
+    model = build_model(*small_cfg())
+    kinds = [type(b.feed_forward) for b in model.layers]
+    assert kinds == [FeedForward, ProductKeyMemory, FeedForward, ProductKeyMemory, FeedForward]
+    assert list(model.values.keys()) == ["shared"]
+    assert model.values["shared"].weight.shape == (64, 64)  # n_keys**2 x dim
+
+
+def test_per_layer_tables():
+    model = build_model(*small_cfg(shared_values=False, v_dim=32))
+    assert sorted(model.values.keys()) == ["layer1", "layer3"]
+    assert model.values["layer1"].weight.shape == (64, 32)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"swilu": False}, {"qk_norm": True}, {"query_batchnorm": True}, {"shared_values": False},
+])
+def test_state_dict_round_trip_gives_same_logits(options):
+    torch.manual_seed(0)
+    model = build_model(*small_cfg(**options))
+    tokens = torch.randint(0, 97, (2, 16))
+    model.train()
+    model(tokens).sum().backward()  # BatchNorm running stats move; state must carry them
+    model.eval()
+    with torch.no_grad():
+        expected = model(tokens)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert sum(k.endswith(".weight") and "values." in k for k in state) == len(model.values)
+
+    torch.manual_seed(123)  # a fresh model with other random weights
+    fresh = build_model(*small_cfg(**options))
+    fresh.eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(tokens), expected)
+    fresh.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(tokens), expected, rtol=0, atol=0)
+
+
+def test_shared_table_is_one_parameter_receiving_both_layers_gradients():
+    model = build_model(*small_cfg())
+    table = model.values["shared"].weight
+    assert sum(p is table for p in model.parameters()) == 1
+    tokens = torch.randint(0, 97, (2, 16))
+    grads = []
+    for layer_id in (1, 3):
+        model.zero_grad()
+        x = torch.randn(2, 16, 64)
+        model.layers[layer_id].feed_forward(x, model.values["shared"]).sum().backward()
+        grads.append(table.grad.clone())
+    assert all(g.abs().sum() > 0 for g in grads)
+    model.zero_grad()
+    model(tokens).sum().backward()
+    assert table.grad.abs().sum() > 0
+
+
+def test_init_weights_defines_every_parameter_and_buffer():
+    model, memory = small_cfg(query_batchnorm=True, qk_norm=True)
+    for fill in (float("nan"), 7.0):  # whatever memory to_empty hands out
+        m = build_model(model, memory, device="meta")
+        m.to_empty(device="cpu")
+        floats = [t for t in itertools.chain(m.parameters(), m.buffers()) if t.is_floating_point()]
+        for t in floats:
+            t.data.fill_(fill)
+        m.init_weights()
+        for name, t in itertools.chain(m.named_parameters(), m.named_buffers()):
+            assert torch.isfinite(t.float()).all(), name
+            if t.is_floating_point() and t.numel() > 1:
+                assert not bool((t == fill).all()), name
+    biases = {n: p for n, p in m.named_parameters() if n.endswith("bias")}
+    assert biases and all(bool((p == 0).all()) for p in biases.values())
+
+
+def test_memory_layer_output_matches_manual_computation():
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(dim=16, n_keys=6, heads=2, knn=3, k_dim=8, v_dim=16).double()
+    mem.init_weights(out_std=0.1)
+    values = ValueTable(36, 16).double()
+    values.reset_parameters()
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    out = mem(x, values)
+    # manual: brute force over all 36 composed keys per head
+    xf = x.reshape(5, 16)
+    q = mem.query(xf).view(5, 2, 2, 4)
+    bag = torch.zeros(5, 16, dtype=torch.float64)
+    for h in range(2):
+        s1 = q[:, h, 0] @ mem.keys[h, 0].T  # (5, 6)
+        s2 = q[:, h, 1] @ mem.keys[h, 1].T
+        sc, ix = brute_force_topk(s1, s2, 3)
+        bag += (sc.softmax(-1)[:, :, None] * values.weight[ix]).sum(1)
+    ref = mem.out(bag * torch.nn.functional.silu(mem.gate(xf)))
+    torch.testing.assert_close(out.reshape(5, 16), ref)
