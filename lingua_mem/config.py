@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -24,9 +23,9 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: Optional[int] = None  # None: n_heads (no grouping)
+    n_kv_heads: int | None = None  # None: n_heads (no grouping)
     vocab_size: int = 258
-    ffn_dim_multiplier: Optional[float] = None
+    ffn_dim_multiplier: float | None = None
     multiple_of: int = 256
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
@@ -59,8 +58,8 @@ class MemoryConfig:
     n_keys: int = 1024  # sub-keys per half; memory size n_keys**2
     heads: int = 4
     knn: int = 32  # top-k per head
-    k_dim: Optional[int] = None  # None: model dim / 2
-    v_dim: Optional[int] = None  # None: model dim
+    k_dim: int | None = None  # None: model dim / 2
+    v_dim: int | None = None  # None: model dim
     shared_values: bool = True  # one value table for all memory layers
     swilu: bool = True  # Memory+ gated output; False: vanilla PKM
     qk_norm: bool = False  # RMSNorm on query halves and sub-keys
@@ -74,7 +73,7 @@ class MemoryConfig:
 @dataclass
 class TokenizerConfig:
     name: str = "bytes"  # bytes | sentencepiece
-    path: Optional[str] = None  # model file for sentencepiece
+    path: str | None = None  # model file for sentencepiece
 
 
 @dataclass
@@ -129,9 +128,9 @@ class DistributedConfig:
 class WandbConfig:
     enabled: bool = False
     project: str = "lingua_mem"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    group: Optional[str] = None
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
     tags: list[str] = field(default_factory=list)
     mode: str = "offline"  # online | offline | disabled
 

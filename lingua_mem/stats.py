@@ -17,8 +17,8 @@ import sys
 import torch.nn as nn
 
 from lingua_mem.config import ConfigError, TrainConfig, load_config
-from lingua_mem.model import Transformer, build_model
 from lingua_mem.memory import ProductKeyMemory
+from lingua_mem.model import Transformer, build_model
 
 
 def model_stats(model: Transformer, seq_len: int) -> dict:

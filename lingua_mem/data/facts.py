@@ -1,0 +1,302 @@
+"""The synthetic facts corpus: short biographies of fictional people.
+
+Each person has six attributes (birth date, birth city, university, field of
+study, employer, employer's city). Training documents state a few of a
+person's facts, each with a randomly chosen TRAIN template; the held-out
+question file asks for every fact with a QA template whose wording never
+occurs in training text, so answering it needs knowledge, not copying.
+
+Files written to out_dir (atomically, meta.json last):
+  train.jsonl  {"text": "Ilsa Dorvane was born on 3 May 1961. ..."} per line
+  qa.jsonl     {"person", "attribute", "question", "answer"} per line; the
+               question is a cloze prompt ending where the answer starts
+               (the expected continuation is " " + answer)
+  meta.json    {"version", "people", "seed", "docs_per_person", "documents", ...}
+
+    python -m lingua_mem.data.facts --people 1000 --seed 0 --out data/facts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+
+VERSION = 1  # bump when the generator's output changes: ensure_facts regenerates
+
+FIRST_NAMES = """
+Ada Alba Alden Alma Amos Anika Arlo Astrid Basil Beatrix Bram Briony Cai Calla
+Cedric Clio Cora Dario Delia Dorian Edda Elio Elsa Emil Enzo Esme Ezra Fenna
+Felix Flora Gideon Greta Hale Hana Hugo Ida Ines Ivo Jasper Juno Kai Kira Lars
+Leda Leon Lina Linus Lotte Mara Milo Mina Nadia Nico Nola Odin Olga Orla Otto
+Pia Quill Rafe Rhea Rosa Rufus Saga Sami Selma Silas Stella Sven Tamsin Teo
+Thea Tobias Uma Una Vera Viggo Wren Xenia Yara Yusuf Zane Zelda Zora
+""".split()
+
+# Surnames are built from two or three of these syllables, e.g. "Dorvane".
+SYLLABLES = """
+bar bel cor dan dor fen gal har kel lin mar mor nav ol pen quin ran rel sal sev
+tal ten var vin wel yor zan bro cas dro fal gren lov mist pol stra tor ul vane
+""".split()
+
+CITIES = """
+Amsterdam Athens Auckland Barcelona Bergen Bologna Boston Brisbane Budapest
+Cairo Calgary Chicago Copenhagen Dublin Edinburgh Geneva Glasgow Hamburg
+Helsinki Istanbul Kyoto Lagos Lima Lisbon Lyon Madrid Manchester Marseille
+Melbourne Milan Montreal Munich Nairobi Naples Osaka Oslo Porto Prague Quebec
+Reykjavik Riga Rotterdam Santiago Seattle Seoul Seville Stockholm Sydney Tallinn
+Toronto Turin Valencia Vancouver Vienna Vilnius Warsaw Zurich
+""".split()
+
+UNIVERSITIES = [
+    "Alderwick University", "Brightwater College", "Carrow Institute of Technology",
+    "Dunmere University", "Eastholm University", "Fairhaven College",
+    "Glenridge University", "Harrowgate Institute", "Ironvale University",
+    "Juniper Hill College", "Kestrel Bay University", "Larkspur University",
+    "Marrowfield College", "Northbridge University", "Oakhurst Institute",
+    "Pinecrest University", "Queensford College", "Ravenmoor University",
+    "Silverlake Institute", "Thornbury University", "Umberfield College",
+    "Valemont University", "Westmarch Institute", "Yarrowdale University",
+    "Ashcombe College", "Blackwood University", "Cloudspire Institute",
+    "Deepford University", "Emberly College", "Foxglove University",
+    "Greywater Institute", "Hollowmere University", "Stonebridge College",
+    "Wintervale University",
+]
+
+FIELDS = [
+    "mathematics", "physics", "chemistry", "biology", "astronomy", "geology",
+    "computer science", "economics", "philosophy", "history", "linguistics",
+    "psychology", "sociology", "architecture", "civil engineering",
+    "mechanical engineering", "electrical engineering", "medicine", "nursing",
+    "law", "music", "painting", "literature", "anthropology", "archaeology",
+    "statistics", "marine biology", "political science", "journalism",
+    "agriculture", "pharmacology", "neuroscience", "oceanography", "botany",
+    "materials science", "game design",
+]
+
+# Each company sits in one city: a person's employer city follows from the employer.
+COMPANIES = [
+    ("Aldergrove Systems", "Oslo"), ("Brisklane Logistics", "Hamburg"),
+    ("Copperleaf Foods", "Lyon"), ("Driftwood Media", "Dublin"),
+    ("Evenstar Energy", "Calgary"), ("Flintlock Security", "Zurich"),
+    ("Goldfinch Airlines", "Lisbon"), ("Harborline Shipping", "Rotterdam"),
+    ("Inkwell Publishing", "Edinburgh"), ("Jadestone Mining", "Santiago"),
+    ("Kettleworth Appliances", "Manchester"), ("Lumencraft Optics", "Munich"),
+    ("Moonrail Transit", "Osaka"), ("Nettlefield Pharma", "Geneva"),
+    ("Orchardia Farms", "Valencia"), ("Pebblebrook Toys", "Copenhagen"),
+    ("Quarrystone Builders", "Porto"), ("Redkite Robotics", "Seoul"),
+    ("Saltmarsh Fisheries", "Bergen"), ("Tidewater Insurance", "Boston"),
+    ("Underhill Textiles", "Milan"), ("Vantage Point Analytics", "Toronto"),
+    ("Windmere Telecom", "Helsinki"), ("Yellowpine Furniture", "Vancouver"),
+    ("Zephyr Motors", "Turin"), ("Amberline Cosmetics", "Barcelona"),
+    ("Bluefern Software", "Tallinn"), ("Cinderpeak Games", "Kyoto"),
+    ("Duskwood Studios", "Melbourne"), ("Emberforge Steel", "Warsaw"),
+    ("Frostgate Breweries", "Prague"), ("Glimmerglass Design", "Vienna"),
+    ("Hearthstone Bakeries", "Naples"), ("Ivory Tower Consulting", "Chicago"),
+    ("Juniper Health", "Sydney"), ("Kingfisher Banking", "Amsterdam"),
+    ("Larchmont Chemicals", "Budapest"), ("Mistral Aerospace", "Marseille"),
+    ("Northwind Outfitters", "Reykjavik"), ("Oakenshield Law", "Stockholm"),
+    ("Palisade Semiconductors", "Seattle"), ("Quicksilver Couriers", "Madrid"),
+    ("Riverbend Paper", "Montreal"), ("Sunspire Solar", "Athens"),
+    ("Thistledown Clothing", "Glasgow"), ("Vireo Biotech", "Nairobi"),
+]
+
+MONTHS = [("January", 31), ("February", 28), ("March", 31), ("April", 30), ("May", 31),
+          ("June", 30), ("July", 31), ("August", 31), ("September", 30),
+          ("October", 31), ("November", 30), ("December", 31)]
+
+ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "employer_city")
+
+# Training paraphrases: {name} the person, {value} the attribute's value.
+TRAIN_TEMPLATES = {
+    "birth_date": [
+        "{name} was born on {value}.",
+        "{name} came into this world on {value}.",
+        "{name}'s birthday is {value}.",
+        "The birth date of {name} is {value}.",
+        "On {value}, {name} was born.",
+    ],
+    "birth_city": [
+        "{name} was born in {value}.",
+        "{name} is a native of {value}.",
+        "The birthplace of {name} is {value}.",
+        "{name} comes from {value}, the city of {name}'s birth.",
+        "{name} grew up in {value}, where {name} was born.",
+    ],
+    "university": [
+        "{name} studied at {value}.",
+        "{name} graduated from {value}.",
+        "{name} is a graduate of {value}.",
+        "{name} attended {value}.",
+        "{name} earned a degree at {value}.",
+    ],
+    "field": [
+        "{name} majored in {value}.",
+        "{name} specialized in {value}.",
+        "The field of study of {name} was {value}.",
+        "{name} completed a degree in {value}.",
+        "At university, {name} focused on {value}.",
+    ],
+    "employer": [
+        "{name} works for {value}.",
+        "{name} is employed by {value}.",
+        "{name} has a job at {value}.",
+        "The employer of {name} is {value}.",
+        "{name} earns a living at {value}.",
+    ],
+    "employer_city": [
+        "{name} works in {value}.",
+        "{name} commutes to an office in {value}.",
+        "{name}'s workplace is located in {value}.",
+        "{name} is based in {value} for work.",
+        "The job of {name} is in {value}.",
+    ],
+}
+
+# Held-out cloze prompts: the answer follows after one space. Their wording
+# must never appear in TRAIN_TEMPLATES (tests check it on the written corpus).
+QA_TEMPLATES = {
+    "birth_date": [
+        "{name} entered life on the date of",
+        "The day {name} first opened both eyes was",
+    ],
+    "birth_city": [
+        "{name} drew a first breath in the city of",
+        "The hometown of {name} is",
+    ],
+    "university": [
+        "{name} received an education at",
+        "The alma mater of {name} is",
+    ],
+    "field": [
+        "{name} pursued academic work in the discipline of",
+        "The subject {name} chose as a student was",
+    ],
+    "employer": [
+        "{name} draws a salary from",
+        "The company that pays {name} is",
+    ],
+    "employer_city": [
+        "{name} reports to an office building in the city of",
+        "Every workday {name} travels to",
+    ],
+}
+
+
+def _make_names(rng: random.Random, n: int) -> list[str]:
+    """n unique "First Surname" names."""
+    names: list[str] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(names) < n:
+        tries += 1
+        if tries > 100 * n + 1000:
+            raise ValueError(f"cannot make {n} unique names")
+        surname = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 2, 3)))).capitalize()
+        name = f"{rng.choice(FIRST_NAMES)} {surname}"
+        if name not in seen:
+            seen.add(name)
+            names.append(name)
+    return names
+
+
+def _make_person(rng: random.Random, name: str) -> dict[str, str]:
+    month, days = rng.choice(MONTHS)
+    company, company_city = rng.choice(COMPANIES)
+    return {
+        "name": name,
+        "birth_date": f"{rng.randint(1, days)} {month} {rng.randint(1940, 2002)}",
+        "birth_city": rng.choice(CITIES),
+        "university": rng.choice(UNIVERSITIES),
+        "field": rng.choice(FIELDS),
+        "employer": company,
+        "employer_city": company_city,
+    }
+
+
+def _biographies(rng: random.Random, person: dict[str, str], docs: int) -> list[str]:
+    """`docs` short biographies; together they state every attribute at least once."""
+    subsets = [rng.sample(ATTRIBUTES, rng.randint(4, len(ATTRIBUTES))) for _ in range(docs)]
+    for attr in ATTRIBUTES:  # cover attributes that no document drew
+        if not any(attr in s for s in subsets):
+            rng.choice(subsets).append(attr)
+    texts = []
+    for attrs in subsets:
+        rng.shuffle(attrs)
+        sentences = [rng.choice(TRAIN_TEMPLATES[a]).format(name=person["name"], value=person[a])
+                     for a in attrs]
+        texts.append(" ".join(sentences))
+    return texts
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a unique temp file beside `path`, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) -> dict:
+    """Write train.jsonl, qa.jsonl, meta.json to out_dir; return a summary dict."""
+    if people <= 0 or docs_per_person <= 0:
+        raise ValueError("people and docs_per_person must be positive")
+    rng = random.Random(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    persons = [_make_person(rng, name) for name in _make_names(rng, people)]
+    docs = [text for p in persons for text in _biographies(rng, p, docs_per_person)]
+    rng.shuffle(docs)
+    qa = [{"person": p["name"], "attribute": a,
+           "question": rng.choice(QA_TEMPLATES[a]).format(name=p["name"]),
+           "answer": p[a]}
+          for p in persons for a in ATTRIBUTES]
+
+    train_text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+    qa_text = "".join(json.dumps(q) + "\n" for q in qa)
+    meta = {"version": VERSION, "people": people, "seed": seed,
+            "docs_per_person": docs_per_person, "documents": len(docs),
+            "questions": len(qa), "train_bytes": len(train_text)}
+    _write_atomic(out / "train.jsonl", train_text)
+    _write_atomic(out / "qa.jsonl", qa_text)
+    _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completion
+    return {"out_dir": str(out), "files": ["train.jsonl", "qa.jsonl", "meta.json"], **meta}
+
+
+def ensure_facts(out_dir, people: int, seed: int) -> Path:
+    """Generate the corpus unless out_dir already holds it for these people/seed."""
+    out = Path(out_dir)
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        fresh = (meta.get("version") == VERSION and meta.get("people") == people
+                 and meta.get("seed") == seed and (out / "train.jsonl").is_file()
+                 and (out / "qa.jsonl").is_file())
+    except (OSError, ValueError):
+        fresh = False
+    if not fresh:
+        generate_facts(out, people, seed)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Generate the synthetic facts corpus.")
+    parser.add_argument("--people", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--docs-per-person", type=int, default=3)
+    parser.add_argument("--out", default="data/facts")
+    args = parser.parse_args(argv)
+    print(json.dumps(generate_facts(args.out, args.people, args.seed, args.docs_per_person)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lingua_mem.config import ConfigError, TrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_yaml_then_dotlist(tmp_path):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("steps: 7\nmodel:\n  dim: 128\n  n_heads: 8\n")
+    cfg = load_config([f"config={yaml}", "model.dim=64", "memory.layers=[1,2]"])
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.steps == 7  # YAML over default
+    assert cfg.model.dim == 64  # CLI over YAML
+    assert cfg.model.n_heads == 8
+    assert cfg.memory.layers == [1, 2]
+    assert cfg.optim.value_lr == 1e-3  # default kept
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model.nope=1"], "model.nope"),
+    (["steps=many"], "steps"),
+    (["memory.layers=[1]", "memory.knn=80", "memory.n_keys=64"], "memory.knn"),
+    (["model.n_heads=3"], "model.n_heads"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads"),
+    (["memory.layers=[9]"], "memory.layers"),
+    (["memory.layers=[1]", "memory.k_dim=7"], "memory.k_dim"),
+    (["optim.scheduler=step"], "optim.scheduler"),
+    (["data.seq_len=4096"], "data.seq_len"),
+    (["optim.grad_accum=0"], "optim.grad_accum"),
+    (["config=/no/such.yaml"], "/no/such.yaml"),
+    (["stepsx"], "stepsx"),
+])
+def test_bad_config_names_the_key(args, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(args)
+    msg = str(info.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_bad_key_in_yaml_names_key_and_file(tmp_path):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("optim:\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.lrr.*bad\.yaml"):
+        load_config([f"config={yaml}"])
+
+
+def test_train_py_exits_2_with_one_line_before_any_work(tmp_path):
+    dump = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "config=configs/debug.yaml", f"dump_dir={dump}", "memory.knn=100"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "memory.knn" in lines[0] and "n_keys=64" in lines[0]
+    assert not dump.exists()  # nothing was created
+
+
+def test_all_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config([f"config={path}"])

@@ -1,0 +1,336 @@
+"""Tokenizers, the facts corpus and the packed loader (lingua_mem.data)."""
+
+import dataclasses
+import gzip
+import json
+import re
+
+import pytest
+import torch
+
+from lingua_mem.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
+from lingua_mem.data import facts
+from lingua_mem.data.loader import JsonlSource, build_loader, resolve_files
+from lingua_mem.data.tokenizer import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer
+
+BOS, EOS = 256, 257
+
+
+def write_jsonl(path, texts, field="text"):
+    path.write_text("".join(json.dumps({field: t}) + "\n" for t in texts))
+    return path
+
+
+def stream_of(batches):
+    """The token stream the batches were cut from: each row is inputs + last target."""
+    rows = [torch.cat([b["inputs"], b["targets"][:, -1:]], dim=1).reshape(-1) for b in batches]
+    return torch.cat(rows).tolist()
+
+
+def docs_in(stream):
+    """Complete BOS ... EOS documents in a byte-token stream, decoded."""
+    out, cur = [], None
+    for t in stream:
+        if t == BOS:
+            cur = []
+        elif t == EOS:
+            if cur is not None:
+                out.append(bytes(cur).decode())
+            cur = None
+        elif cur is not None:
+            cur.append(t)
+    return out
+
+
+def take(loader, n):
+    return [next(loader) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- tokenizers
+
+def test_bytes_tokenizer():
+    tok = build_tokenizer(TokenizerConfig(name="bytes"))
+    assert isinstance(tok, BytesTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.n_words, tok.bos_id, tok.eos_id) == (258, 256, 257)
+    assert tok.encode("hé!") == [256, 104, 195, 169, 33, 257]
+    assert tok.encode("a", add_bos=False, add_eos=False) == [97]
+    assert tok.encode("") == [256, 257]
+    text = "Ünïcode ☃ and ascii"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(torch.tensor(tok.encode(text))) == text
+    assert tok.decode([104, 195]) == "h\ufffd"  # a cut multi-byte char is replaced, not raised
+
+
+def train_spm(tmp_path, bos_id=1, eos_id=2):
+    import sentencepiece as spm
+
+    words = ["alpha", "beta", "gamma", "city", "born", "works", "studied", "university"]
+    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) for i in range(300)]
+    prefix = tmp_path / f"spm_{bos_id}"
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=300, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=bos_id, eos_id=eos_id, pad_id=-1, minloglevel=2)
+    return f"{prefix}.model"
+
+
+def test_sentencepiece_tokenizer(tmp_path):
+    path = train_spm(tmp_path)
+    tok = build_tokenizer(TokenizerConfig(name="sentencepiece", path=path))
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.n_words, tok.bos_id, tok.eos_id) == (300, 1, 2)
+    text = "alpha city born ☃ zebra"  # ☃ and z are not in the training text: byte fallback
+    ids = tok.encode(text)
+    assert ids[0] == 1 and ids[-1] == 2 and all(0 <= i < 300 for i in ids)
+    assert 1 not in ids[1:-1] and 2 not in ids[1:-1]
+    assert tok.decode(ids) == text
+    assert tok.encode(text, add_bos=False, add_eos=False) == ids[1:-1]
+    # The loader packs sentencepiece ids like bytes.
+    write_jsonl(tmp_path / "a.jsonl", ["alpha beta", "gamma city"])
+    cfg = DataConfig(sources={"a": SourceConfig(path=str(tmp_path / "a.jsonl"))}, batch_size=2, seq_len=8)
+    stream = stream_of(take(build_loader(cfg, tok, str(tmp_path)), 3))
+    assert stream[: len(tok.encode("alpha beta"))] == tok.encode("alpha beta")
+
+
+def test_tokenizer_errors(tmp_path):
+    missing = str(tmp_path / "nope" / "x.model")
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer\.path: no such file .*nope/x\.model$"):
+        build_tokenizer(TokenizerConfig(name="sentencepiece", path=missing))
+    junk = tmp_path / "junk.model"
+    junk.write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ConfigError, match="data.tokenizer.path: cannot load .*junk.model"):
+        build_tokenizer(TokenizerConfig(name="sentencepiece", path=str(junk)))
+    with pytest.raises(ConfigError, match="data.tokenizer.path: required"):
+        build_tokenizer(TokenizerConfig(name="sentencepiece"))
+    with pytest.raises(ConfigError, match="data.tokenizer.name"):
+        build_tokenizer(TokenizerConfig(name="gpt2"))
+    no_bos = train_spm(tmp_path, bos_id=-1, eos_id=-1)
+    with pytest.raises(ConfigError, match="no BOS/EOS"):
+        build_tokenizer(TokenizerConfig(name="sentencepiece", path=no_bos))
+
+
+# ---------------------------------------------------------------- facts corpus
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_facts_deterministic(tmp_path):
+    a = facts.generate_facts(tmp_path / "a", people=60, seed=5)
+    facts.generate_facts(tmp_path / "b", people=60, seed=5)
+    facts.generate_facts(tmp_path / "c", people=60, seed=6)
+    assert (a["people"], a["documents"], a["questions"]) == (60, 180, 360)
+    for name in ("train.jsonl", "qa.jsonl", "meta.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (tmp_path / "a" / "train.jsonl").read_bytes() != (tmp_path / "c" / "train.jsonl").read_bytes()
+    assert (tmp_path / "a" / "qa.jsonl").read_bytes() != (tmp_path / "c" / "qa.jsonl").read_bytes()
+    assert not list((tmp_path / "a").glob("*.tmp"))  # no temp file left behind
+    meta = json.loads((tmp_path / "a" / "meta.json").read_text())
+    assert meta["people"] == 60 and meta["seed"] == 5 and meta["documents"] == 180
+
+
+def test_facts_heldout_and_answers(tmp_path):
+    facts.generate_facts(tmp_path, people=120, seed=0)
+    raw = (tmp_path / "train.jsonl").read_text() + (tmp_path / "qa.jsonl").read_text()
+    assert raw.isascii()
+    train = [d["text"] for d in read_jsonl(tmp_path / "train.jsonl")]
+    qa = read_jsonl(tmp_path / "qa.jsonl")
+    assert len(train) == 360 and len(qa) == 120 * len(facts.ATTRIBUTES)
+    assert all(len(t) >= 4 for t in facts.TRAIN_TEMPLATES.values())
+    assert len({q["person"] for q in qa}) == 120  # names are unique
+
+    corpus = "\n".join(train)
+    fragments = {frag.strip() for ts in facts.QA_TEMPLATES.values() for t in ts
+                 for frag in t.split("{name}") if len(frag.strip()) >= 6}
+    assert len(fragments) >= 2 * len(facts.ATTRIBUTES)
+    for frag in fragments:
+        assert frag not in corpus, frag
+    used = {t for ts in facts.QA_TEMPLATES.values() for t in ts}
+    for q in qa:  # each question is one of the held-out templates, filled with the person
+        assert q["question"].replace(q["person"], "{name}") in used
+
+    def mentions(text, name):  # "Ada Bel" must not match inside "Ada Belvin"
+        return re.search(re.escape(name) + r"(?![A-Za-z])", text) is not None
+
+    docs_of = {}
+    for text in train:
+        for name in {q["person"] for q in qa if q["person"].split()[0] in text}:
+            if mentions(text, name):
+                docs_of.setdefault(name, []).append(text)
+    for q in qa:
+        assert any(q["answer"] in d for d in docs_of[q["person"]]), q
+    # the employer's city is a property of the company
+    by_person = {}
+    for q in qa:
+        by_person.setdefault(q["person"], {})[q["attribute"]] = q["answer"]
+    companies = dict(facts.COMPANIES)
+    assert all(companies[p["employer"]] == p["employer_city"] for p in by_person.values())
+
+
+def test_facts_size_ensure_and_cli(tmp_path, capsys):
+    out = tmp_path / "f"
+    assert facts.ensure_facts(out, 1000, 0) == out
+    size = (out / "train.jsonl").stat().st_size
+    assert 500_000 < size < 2_000_000
+    (out / "train.jsonl").write_text("kept\n")  # same people/seed: not regenerated
+    facts.ensure_facts(out, 1000, 0)
+    assert (out / "train.jsonl").read_text() == "kept\n"
+    facts.ensure_facts(out, 1000, 1)  # another seed: regenerated
+    assert (out / "train.jsonl").stat().st_size > 500_000
+    assert json.loads((out / "meta.json").read_text())["seed"] == 1
+    facts.main(["--people", "10", "--seed", "3", "--out", str(tmp_path / "cli")])
+    summary = json.loads(capsys.readouterr().out.strip())
+    assert summary["people"] == 10 and summary["documents"] == 30 and summary["questions"] == 60
+    assert (tmp_path / "cli" / "qa.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- loader
+
+def test_loader_batches_and_packing(tmp_path):
+    texts = ["short", "a somewhat longer document that spans more than one window of tokens", "", "mid doc"]
+    write_jsonl(tmp_path / "one.jsonl", texts)
+    cfg = DataConfig(sources={"one": SourceConfig(path=str(tmp_path / "one.jsonl"))},
+                     batch_size=3, seq_len=10)
+    loader = build_loader(cfg, BytesTokenizer(), str(tmp_path))
+    batches = take(loader, 12)
+    for b in batches:
+        assert set(b) == {"inputs", "targets"}
+        assert b["inputs"].shape == b["targets"].shape == (3, 10)
+        assert b["inputs"].dtype == b["targets"].dtype == torch.int64
+        assert torch.equal(b["inputs"][:, 1:], b["targets"][:, :-1])
+    stream = stream_of(batches)
+    expected = []
+    while len(expected) < len(stream):  # documents in file order, cycling, each BOS + bytes + EOS
+        for t in texts:
+            expected += [BOS, *t.encode(), EOS]
+    assert stream == expected[: len(stream)]
+    assert stream[0] == BOS and docs_in(stream)[:4] == texts
+    assert loader.sources[0].epoch >= 2 and loader.skipped == {"one": 0}
+
+
+def make_two_sources(tmp_path):
+    (tmp_path / "web").mkdir()
+    write_jsonl(tmp_path / "web" / "00.jsonl", [f"web doc {i} " + "w" * (i % 13) for i in range(15)])
+    with gzip.open(tmp_path / "web" / "01.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps({"text": f"gz doc {i} " + "g" * (i % 5)}) + "\n" for i in range(9)))
+    write_jsonl(tmp_path / "books.jsonl", [f"book {i} " + "b" * (7 * i % 40) for i in range(11)], "body")
+    return DataConfig(
+        sources={"web": SourceConfig(path=str(tmp_path / "web"), weight=3.0),
+                 "books": SourceConfig(path=str(tmp_path / "book*.jsonl"), weight=1.0, text_field="body")},
+        batch_size=2, seq_len=16, seed=7)
+
+
+def test_loader_resume_bit_exact(tmp_path):
+    cfg = make_two_sources(tmp_path)
+    tok = BytesTokenizer()
+    loader = build_loader(cfg, tok, str(tmp_path))
+    take(loader, 25)  # past the end of both sources: epochs and gzip offsets are in the state
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["buffer"], "a document should straddle the cut"
+    assert state["sources"]["web"]["epoch"] >= 1
+    after = take(loader, 30)
+
+    fresh = build_loader(cfg, tok, str(tmp_path))
+    fresh.load_state_dict(state)
+    for a, b in zip(after, take(fresh, 30), strict=True):
+        assert torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["targets"], b["targets"])
+    assert fresh.state_dict() == loader.state_dict()
+    # a different seed mixes differently
+    other = build_loader(dataclasses.replace(cfg, seed=8), tok, str(tmp_path))
+    assert stream_of(take(other, 10)) != stream_of(take(build_loader(cfg, tok, str(tmp_path)), 10))
+    # a state from another rank is refused
+    with pytest.raises(ValueError, match="rank"):
+        build_loader(cfg, tok, str(tmp_path), rank=1, world_size=2).load_state_dict(state)
+
+
+def test_loader_mixing_weights(tmp_path):
+    cfg = make_two_sources(tmp_path)
+    docs = docs_in(stream_of(take(build_loader(cfg, BytesTokenizer(), str(tmp_path)), 800)))
+    books = sum(d.startswith("book") for d in docs)
+    assert len(docs) > 1400
+    assert 0.2 < books / len(docs) < 0.3  # weight 1 against 3
+    assert any(d.startswith("gz doc") for d in docs)
+
+
+def test_sharding_disjoint_and_complete(tmp_path):
+    all_docs = []
+    for i in range(7):  # files of 0..6 docs with blank lines: counts are not multiples of 3
+        docs = [f"file {i} doc {j}" for j in range(i)]
+        all_docs += docs
+        (tmp_path / f"{i:02d}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n\n")
+    files = resolve_files("s", SourceConfig(path=str(tmp_path)))
+    assert len(files) == 7
+    shares = []
+    for rank in range(3):
+        src, got = JsonlSource("s", files, rank=rank, world_size=3), []
+        while True:
+            text = src.next_text()
+            if src.epoch > 0:
+                break
+            got.append(text)
+        shares.append(got)
+    assert all(len(s) == 7 for s in shares)  # 21 documents over 3 ranks
+    assert sorted(sum(shares, [])) == sorted(all_docs)
+    assert not set(shares[0]) & set(shares[1]) and not set(shares[1]) & set(shares[2])
+    assert not set(shares[0]) & set(shares[2])
+    # the same through build_loader: rank 1's stream holds only rank 1's documents
+    cfg = DataConfig(sources={"s": SourceConfig(path=str(tmp_path))}, batch_size=2, seq_len=32)
+    seen = set(docs_in(stream_of(take(build_loader(cfg, BytesTokenizer(), str(tmp_path), 1, 3), 10))))
+    assert seen == set(shares[1])
+
+
+def test_bad_lines_skipped_and_counted(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(
+        b'{"content": "good one"}\n'
+        b'{"content": "unterminated\n'  # invalid JSON
+        b'{"other": "missing field"}\n'
+        b'{"content": 42}\n'  # not a string
+        b'{"content": null}\n'
+        b'["a", "list"]\n'
+        b'{"content": "bad \xff\xfe utf8"}\n'  # invalid UTF-8
+        b'\n'
+        b'{"content": "good two"}'  # no final newline
+    )
+    (d / "b.jsonl").write_bytes(b"")  # an empty file
+    (d / "c.jsonl.gz").write_bytes(gzip.compress(b'{"content": "good three"}\nnot json\n'))
+    cfg = DataConfig(sources={"src": SourceConfig(path=str(d), text_field="content")},
+                     batch_size=2, seq_len=20)
+    src = JsonlSource("src", resolve_files("src", cfg.sources["src"]), text_field="content")
+    assert [src.next_text() for _ in range(3)] == ["good one", "good two", "good three"]
+    assert src.skipped == 6
+    assert src.next_text() == "good one" and (src.epoch, src.skipped) == (1, 7)
+    loader = build_loader(cfg, BytesTokenizer(), str(tmp_path))
+    docs = docs_in(stream_of(take(loader, 4)))
+    assert docs[:4] == ["good one", "good two", "good three", "good one"]
+    assert set(docs) == {"good one", "good two", "good three"}
+    epochs = loader.sources[0].epoch
+    assert epochs >= 1 and 7 * epochs <= loader.skipped["src"] <= 7 * epochs + 6
+    # a source with no usable document at all is an error, not an endless loop
+    (tmp_path / "bad.jsonl").write_text("nope\n{}\n")
+    cfg = DataConfig(sources={"bad": SourceConfig(path=str(tmp_path / "bad.jsonl"))})
+    with pytest.raises(ConfigError, match="data.sources.bad.path: no usable document"):
+        next(build_loader(cfg, BytesTokenizer(), str(tmp_path)))
+
+
+def test_missing_source_path(tmp_path):
+    tok = BytesTokenizer()
+    for path in (str(tmp_path / "nowhere"), str(tmp_path / "*.jsonl")):
+        cfg = DataConfig(sources={"web": SourceConfig(path=path)})
+        with pytest.raises(ConfigError, match=r"^data\.sources\.web\.path: .*" + re.escape(path)):
+            build_loader(cfg, tok, str(tmp_path))
+    (tmp_path / "empty_dir").mkdir()
+    cfg = DataConfig(sources={"web": SourceConfig(path=str(tmp_path / "empty_dir"))})
+    with pytest.raises(ConfigError, match="data.sources.web.path: no .*jsonl"):
+        build_loader(cfg, tok, str(tmp_path))
+
+
+def test_default_facts_source(tmp_path):
+    cfg = DataConfig(batch_size=4, seq_len=64)
+    cfg.facts.people = 30
+    loader = build_loader(cfg, BytesTokenizer(), str(tmp_path / "dump"))
+    facts_dir = tmp_path / "dump" / "data" / "facts"
+    assert json.loads((facts_dir / "meta.json").read_text())["people"] == 30
+    first = json.loads((facts_dir / "train.jsonl").read_text().splitlines()[0])["text"]
+    docs = docs_in(stream_of(take(loader, 3)))
+    assert docs[0] == first and list(loader.skipped) == ["facts"]

@@ -1,0 +1,147 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from wandb_runs import read_run
+
+from lingua_mem.config import OptimConfig, load_config
+from lingua_mem.model import build_model
+from lingua_mem.optim import clip_grads, lr_factor
+from lingua_mem.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.dim=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64",
+        "memory.layers=[0,2]", "memory.n_keys=16", "memory.heads=2", "memory.knn=4",
+        "data.seq_len=32", "data.facts.people=50", "optim.warmup=2", "logging.console=false"]
+
+
+def tiny(tmp_path, *overrides):
+    return load_config(["config=configs/debug.yaml", f"dump_dir={tmp_path}", *TINY, *overrides])
+
+
+def metrics(dump_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(dump_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_debug_quickstart_halves_its_loss(tmp_path):
+    """The README's quickstart, as a user runs it (the full configs/debug.yaml)."""
+    proc = subprocess.run([sys.executable, "train.py", "config=configs/debug.yaml", f"dump_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = metrics(tmp_path)
+    steps = load_config(["config=configs/debug.yaml"]).steps
+    assert [r["step"] for r in rows] == [1] + list(range(10, steps + 1, 10))
+    assert rows[-1]["loss"] <= rows[0]["loss"] / 2
+    assert rows[0]["loss"] == pytest.approx(math.log(258), rel=0.05)  # uniform over the byte vocab
+    for key in ("step", "loss", "lr", "grad_norm", "value_grad_norm", "tokens", "tokens_per_s",
+                "flops_per_token"):
+        assert all(math.isfinite(r[key]) for r in rows), key
+    assert rows[-1]["tokens"] == steps * 16 * 256
+    assert "eta" in proc.stdout and f"step {steps:>6}/{steps}" in proc.stdout
+
+
+def test_grad_accumulation_equals_the_large_batch(tmp_path):
+    # clip small enough to act every step: clipping must happen once per optimizer step
+    common = ["steps=4", "log_every=1", "optim.clip=0.05", "optim.value_clip=0.001"]
+    big = train(tiny(tmp_path / "big", "data.batch_size=4", "optim.grad_accum=1", *common))
+    acc = train(tiny(tmp_path / "acc", "data.batch_size=2", "optim.grad_accum=2", *common))
+    a, b = metrics(tmp_path / "big"), metrics(tmp_path / "acc")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4)
+        assert ra["value_grad_norm"] == pytest.approx(rb["value_grad_norm"], rel=1e-4)
+        assert ra["tokens"] == rb["tokens"] == ra["step"] * 4 * 32
+    assert all(r["grad_norm"] > 0.05 for r in a)  # clipping was active
+    assert big["step"] == acc["step"] == 4
+
+
+def test_same_seed_same_run_and_other_seed_differs(tmp_path):
+    args = ["steps=3", "log_every=1"]
+    train(tiny(tmp_path / "a", *args))
+    train(tiny(tmp_path / "b", *args))
+    train(tiny(tmp_path / "c", *args, "seed=7"))
+    la, lb, lc = ([r["loss"] for r in metrics(tmp_path / d)] for d in "abc")
+    assert la == lb
+    assert la != lc
+
+
+def test_bf16_autocast_trains(tmp_path):
+    fp32 = train(tiny(tmp_path / "fp32", "steps=1"))
+    bf16 = train(tiny(tmp_path / "bf16", "steps=1", "distributed.compute_dtype=bf16"))
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
+    assert bf16["loss"] != fp32["loss"]  # really ran in bf16
+
+
+def test_value_table_lr_and_schedule_reach_the_optimizer(tmp_path):
+    train(tiny(tmp_path, "steps=6", "log_every=1", "optim.lr=0.01", "optim.warmup=2",
+               "optim.scheduler=linear", "optim.lr_min_ratio=0.1"))
+    lrs = [r["lr"] for r in metrics(tmp_path)]
+    cfg = OptimConfig(lr=0.01, warmup=2, scheduler="linear", lr_min_ratio=0.1)
+    assert lrs == pytest.approx([0.01 * lr_factor(s, 6, cfg) for s in range(1, 7)])
+
+
+def test_lr_schedules():
+    cfg = OptimConfig(warmup=10, scheduler="cosine", lr_min_ratio=0.1)
+    assert lr_factor(1, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(10, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, 100, cfg) == pytest.approx(0.55)  # cosine midpoint
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    lin = OptimConfig(warmup=0, scheduler="linear", lr_min_ratio=0.01)
+    assert lr_factor(50, 100, lin) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(7, 100, OptimConfig(warmup=0, scheduler="constant")) == 1.0
+
+
+def test_clip_grads_returns_norm_before_clipping():
+    p = torch.nn.Parameter(torch.zeros(4))
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    assert clip_grads([p], 1.0) == pytest.approx(5.0)
+    assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
+    assert clip_grads([p], 0.0) == pytest.approx(5.0)  # measure only
+    assert p.grad.norm().item() == pytest.approx(5.0)
+
+
+def test_wandb_offline_gets_what_metrics_jsonl_gets(tmp_path):
+    train(tiny(tmp_path, "steps=3", "log_every=1", "logging.wandb.enabled=true",
+               "logging.wandb.mode=offline", "logging.wandb.project=lm_test", "name=wb"))
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    run = read_run(run_dir)
+    assert run["project"] == "lm_test"
+    assert run["config"]["model"]["dim"] == 64
+    rows = metrics(tmp_path)
+    assert len(run["history"]) == len(rows) == 3
+    for logged, row in zip(run["history"], rows, strict=True):
+        assert logged["_step"] == row["step"]
+        for key, value in row.items():
+            if key != "step":
+                assert logged[key] == pytest.approx(value), key
+
+
+def test_rebuilt_model_in_fresh_process_gives_same_logits(tmp_path):
+    cfg = tiny(tmp_path)
+    torch.manual_seed(3)
+    model = build_model(cfg.model, cfg.memory)
+    tokens = torch.randint(0, 258, (2, 16))
+    with torch.no_grad():
+        logits = model(tokens)
+    torch.save({"state": model.state_dict(), "tokens": tokens, "logits": logits}, tmp_path / "m.pt")
+    script = f"""
+import torch
+from lingua_mem.config import load_config
+from lingua_mem.model import build_model
+cfg = load_config({["config=configs/debug.yaml", f"dump_dir={tmp_path}", *TINY]!r})
+saved = torch.load({str(tmp_path / "m.pt")!r})
+model = build_model(cfg.model, cfg.memory)
+model.load_state_dict(saved["state"], strict=True)
+with torch.no_grad():
+    assert torch.equal(model(saved["tokens"]), saved["logits"])
+print("same")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
