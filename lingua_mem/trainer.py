@@ -58,13 +58,13 @@ def train(cfg: TrainConfig) -> dict:
     if tokenizer.n_words > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.n_words} tokens")
+    loader = build_loader(cfg.data, tokenizer, cfg.dump_dir)  # bad source paths fail here
+    batches = iter(loader)
     dump_dir = Path(cfg.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
     seed_everything(cfg.seed)
 
-    loader = build_loader(cfg.data, tokenizer, cfg.dump_dir)
-    batches = iter(loader)
     model = build_model(cfg.model, cfg.memory, device)
     model.train()
     stats = model_stats(model, cfg.data.seq_len)

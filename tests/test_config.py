@@ -63,3 +63,20 @@ def test_train_py_exits_2_with_one_line_before_any_work(tmp_path):
 def test_all_shipped_configs_load():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         load_config([f"config={path}"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("data.sources.web.path=/no/such/dir", "data.sources.web.path"),
+    ("data.tokenizer.name=sentencepiece", "data.tokenizer.path"),
+    ("model.vocab_size=100", "model.vocab_size"),
+])
+def test_train_py_rejects_bad_data_settings_before_any_work(tmp_path, override, needle):
+    dump = tmp_path / "run"
+    extra = ["data.tokenizer.path=/no/such.model"] if "sentencepiece" in override else []
+    proc = subprocess.run(
+        [sys.executable, "train.py", "config=configs/debug.yaml", f"dump_dir={dump}", override, *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert not dump.exists()
