@@ -53,11 +53,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i + 1, total_steps, cfg))
 
 
-def clip_grads(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip to max_norm (0: measure only); returns the norm before clipping."""
-    grads = [p for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
+def clip_grads(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to max_norm (0: measure only); returns the norm before clipping, as a
+    tensor on the gradients' device (no host sync until it is read)."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(grads, max_norm))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in grads]))
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
+    return norm

@@ -82,7 +82,7 @@ def train(cfg: TrainConfig) -> dict:
     last: dict = {}
     try:
         for step in range(1, cfg.steps + 1):
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=device)
             for _ in range(cfg.optim.grad_accum):
                 batch = next(batches)
                 inputs = batch["inputs"].to(device, non_blocking=True)
@@ -91,7 +91,7 @@ def train(cfg: TrainConfig) -> dict:
                     logits = model(inputs)
                 loss = cross_entropy(logits, targets)
                 (loss / cfg.optim.grad_accum).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach()
             grad_norm = clip_grads(dense_params, cfg.optim.clip)
             value_grad_norm = clip_grads(value_params, cfg.optim.value_clip)
             lr = optimizer.param_groups[0]["lr"]
@@ -107,10 +107,10 @@ def train(cfg: TrainConfig) -> dict:
                 tokens_per_s = window_steps * tokens_per_step / elapsed
                 last = {
                     "step": step,
-                    "loss": loss_sum / cfg.optim.grad_accum,
+                    "loss": loss_sum.item() / cfg.optim.grad_accum,
                     "lr": lr,
-                    "grad_norm": grad_norm,
-                    "value_grad_norm": value_grad_norm,
+                    "grad_norm": grad_norm.item(),
+                    "value_grad_norm": value_grad_norm.item(),
                     "tokens": step * tokens_per_step,
                     "tokens_per_s": tokens_per_s,
                     "flops_per_token": stats["flops_per_token"],

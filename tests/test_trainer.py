@@ -99,10 +99,10 @@ def test_lr_schedules():
 def test_clip_grads_returns_norm_before_clipping():
     p = torch.nn.Parameter(torch.zeros(4))
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
-    assert clip_grads([p], 1.0) == pytest.approx(5.0)
+    assert clip_grads([p], 1.0).item() == pytest.approx(5.0)
     assert p.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
     p.grad = torch.tensor([3.0, 4.0, 0.0, 0.0])
-    assert clip_grads([p], 0.0) == pytest.approx(5.0)  # measure only
+    assert clip_grads([p], 0.0).item() == pytest.approx(5.0)  # measure only
     assert p.grad.norm().item() == pytest.approx(5.0)
 
 
