@@ -174,3 +174,40 @@ def test_memory_layer_output_matches_manual_computation():
         bag += (sc.softmax(-1)[:, :, None] * values.weight[ix]).sum(1)
     ref = mem.out(bag * torch.nn.functional.silu(mem.gate(xf)))
     torch.testing.assert_close(out.reshape(5, 16), ref)
+
+
+PEAK_RSS_SCRIPT = """
+import resource, sys, torch
+from lingua_mem.kernels import embedding_bag
+naive = sys.argv[1] == "naive"
+n, m, rows, d = 8192, 128, 65536, 256  # an (n, m, d) fp32 tensor would be 1 GiB
+torch.manual_seed(0)
+table = torch.randn(rows, d, requires_grad=True)
+indices = torch.randint(0, rows, (n, m))
+weights = torch.rand(n, m, requires_grad=True)
+grad_out = torch.randn(n, d)
+table.grad = torch.zeros_like(table)  # the table gradient itself is not the point
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if naive:
+    out = (weights[:, :, None] * table[indices]).sum(1)
+else:
+    out = embedding_bag(indices, weights, table)
+out.backward(grad_out)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) // 1024)  # MiB
+"""
+
+
+def test_embedding_bag_never_builds_the_gathered_tensor():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def peak_growth_mib(mode):
+        proc = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, mode], capture_output=True,
+                              text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.strip())
+
+    assert peak_growth_mib("bag") < 300  # a 1 GiB (n, m, d) tensor would show
+    assert peak_growth_mib("naive") > 1000  # the measurement does see such a tensor
