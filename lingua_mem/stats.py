@@ -42,7 +42,7 @@ def model_stats(model: Transformer, seq_len: int) -> dict:
         "active_params_per_token": total - values + rows_read,
         "flops_per_token": flops,
         "memory_layers": sorted(model.value_key),
-        "n_values": values // memories[0].v_dim if memories else 0,
+        "n_values": model.mem.n_values if memories else 0,  # rows per table
         "seq_len": seq_len,
     }
 

@@ -73,3 +73,10 @@ def test_stats_cli_bad_override_exits_2():
     proc = subprocess.run([sys.executable, "-m", "lingua_mem.stats", "config=configs/debug.yaml",
                            "memory.heads=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "memory.heads" in proc.stderr
+
+
+def test_per_layer_tables_count_each_table():
+    shared, per_layer = stats("memory_134m"), stats("memory_134m", "memory.shared_values=false")
+    assert per_layer["memory_value_params"] == 3 * shared["memory_value_params"]
+    assert per_layer["n_values"] == shared["n_values"] == 1024**2
+    assert per_layer["dense_params"] == shared["dense_params"]
