@@ -72,15 +72,17 @@ class MemoryConfig:
 
 @dataclass
 class TokenizerConfig:
-    name: str = "bytes"  # bytes | sentencepiece
-    path: str | None = None  # model file for sentencepiece
+    name: str = "bytes"  # bytes | sentencepiece | tiktoken
+    path: str | None = None  # .model file (sentencepiece) or BPE ranks file (tiktoken)
 
 
 @dataclass
 class SourceConfig:
-    path: str = ""  # directory, file or glob of .jsonl / .jsonl.gz files
+    path: str = ""  # directory, file or glob of jsonl(.gz) / parquet files, or a HF dataset folder
     weight: float = 1.0
     text_field: str = "text"
+    format: str = "auto"  # auto | jsonl | parquet | hf (auto: by extension; hf: save_to_disk folder)
+    split: str = "train"  # the split of a Hugging Face dataset
 
 
 @dataclass
@@ -99,6 +101,8 @@ class DataConfig:
     batch_size: int = 8  # sequences per micro-batch
     seq_len: int = 256
     seed: int = 0
+    prefetch: str = "thread"  # none | thread | process: batches made ahead in the background
+    prefetch_depth: int = 8  # batches kept ready
 
 
 @dataclass
@@ -205,12 +209,15 @@ def validate(cfg: TrainConfig) -> None:
     _check(d.seq_len > 0, "data.seq_len", "must be positive")
     _check(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
            f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
-    _check_choice(d.tokenizer.name, "data.tokenizer.name", ("bytes", "sentencepiece"))
-    if d.tokenizer.name == "sentencepiece":
-        _check(bool(d.tokenizer.path), "data.tokenizer.path", "required for sentencepiece")
+    _check_choice(d.tokenizer.name, "data.tokenizer.name", ("bytes", "sentencepiece", "tiktoken"))
+    if d.tokenizer.name != "bytes":
+        _check(bool(d.tokenizer.path), "data.tokenizer.path", f"required for {d.tokenizer.name}")
     for name, src in d.sources.items():
         _check(bool(src.path), f"data.sources.{name}.path", "must be set")
         _check(src.weight > 0, f"data.sources.{name}.weight", "must be positive")
+        _check_choice(src.format, f"data.sources.{name}.format", ("auto", "jsonl", "parquet", "hf"))
+    _check_choice(d.prefetch, "data.prefetch", ("none", "thread", "process"))
+    _check(d.prefetch_depth > 0, "data.prefetch_depth", "must be positive")
     _check(d.facts.people > 0, "data.facts.people", "must be positive")
     o = cfg.optim
     for key in ("lr", "value_lr"):
