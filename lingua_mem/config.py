@@ -39,7 +39,7 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
-        return self.n_kv_heads or self.n_heads
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -171,6 +171,10 @@ def _check(ok: bool, key: str, why: str) -> None:
         raise ConfigError(f"{key}: {why}")
 
 
+def _check_positive_finite(value: float, key: str) -> None:
+    _check(math.isfinite(value) and value > 0, key, f"{value} must be a positive finite number")
+
+
 def _check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
@@ -183,9 +187,10 @@ def validate_model(m: ModelConfig, mem: MemoryConfig) -> None:
     _check(m.head_dim % 2 == 0, "model.n_heads", f"head dim {m.head_dim} must be even for RoPE")
     _check(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
            f"{m.kv_heads} does not divide model.n_heads={m.n_heads}")
-    _check(m.norm_eps > 0, "model.norm_eps", "must be positive")
-    _check(m.rope_theta > 0, "model.rope_theta", "must be positive")
-    _check(m.init_std > 0, "model.init_std", "must be positive")
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        _check_positive_finite(getattr(m, key), f"model.{key}")
+    if m.ffn_dim_multiplier is not None:
+        _check_positive_finite(m.ffn_dim_multiplier, "model.ffn_dim_multiplier")
     if not mem.layers:
         return
     for i in mem.layers:
@@ -203,7 +208,9 @@ def validate(cfg: TrainConfig) -> None:
     validate_model(cfg.model, cfg.memory)
     _check(cfg.steps > 0, "steps", "must be positive")
     _check(cfg.log_every > 0, "log_every", "must be positive")
+    _check(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)")
     _check(bool(cfg.dump_dir), "dump_dir", "must not be empty")
+    _check(not Path(cfg.dump_dir).is_file(), "dump_dir", f"{cfg.dump_dir} is a file")
     d = cfg.data
     _check(d.batch_size > 0, "data.batch_size", "must be positive")
     _check(d.seq_len > 0, "data.seq_len", "must be positive")
@@ -214,16 +221,17 @@ def validate(cfg: TrainConfig) -> None:
         _check(bool(d.tokenizer.path), "data.tokenizer.path", f"required for {d.tokenizer.name}")
     for name, src in d.sources.items():
         _check(bool(src.path), f"data.sources.{name}.path", "must be set")
-        _check(src.weight > 0, f"data.sources.{name}.weight", "must be positive")
+        _check_positive_finite(src.weight, f"data.sources.{name}.weight")
         _check_choice(src.format, f"data.sources.{name}.format", ("auto", "jsonl", "parquet", "hf"))
     _check_choice(d.prefetch, "data.prefetch", ("none", "thread", "process"))
     _check(d.prefetch_depth > 0, "data.prefetch_depth", "must be positive")
     _check(d.facts.people > 0, "data.facts.people", "must be positive")
     o = cfg.optim
-    for key in ("lr", "value_lr"):
-        _check(getattr(o, key) > 0, f"optim.{key}", "must be positive")
+    for key in ("lr", "value_lr", "eps"):
+        _check_positive_finite(getattr(o, key), f"optim.{key}")
     for key in ("weight_decay", "value_weight_decay", "clip", "value_clip", "warmup"):
-        _check(getattr(o, key) >= 0, f"optim.{key}", "must not be negative")
+        value = getattr(o, key)
+        _check(math.isfinite(value) and value >= 0, f"optim.{key}", f"{value} must be finite, >= 0")
     _check(0 <= o.beta1 < 1, "optim.beta1", "must be in [0, 1)")
     _check(0 <= o.beta2 < 1, "optim.beta2", "must be in [0, 1)")
     _check(0 <= o.lr_min_ratio <= 1, "optim.lr_min_ratio", "must be in [0, 1]")
@@ -232,7 +240,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
     _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
-    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must not be negative")
+    _check(cfg.checkpoint.every == 0, "checkpoint.every", "periodic checkpoints are not implemented yet")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

@@ -11,7 +11,9 @@ import torch
 from lingua_mem.config import WandbConfig
 
 # dense bf16 peak FLOP/s by device name (no sparsity)
-BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12}
+# (first match wins: "H100 PCIe" before "H100")
+BF16_PEAK_FLOPS = {"H200": 989e12, "GH200": 989e12, "H100 PCIe": 756e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12}
 
 
 def bf16_peak_flops(device: torch.device) -> float | None:
@@ -42,7 +44,7 @@ class MetricLogger:
         self.path = Path(dump_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.total_steps, self.console = total_steps, console
-        self.file = self.path.open("a")
+        self.file = self.path.open("w")  # a new run starts a new file
         self.wandb_run = None
         if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
             import wandb

@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
                 loss_sum += loss.detach()
             grad_norm = clip_grads(dense_params, cfg.optim.clip)
             value_grad_norm = clip_grads(value_params, cfg.optim.value_clip)
-            lr = optimizer.param_groups[0]["lr"]
+            lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -108,7 +108,8 @@ def train(cfg: TrainConfig) -> dict:
                 last = {
                     "step": step,
                     "loss": loss_sum.item() / cfg.optim.grad_accum,
-                    "lr": lr,
+                    "lr": lrs["dense"],
+                    "value_lr": lrs.get("values", 0.0),
                     "grad_norm": grad_norm.item(),
                     "value_grad_norm": value_grad_norm.item(),
                     "tokens": step * tokens_per_step,

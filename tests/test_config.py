@@ -34,12 +34,27 @@ def test_defaults_yaml_then_dotlist(tmp_path):
     (["optim.grad_accum=0"], "optim.grad_accum"),
     (["config=/no/such.yaml"], "/no/such.yaml"),
     (["stepsx"], "stepsx"),
+    (["optim.eps=-1"], "optim.eps"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["model.ffn_dim_multiplier=0"], "model.ffn_dim_multiplier"),
+    (["model.n_kv_heads=0"], "model.n_kv_heads"),
+    (["model.init_std=nan"], "model.init_std"),
+    (["seed=-1"], "seed"),
+    (["checkpoint.every=10"], "checkpoint.every"),
+    (["optim.clip=-1"], "optim.clip"),
 ])
 def test_bad_config_names_the_key(args, needle):
     with pytest.raises(ConfigError) as info:
         load_config(args)
     msg = str(info.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_dump_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "f"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="dump_dir"):
+        load_config([f"dump_dir={path}"])
 
 
 def test_bad_key_in_yaml_names_key_and_file(tmp_path):

@@ -211,3 +211,120 @@ def test_embedding_bag_never_builds_the_gathered_tensor():
 
     assert peak_growth_mib("bag") < 300  # a 1 GiB (n, m, d) tensor would show
     assert peak_growth_mib("naive") > 1000  # the measurement does see such a tensor
+
+
+def test_rope_attention_depends_only_on_relative_position():
+    from lingua_mem.model.llama import apply_rope, rope_tables
+
+    cos, sin = rope_tables(head_dim=8, max_seq_len=64, theta=500.0)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+
+    def score(i, j):  # q at position i, k at position j
+        return (apply_rope(q, cos[i:i + 1], sin[i:i + 1]) * apply_rope(k, cos[j:j + 1], sin[j:j + 1])).sum()
+
+    torch.testing.assert_close(score(5, 2), score(40, 37))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+    # theta is used: another theta gives other rotations
+    cos2, _ = rope_tables(head_dim=8, max_seq_len=64, theta=10000.0)
+    assert not torch.allclose(cos, cos2)
+    torch.testing.assert_close(cos[:, :4], cos[:, 4:])  # half-split layout
+    torch.testing.assert_close(cos[3, 1], torch.tensor(3 * 500.0 ** (-2 / 8)).cos().float())
+
+
+def test_gqa_equals_attention_with_repeated_kv_heads():
+    from lingua_mem.model import Attention
+    from lingua_mem.model.llama import rope_tables
+
+    torch.manual_seed(0)
+    gqa_cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2)
+    mha_cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=4)
+    gqa, mha = Attention(gqa_cfg), Attention(mha_cfg)
+    gqa.init_weights(0.1, 0.1)
+    with torch.no_grad():
+        mha.wq.weight.copy_(gqa.wq.weight)
+        mha.wo.weight.copy_(gqa.wo.weight)
+        for name in ("wk", "wv"):  # kv head g serves query heads 2g and 2g+1
+            w = getattr(gqa, name).weight.view(2, 8, 32)
+            getattr(mha, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(32, 32))
+    rope = rope_tables(8, 16, 10000.0)
+    x = torch.randn(2, 16, 32)
+    torch.testing.assert_close(gqa(x, rope), mha(x, rope))
+    # causal: the first position's output does not depend on later tokens
+    y = x.clone()
+    y[:, 1:] = torch.randn(2, 15, 32)
+    torch.testing.assert_close(gqa(x, rope)[:, 0], gqa(y, rope)[:, 0])
+
+
+def test_tied_embeddings_share_one_matrix():
+    from lingua_mem.config import OptimConfig
+    from lingua_mem.optim import build_optimizer
+
+    model_cfg, memory = small_cfg()
+    model_cfg.tie_embeddings = True
+    model = build_model(model_cfg, memory)
+    assert model.output is None
+    tokens = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        logits = model(tokens)
+        hidden = model.tok_embeddings(tokens)
+        for block in model.layers:
+            key = model.value_key.get(block.layer_id)
+            table = model.values[key] if key else None
+            hidden = block(hidden, (model.rope_cos[:8], model.rope_sin[:8]), table)
+        torch.testing.assert_close(logits, model.norm(hidden) @ model.tok_embeddings.weight.T)
+    names = [n for n, _ in model.named_parameters()]
+    assert "tok_embeddings.weight" in names and not any(n.startswith("output") for n in names)
+    opt = build_optimizer(model, OptimConfig())
+    n_in_groups = sum(len(g["params"]) for g in opt.param_groups)
+    assert n_in_groups == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("options", [
+    {"swilu": False},  # vanilla PKM, v_dim == dim: the bag itself
+    {"swilu": False, "v_dim": 8},  # vanilla, projected
+    {"qk_norm": True},
+    {"v_dim": 24},
+])
+def test_memory_layer_variants_match_manual_computation(options):
+    torch.manual_seed(1)
+    v_dim = options.get("v_dim", 16)
+    mem = ProductKeyMemory(dim=16, n_keys=6, heads=2, knn=3, k_dim=8, v_dim=v_dim,
+                           swilu=options.get("swilu", True), qk_norm=options.get("qk_norm", False)).double()
+    mem.init_weights(out_std=0.1)
+    if mem.q_norm is not None:  # non-trivial norm weights
+        torch.nn.init.uniform_(mem.q_norm.weight, 0.5, 1.5)
+        torch.nn.init.uniform_(mem.k_norm.weight, 0.5, 1.5)
+    values = ValueTable(36, v_dim).double()
+    values.reset_parameters()
+    xf = torch.randn(5, 16, dtype=torch.float64)
+    q = mem.query(xf).view(5, 2, 2, 4)
+    keys = mem.keys
+    if mem.q_norm is not None:
+        rms = lambda t, w: t / t.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt() * w  # noqa: E731
+        q = rms(q, mem.q_norm.weight) / 2.0  # scaled by half**-0.5 = 1/2
+        keys = rms(keys, mem.k_norm.weight)
+    bag = torch.zeros(5, v_dim, dtype=torch.float64)
+    for h in range(2):
+        sc, ix = brute_force_topk(q[:, h, 0] @ keys[h, 0].T, q[:, h, 1] @ keys[h, 1].T, 3)
+        bag += (sc.softmax(-1)[:, :, None] * values.weight[ix]).sum(1)
+    if mem.gate is not None:
+        bag = bag * torch.nn.functional.silu(mem.gate(xf))
+    ref = mem.out(bag) if mem.out is not None else bag
+    assert (mem.out is None) == (options.get("swilu", True) is False and v_dim == 16)
+    torch.testing.assert_close(mem(xf.view(1, 5, 16), values).view(5, 16), ref)
+
+
+def test_key_search_stays_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    mem = ProductKeyMemory(dim=16, n_keys=64, heads=2, knn=8, k_dim=8, v_dim=16)
+    mem.init_weights(out_std=0.1)
+    with torch.no_grad():  # an exact bf16 query: identity projection of small integers
+        mem.query.weight.copy_(torch.eye(16))
+        mem.query.bias.zero_()
+    x = torch.randint(-4, 5, (300, 16)).float()
+    ref_idx, ref_w = mem.lookup(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w = mem.lookup(x)
+    assert w.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)

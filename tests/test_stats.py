@@ -80,3 +80,20 @@ def test_per_layer_tables_count_each_table():
     assert per_layer["memory_value_params"] == 3 * shared["memory_value_params"]
     assert per_layer["n_values"] == shared["n_values"] == 1024**2
     assert per_layer["dense_params"] == shared["dense_params"]
+
+
+def test_debug_stats_by_hand():
+    s = stats("debug")
+    dim, hidden, vocab, seq, kv_dim = 256, 768, 258, 256, 128  # 4 heads, 2 kv heads of 64
+    attn = 2 * dim * dim + 2 * dim * kv_dim  # wq, wo; wk, wv
+    ffn = 3 * dim * hidden
+    query, keys, gate, out = dim * 4 * 128, 4 * 2 * 64 * 64, dim * dim, dim * dim  # heads 4, k_dim 128
+    matmul = 4 * attn + 2 * ffn + 2 * (query + keys + gate + out) + vocab * dim
+    lookup = 2 * 4 * 16 * dim  # 2 memory layers x heads 4 x knn 16 x v_dim
+    assert s["flops_per_token"] == 6 * matmul + 12 * 4 * dim * seq + 6 * lookup
+    norms = 2 * 4 * dim + dim  # two RMSNorms per block and the final one
+    biases = 2 * (4 * 128 + dim + dim)  # query, gate, out biases of the 2 memory layers
+    dense = matmul + vocab * dim + norms + biases  # plus the input embedding
+    assert s["dense_params"] == dense
+    assert s["memory_value_params"] == 64**2 * dim
+    assert s["active_params_per_token"] == dense + lookup

@@ -10,7 +10,7 @@ from wandb_runs import read_run
 
 from lingua_mem.config import OptimConfig, load_config
 from lingua_mem.model import build_model
-from lingua_mem.optim import clip_grads, lr_factor
+from lingua_mem.optim import build_optimizer, clip_grads, lr_factor
 from lingua_mem.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,10 +79,27 @@ def test_bf16_autocast_trains(tmp_path):
 
 def test_value_table_lr_and_schedule_reach_the_optimizer(tmp_path):
     train(tiny(tmp_path, "steps=6", "log_every=1", "optim.lr=0.01", "optim.warmup=2",
-               "optim.scheduler=linear", "optim.lr_min_ratio=0.1"))
-    lrs = [r["lr"] for r in metrics(tmp_path)]
+               "optim.scheduler=linear", "optim.lr_min_ratio=0.1", "optim.value_lr=0.05"))
+    rows = metrics(tmp_path)
     cfg = OptimConfig(lr=0.01, warmup=2, scheduler="linear", lr_min_ratio=0.1)
-    assert lrs == pytest.approx([0.01 * lr_factor(s, 6, cfg) for s in range(1, 7)])
+    factors = [lr_factor(s, 6, cfg) for s in range(1, 7)]
+    assert [r["lr"] for r in rows] == pytest.approx([0.01 * f for f in factors])
+    assert [r["value_lr"] for r in rows] == pytest.approx([0.05 * f for f in factors])
+
+
+def test_optimizer_groups_hold_every_parameter_once():
+    cfg = load_config(["config=configs/debug.yaml", *TINY, "optim.value_weight_decay=0.3"])
+    model = build_model(cfg.model, cfg.memory)
+    opt = build_optimizer(model, cfg.optim)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"dense", "dense_no_decay", "values"}
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert [id(p) for p in groups["values"]["params"]] == [id(model.values["shared"].weight)]
+    assert groups["values"]["lr"] == cfg.optim.value_lr and groups["values"]["weight_decay"] == 0.3
+    assert groups["dense"]["weight_decay"] == cfg.optim.weight_decay
+    assert groups["dense_no_decay"]["weight_decay"] == 0.0
+    assert all(p.dim() < 2 for p in groups["dense_no_decay"]["params"])
 
 
 def test_lr_schedules():

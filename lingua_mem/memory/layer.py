@@ -76,13 +76,17 @@ class ProductKeyMemory(nn.Module):
         if self.query_bn is not None:
             q = self.query_bn(q)
         q = q.view(n, self.heads, 2, self.half)  # (N, heads, 2, half)
-        keys = self.keys  # (heads, 2, n_keys, half)
-        if self.q_norm is not None:
-            q, keys = self.q_norm(q), self.k_norm(keys)
-            q = q * self.half**-0.5  # keep scores O(1), as attention scales q.k
-        s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
-        scores, indices = product_topk(s[:, :, 0], s[:, :, 1], self.knn)  # (N, heads, knn)
-        weights = scores.float().softmax(dim=-1)  # each head's own softmax
+        # the key search runs in fp32 even under bf16 autocast: bf16 scores tie and
+        # pick different slots (3% of them at 134m shapes)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dtype = torch.promote_types(self.keys.dtype, torch.float32)
+            q, keys = q.to(dtype), self.keys.to(dtype)  # keys: (heads, 2, n_keys, half)
+            if self.q_norm is not None:
+                q, keys = self.q_norm(q), self.k_norm(keys)
+                q = q * self.half**-0.5  # keep scores O(1), as attention scales q.k
+            s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
+            scores, indices = product_topk(s[:, :, 0], s[:, :, 1], self.knn)  # (N, heads, knn)
+            weights = scores.softmax(dim=-1)  # each head's own softmax
         return indices.view(n, -1), weights.view(n, -1)  # heads' bags summed as one bag
 
     def forward(self, x: torch.Tensor, values: ValueTable) -> torch.Tensor:
