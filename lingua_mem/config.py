@@ -81,7 +81,9 @@ class SourceConfig:
     path: str = ""  # directory, file or glob of jsonl(.gz) / parquet files, or a HF dataset folder
     weight: float = 1.0
     text_field: str = "text"
-    format: str = "auto"  # auto | jsonl | parquet | hf (auto: by extension; hf: save_to_disk folder)
+    # auto: a save_to_disk folder is hf, *.parquet is parquet, else jsonl; an explicit
+    # hf also streams local data files through datasets.load_dataset
+    format: str = "auto"  # auto | jsonl | parquet | hf
     split: str = "train"  # the split of a Hugging Face dataset
 
 

@@ -118,8 +118,11 @@ def train(cfg: TrainConfig) -> dict:
                 }
                 if peak is not None:
                     last["mfu"] = stats["flops_per_token"] * tokens_per_s / peak
+                for name, count in loader.skipped.items():  # bad lines, per source
+                    last[f"data/skipped/{name}"] = count
                 logger.log(last, seconds_per_step=elapsed / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
     finally:
+        loader.close()
         logger.close()
     return last

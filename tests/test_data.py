@@ -4,13 +4,16 @@ import dataclasses
 import gzip
 import json
 import re
+import time
 
 import pytest
 import torch
 
 from lingua_mem.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
 from lingua_mem.data import facts
-from lingua_mem.data.loader import JsonlSource, build_loader, resolve_files
+from lingua_mem.data.loader import JsonlSource, build_loader, document_ids, resolve_files
+from lingua_mem.data.prefetch import STOP_S
+from lingua_mem.data.sources import HFDiskSource, HFStreamSource, ParquetSource, detect_format, open_source
 from lingua_mem.data.tokenizer import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer
 
 BOS, EOS = 256, 257
@@ -189,13 +192,13 @@ def test_loader_batches_and_packing(tmp_path):
     texts = ["short", "a somewhat longer document that spans more than one window of tokens", "", "mid doc"]
     write_jsonl(tmp_path / "one.jsonl", texts)
     cfg = DataConfig(sources={"one": SourceConfig(path=str(tmp_path / "one.jsonl"))},
-                     batch_size=3, seq_len=10)
+                     batch_size=3, seq_len=10, prefetch="none")
     loader = build_loader(cfg, BytesTokenizer(), str(tmp_path))
     batches = take(loader, 12)
     for b in batches:
-        assert set(b) == {"inputs", "targets"}
-        assert b["inputs"].shape == b["targets"].shape == (3, 10)
-        assert b["inputs"].dtype == b["targets"].dtype == torch.int64
+        assert set(b) == {"inputs", "targets", "doc_ids"}
+        assert b["inputs"].shape == b["targets"].shape == b["doc_ids"].shape == (3, 10)
+        assert b["inputs"].dtype == b["targets"].dtype == b["doc_ids"].dtype == torch.int64
         assert torch.equal(b["inputs"][:, 1:], b["targets"][:, :-1])
     stream = stream_of(batches)
     expected = []
@@ -233,6 +236,7 @@ def test_loader_resume_bit_exact(tmp_path):
     fresh.load_state_dict(state)
     for a, b in zip(after, take(fresh, 30), strict=True):
         assert torch.equal(a["inputs"], b["inputs"]) and torch.equal(a["targets"], b["targets"])
+        assert torch.equal(a["doc_ids"], b["doc_ids"])
     assert fresh.state_dict() == loader.state_dict()
     # a different seed mixes differently
     other = build_loader(dataclasses.replace(cfg, seed=8), tok, str(tmp_path))
@@ -295,7 +299,7 @@ def test_bad_lines_skipped_and_counted(tmp_path):
     (d / "b.jsonl").write_bytes(b"")  # an empty file
     (d / "c.jsonl.gz").write_bytes(gzip.compress(b'{"content": "good three"}\nnot json\n'))
     cfg = DataConfig(sources={"src": SourceConfig(path=str(d), text_field="content")},
-                     batch_size=2, seq_len=20)
+                     batch_size=2, seq_len=20, prefetch="none")
     src = JsonlSource("src", resolve_files("src", cfg.sources["src"]), text_field="content")
     assert [src.next_text() for _ in range(3)] == ["good one", "good two", "good three"]
     assert src.skipped == 6
@@ -334,3 +338,284 @@ def test_default_facts_source(tmp_path):
     first = json.loads((facts_dir / "train.jsonl").read_text().splitlines()[0])["text"]
     docs = docs_in(stream_of(take(loader, 3)))
     assert docs[0] == first and list(loader.skipped) == ["facts"]
+
+
+# ---------------------------------------------------------------- parquet and Hugging Face sources
+
+def write_parquet(path, texts, field="text", row_group_size=3):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({field: texts}), path, row_group_size=row_group_size)
+    return path
+
+
+def read_all(src, n):
+    return [src.next_text() for _ in range(n)]
+
+
+def test_parquet_source(tmp_path):
+    d = tmp_path / "pq"
+    d.mkdir()
+    write_parquet(d / "a.parquet", [f"p{i}" for i in range(4)] + [None] + [f"p{i}" for i in range(5, 10)])
+    write_parquet(d / "b.parquet", [1, 2])  # not strings: skipped
+    write_parquet(d / "c.parquet", ["x", "y"], field="body")  # no text column: skipped
+    (d / "d.parquet").write_bytes(b"PAR1 truncated garbage")  # unreadable: one bad record
+    write_parquet(d / "e.parquet", ["last"])
+    write_parquet(d / "f.parquet", [])  # an empty file
+    cfg = SourceConfig(path=str(d))
+    assert detect_format(cfg) == "parquet"
+    src = open_source("pq", cfg)
+    assert isinstance(src, ParquetSource) and len(src.files) == 6
+    expected = [f"p{i}" for i in range(10) if i != 4] + ["last"]
+    assert read_all(src, 10) == expected
+    assert src.skipped == 1 + 2 + 2 + 1
+    assert src.next_text() == "p0" and src.epoch == 1
+    # resume from every position: the same next documents (row groups of 3 rows are skipped over)
+    ref = open_source("pq", cfg)
+    for k in range(12):
+        state = json.loads(json.dumps(ref.state_dict()))
+        fresh = open_source("pq", cfg)
+        fresh.load_state_dict(state)
+        assert read_all(fresh, 5) == (expected * 3)[k : k + 5], k
+        ref.next_text()
+    # through the loader: the documents in order, packed
+    loader = build_loader(DataConfig(sources={"pq": cfg}, batch_size=2, seq_len=16, prefetch="none"),
+                          BytesTokenizer(), str(tmp_path))
+    assert docs_in(stream_of(take(loader, 4)))[:9] == expected[:9]
+    epochs = loader.sources[0].epoch
+    assert epochs >= 1 and loader.skipped["pq"] in (6 * epochs, 6 * epochs + 6)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a data source tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_hf_sources(tmp_path, no_network):
+    import datasets
+
+    texts = [f"hf doc {i}" for i in range(9)]
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(9))}).save_to_disk(str(tmp_path / "ds"))
+    cfg = SourceConfig(path=str(tmp_path / "ds"))
+    assert detect_format(cfg) == "hf"
+    src = open_source("hf", cfg)
+    assert isinstance(src, HFDiskSource) and read_all(src, 10) == texts + texts[:1] and src.epoch == 1
+    # a DatasetDict: the configured split
+    valid = [f"valid {i}" for i in range(5)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts}),
+                          "validation": datasets.Dataset.from_dict({"body": valid})}
+                         ).save_to_disk(str(tmp_path / "dd"))
+    cfg = SourceConfig(path=str(tmp_path / "dd"), split="validation", text_field="body")
+    assert detect_format(cfg) == "hf" and read_all(open_source("dd", cfg), 5) == valid
+    with pytest.raises(ConfigError, match=r"^data\.sources\.dd\.split: 'test' is not a split .*validation"):
+        open_source("dd", dataclasses.replace(cfg, split="test"))
+    with pytest.raises(ConfigError, match=r"^data\.sources\.dd\.text_field: 'text' is not a column"):
+        open_source("dd", dataclasses.replace(cfg, text_field="text"))
+    # local data files through load_dataset(streaming=True): csv, and a dataset folder with split files
+    (tmp_path / "t.csv").write_text("text,n\n" + "".join(f"csv {i},{i}\n" for i in range(6)))
+    cfg = SourceConfig(path=str(tmp_path / "t.csv"), format="hf")
+    src = open_source("csv", cfg, rank=1, world_size=2)
+    assert isinstance(src, HFStreamSource) and read_all(src, 4) == ["csv 1", "csv 3", "csv 5", "csv 1"]
+    state = src.state_dict()
+    fresh = open_source("csv", cfg, rank=1, world_size=2)
+    fresh.load_state_dict(state)  # skips ahead in the stream
+    assert read_all(fresh, 3) == read_all(src, 3) == ["csv 3", "csv 5", "csv 1"]
+    (tmp_path / "repo" / "data").mkdir(parents=True)
+    write_parquet(tmp_path / "repo" / "data" / "train-00000-of-00001.parquet", ["tr 0", "tr 1"])
+    write_parquet(tmp_path / "repo" / "data" / "test-00000-of-00001.parquet", ["te 0", None, "te 2"])
+    cfg = SourceConfig(path=str(tmp_path / "repo"), format="hf", split="test")
+    src = open_source("repo", cfg)
+    assert read_all(src, 3) == ["te 0", "te 2", "te 0"] and src.skipped == 1
+
+
+def test_source_formats_and_errors(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", ["j"])
+    write_parquet(tmp_path / "b.parquet", ["p"])
+    (tmp_path / "onlypq").mkdir()
+    write_parquet(tmp_path / "onlypq" / "x.parquet", ["p"])
+    (tmp_path / "empty").mkdir()
+    auto = lambda path: detect_format(SourceConfig(path=str(path)))
+    assert auto(tmp_path / "a.jsonl") == "jsonl" and auto(tmp_path / "b.parquet") == "parquet"
+    assert auto(tmp_path / "*.parquet") == "parquet" and auto(tmp_path / "onlypq") == "parquet"
+    assert auto(tmp_path) == "jsonl"  # jsonl files win in a mixed directory
+    cases = [  # (path, format, message): each a one-line ConfigError naming the source's path key
+        (tmp_path / "nowhere", "parquet", "no such file"),
+        (tmp_path / "nowhere", "hf", "no such file"),
+        (tmp_path / "no*.parquet", "auto", "no glob match"),
+        (tmp_path / "empty", "parquet", r"no \*\.parquet files in directory"),
+        (tmp_path / "onlypq", "jsonl", r"no \*\.jsonl or \*\.jsonl\.gz files"),
+        (tmp_path / "a.jsonl", "parquet", "is not a parquet file"),
+        (tmp_path / "b.parquet", "jsonl", "is a parquet file, not jsonl"),
+        (tmp_path / "empty", "hf", "cannot load a dataset"),
+        (tmp_path / "a.jsonl", "hf", None),  # fine: streamed by the json builder
+    ]
+    tok = BytesTokenizer()
+    for path, fmt, message in cases:
+        cfg = DataConfig(sources={"s": SourceConfig(path=str(path), format=fmt)}, prefetch="none")
+        if message is None:
+            assert docs_in(stream_of(take(build_loader(cfg, tok, str(tmp_path)), 1)))[0] == "j"
+            continue
+        with pytest.raises(ConfigError, match=r"^data\.sources\.s\.path: .*" + message) as info:
+            build_loader(cfg, tok, str(tmp_path))
+        assert "\n" not in str(info.value)
+
+
+def make_mixed(tmp_path, prefetch="none"):
+    """jsonl (with .gz) + parquet + a HF DatasetDict split, weighted: a DataConfig."""
+    import datasets
+
+    cfg = make_two_sources(tmp_path)
+    (tmp_path / "pq").mkdir()
+    for f in range(3):
+        texts = [f"parquet {f}.{i} " + "q" * (i % 9) for i in range(7)]
+        write_parquet(tmp_path / "pq" / f"{f}.parquet", texts)
+    docs = [f"hf row {i} " + "h" * (5 * i % 23) for i in range(13)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["unused"]}),
+                          "validation": datasets.Dataset.from_dict({"text": docs})}
+                         ).save_to_disk(str(tmp_path / "hf"))
+    sources = {**cfg.sources,
+               "pq": SourceConfig(path=str(tmp_path / "pq" / "*.parquet"), weight=2.0),
+               "hf": SourceConfig(path=str(tmp_path / "hf"), weight=1.5, split="validation")}
+    return dataclasses.replace(cfg, sources=sources, batch_size=2, seq_len=24, seed=3,
+                               prefetch=prefetch, prefetch_depth=3)
+
+
+def assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys, strict=True):
+        assert set(x) == set(y) == {"inputs", "targets", "doc_ids"}
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
+@pytest.mark.parametrize("prefetch", ["none", "thread", "process"])
+def test_mixed_sources_resume_with_prefetch(tmp_path, prefetch):
+    cfg = make_mixed(tmp_path, prefetch)
+    none = dataclasses.replace(cfg, prefetch="none")
+    tok = BytesTokenizer()
+    ref = build_loader(none, tok, str(tmp_path))
+    want = take(ref, 70)  # past the end of every source
+    names = {d.split(" ")[0] for d in docs_in(stream_of(want))}
+    assert names == {"web", "gz", "book", "parquet", "hf"}
+
+    loader = build_loader(cfg, tok, str(tmp_path))
+    assert loader.state_dict() == build_loader(none, tok, str(tmp_path)).state_dict()  # before any batch
+    first = take(loader, 40)
+    state = json.loads(json.dumps(loader.state_dict()))  # prefetched batches are not in it
+    assert loader.skipped == {"books": 0, "hf": 0, "pq": 0, "web": 0}
+    rest = take(loader, 30)
+    loader.close()
+    assert_same_batches(first + rest, want)  # prefetch does not change the stream
+    assert all(state["sources"][n]["epoch"] >= 1 for n in ("web", "pq", "hf")) and state["buffer"]
+
+    for mode in {"none", prefetch}:  # a state saved under any prefetch resumes under any other
+        fresh = build_loader(dataclasses.replace(cfg, prefetch=mode), tok, str(tmp_path))
+        fresh.load_state_dict(state)
+        assert_same_batches(take(fresh, 30), want[40:])
+        fresh.close()
+
+
+def test_sharding_parquet_and_hf_disjoint_and_complete(tmp_path):
+    import datasets
+
+    all_docs = []
+    (tmp_path / "pq").mkdir()
+    for i in range(6):  # files of 0..5 rows, row groups of 2
+        docs = [f"file {i} row {j}" for j in range(i)]
+        all_docs += docs
+        write_parquet(tmp_path / "pq" / f"{i:02d}.parquet", docs, row_group_size=2)
+    datasets.Dataset.from_dict({"text": all_docs}).save_to_disk(str(tmp_path / "hf"))
+    for path in ("pq", "hf"):
+        cfg = SourceConfig(path=str(tmp_path / path))
+        for world in (2, 3):
+            shares = []
+            for rank in range(world):
+                src, got = open_source("s", cfg, rank, world), []
+                while True:
+                    text = src.next_text()
+                    if src.epoch > 0:
+                        break
+                    got.append(text)
+                shares.append(got)
+            assert sorted(sum(shares, [])) == sorted(all_docs), (path, world)  # complete, none twice
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_document_ids():
+    inputs = torch.tensor([[BOS, 1, 2, EOS, BOS, 3, EOS, BOS],
+                           [4, 5, EOS, BOS, 6, EOS, BOS, BOS]])
+    assert document_ids(inputs, BOS).tolist() == [[0, 0, 0, 0, 1, 1, 1, 2],
+                                                   [0, 0, 0, 1, 1, 1, 2, 3]]
+
+
+def test_document_ids_in_batches(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ["ab", "", "a longer document here", "xyz"])
+    cfg = DataConfig(sources={"d": SourceConfig(path=str(tmp_path / "d.jsonl"))}, batch_size=2, seq_len=9,
+                     prefetch="none")
+    for b in take(build_loader(cfg, BytesTokenizer(), str(tmp_path)), 10):
+        ids, starts = b["doc_ids"], b["inputs"] == BOS
+        assert (ids[:, 0] == 0).all()
+        assert torch.equal(ids[:, 1:] - ids[:, :-1], starts[:, 1:].long())  # +1 exactly at each BOS
+
+
+@pytest.mark.parametrize("prefetch", ["thread", "process"])
+def test_prefetch_error_surfaces(tmp_path, prefetch):
+    (tmp_path / "bad.jsonl").write_text("nope\n{}\n")
+    cfg = DataConfig(sources={"bad": SourceConfig(path=str(tmp_path / "bad.jsonl"))}, prefetch="none")
+    with pytest.raises(ConfigError) as plain:
+        next(build_loader(cfg, BytesTokenizer(), str(tmp_path)))
+    loader = build_loader(dataclasses.replace(cfg, prefetch=prefetch), BytesTokenizer(), str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(ConfigError) as prefetched:
+        next(loader)
+    assert str(prefetched.value) == str(plain.value)
+    assert str(plain.value).startswith("data.sources.bad.path: no usable document")
+    assert time.monotonic() - start < 30
+    loader.close()
+
+
+def test_prefetch_close_and_restart(tmp_path):
+    cfg = make_two_sources(tmp_path)
+    tok = BytesTokenizer()
+    want = take(build_loader(dataclasses.replace(cfg, prefetch="none"), tok, str(tmp_path)), 12)
+    # thread: close, then iterating again restarts from the last batch consumed
+    loader = build_loader(dataclasses.replace(cfg, prefetch="thread", prefetch_depth=4), tok, str(tmp_path))
+    got = take(loader, 3)
+    start = time.monotonic()
+    loader.close()
+    assert time.monotonic() - start < 2
+    got += take(loader, 3)
+    loader.load_state_dict(loader.state_dict())  # while running: stops and restarts the producer
+    got += take(loader, 3)
+    assert_same_batches(got, want[:9])
+    loader.close()
+    # process: close() ends the process promptly; a producer that dies is an error, not a hang
+    loader = build_loader(dataclasses.replace(cfg, prefetch="process", prefetch_depth=2), tok, str(tmp_path))
+    assert_same_batches(take(loader, 2), want[:2])
+    process = loader._producer.process
+    start = time.monotonic()
+    loader.close()
+    assert time.monotonic() - start < STOP_S and process.exitcode is not None
+    assert_same_batches(take(loader, 2), want[2:4])  # a new process, from the last batch consumed
+    loader._producer.process.kill()
+    with pytest.raises(RuntimeError, match="ended without a batch or an error"):
+        take(loader, 10)
+    loader.close()
+
+
+def test_process_prefetch_checks_the_tokenizer(tmp_path):
+    class Wider(BytesTokenizer):  # not what cfg.tokenizer builds in the prefetch process
+        n_words = 300
+
+    cfg = make_two_sources(tmp_path)
+    loader = build_loader(dataclasses.replace(cfg, prefetch="process"), Wider(), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^data\.tokenizer: the prefetch process built .*258.*300"):
+        next(loader)
+    loader.close()

@@ -162,3 +162,25 @@ print("same")
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "same", proc.stderr[-2000:]
+
+
+def test_bad_data_lines_are_skipped_counted_and_logged(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = [json.dumps({"text": f"doc {i}"}) for i in range(40)]  # ~9 tokens each with BOS/EOS
+    kinds = ["{not json", json.dumps({"body": "no text field"}), json.dumps({"text": 7})]
+    lines = [x for i, g in enumerate(good) for x in (g, kinds[i % 3])]  # 40 good, 40 bad
+    (corpus / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (corpus / "b.jsonl").write_bytes(b'{"text": "caf\xe9 broken utf-8"}\n' + (good[0] + "\n").encode())
+    (corpus / "empty.jsonl").write_text("")
+    for prefetch in ("none", "thread"):
+        out = tmp_path / prefetch
+        last = train(tiny(out, "steps=20", "log_every=5", f"data.prefetch={prefetch}",
+                          f"data.sources.web.path={corpus}", "data.batch_size=2"))
+        assert last["step"] == 20 and math.isfinite(last["loss"])
+        rows = metrics(out)
+        assert all("data/skipped/web" in r for r in rows)
+        # one pass holds ~370 tokens and 20 steps read 1280: several passes, each of which
+        # skips 40 bad lines in a.jsonl and the invalid UTF-8 line in b.jsonl
+        assert rows[-1]["data/skipped/web"] >= 3 * 41
+        assert rows[-1]["data/skipped/web"] >= rows[0]["data/skipped/web"]

@@ -1,141 +1,57 @@
-"""Packed, sharded, resumable batches from weighted jsonl sources.
+"""Packed, sharded, resumable batches from weighted document sources.
 
 Pipeline, per rank:
-  JsonlSource   reads one source's files (sorted) line by line, forever; the
-                rank keeps the documents with index % world_size == rank, where
-                the index counts non-blank lines over all of the source's files
+  Source        (sources.py) one source's documents for this rank, forever:
+                jsonl(.gz), parquet or a local Hugging Face dataset; the rank
+                keeps the records with index % world_size == rank
   PackedLoader  draws a source per document (seeded RNG, by weight), tokenizes
                 it as BOS + ids + EOS, appends it to one token stream, and cuts
                 the stream into windows of seq_len + 1 tokens; a document's
                 leftover tokens start the next window
+  PrefetchLoader (prefetch.py) the same batches, made ahead by a thread or a
+                process (data.prefetch), with the same exact state
 
-Batch: {"inputs": int64 (B, T), "targets": int64 (B, T)}, targets[:, i] =
+Batch: {"inputs", "targets", "doc_ids"}, each int64 (B, T). targets[:, i] =
 inputs[:, i + 1] within a row (each row is one window of T + 1 stream tokens).
+doc_ids[b, i] numbers the documents of row b: 0 at position 0, +1 at every
+BOS after it, so attention can be masked per document.
 
-state_dict() is plain JSON (ints, strings, lists): per source the epoch,
-file index and byte offset of the next line, the leftover tokens and the
-mixing RNG state. A fresh loader given it yields the same batches bit for bit.
+state_dict() is plain JSON (ints, strings, lists): per source its position
+(sources.py), the leftover tokens and the mixing RNG state. A fresh loader
+given it yields the same batches bit for bit.
 """
 
 from __future__ import annotations
 
 import bisect
-import glob
-import gzip
-import json
-import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lingua_mem.config import ConfigError, DataConfig, SourceConfig
+from lingua_mem.config import ConfigError, DataConfig
 from lingua_mem.data.facts import ensure_facts
+from lingua_mem.data.prefetch import PrefetchLoader
+from lingua_mem.data.sources import JsonlSource, Source, open_source, resolve_files
+from lingua_mem.data.tokenizer import build_tokenizer
+
+__all__ = ["PackedLoader", "PrefetchLoader", "LoaderSpec", "build_loader", "build_packed_loader",
+           "document_ids", "JsonlSource", "Source", "open_source", "resolve_files"]
 
 STATE_VERSION = 1
 
 
-def resolve_files(name: str, src: SourceConfig) -> list[str]:
-    """A source's files: a directory's *.jsonl / *.jsonl.gz, one file, or a glob; sorted."""
-    key = f"data.sources.{name}.path"
-    path = src.path
-    if os.path.isdir(path):
-        files = [f for pattern in ("*.jsonl", "*.jsonl.gz") for f in glob.glob(os.path.join(path, pattern))]
-        if not files:
-            raise ConfigError(f"{key}: no *.jsonl or *.jsonl.gz files in directory {path}")
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        files = [f for f in glob.glob(path) if os.path.isfile(f)]
-        if not files:
-            raise ConfigError(f"{key}: no such file or directory, and no glob match: {path}")
-    return sorted(files)
-
-
-class JsonlSource:
-    """One source's documents for one rank, cycling over its files forever."""
-
-    def __init__(self, name: str, files: list[str], text_field: str = "text",
-                 rank: int = 0, world_size: int = 1):
-        assert files and 0 <= rank < world_size
-        self.name, self.files, self.text_field = name, list(files), text_field
-        self.rank, self.world_size = rank, world_size
-        self.epoch = 0  # completed passes over all files
-        self.file_index = 0  # file being read
-        self.offset = 0  # byte offset of the next line in that file (uncompressed for .gz)
-        self.line = 0  # documents (non-blank lines) seen this epoch, over all ranks
-        self.epoch_docs = 0  # documents this rank returned this epoch
-        self.skipped = 0  # this rank's lines that were bad JSON / lacked a string field
-        self._fh = None
-
-    def _open(self):
-        path = self.files[self.file_index]
-        fh = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-        if self.offset:
-            fh.seek(self.offset)  # gzip seeks by decompressing up to the offset
-        return fh
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def _next_file(self) -> None:
-        self.close()
-        self.file_index += 1
-        self.offset = 0
-        if self.file_index == len(self.files):
-            if self.epoch_docs == 0:
-                raise ConfigError(f"data.sources.{self.name}.path: no usable document for rank "
-                                  f"{self.rank} of {self.world_size} in {len(self.files)} file(s)")
-            self.epoch += 1
-            self.file_index = self.line = self.epoch_docs = 0
-
-    def next_text(self) -> str:
-        """The next document's text of this rank's share."""
-        while True:
-            if self._fh is None:
-                self._fh = self._open()
-            raw = self._fh.readline()  # bytes, with its b"\n"
-            if not raw:
-                self._next_file()
-                continue
-            self.offset += len(raw)
-            if raw.isspace():  # blank lines are not documents
-                continue
-            index, self.line = self.line, self.line + 1
-            if index % self.world_size != self.rank:
-                continue
-            try:
-                doc = json.loads(raw)  # bad JSON and bad UTF-8 both raise ValueError
-            except (ValueError, RecursionError):
-                doc = None
-            text = doc.get(self.text_field) if isinstance(doc, dict) else None
-            if not isinstance(text, str):
-                self.skipped += 1
-                continue
-            self.epoch_docs += 1
-            return text
-
-    def state_dict(self) -> dict:
-        return {"files": [os.path.basename(f) for f in self.files], "epoch": self.epoch,
-                "file_index": self.file_index, "offset": self.offset, "line": self.line,
-                "epoch_docs": self.epoch_docs, "skipped": self.skipped}
-
-    def load_state_dict(self, state: dict) -> None:
-        files = [os.path.basename(f) for f in self.files]
-        if state["files"] != files:
-            raise ValueError(f"data source {self.name}: its files changed since the state was saved "
-                             f"({len(state['files'])} saved, {len(files)} now)")
-        self.close()
-        for key in ("epoch", "file_index", "offset", "line", "epoch_docs", "skipped"):
-            setattr(self, key, int(state[key]))
+def document_ids(inputs: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Per-row running document number: 0 at position 0, +1 at every later BOS."""
+    is_bos = inputs == bos_id
+    return is_bos.cumsum(dim=1) - is_bos[:, :1].long()
 
 
 class PackedLoader:
     """Infinite iterator of packed token batches from weighted sources."""
 
-    def __init__(self, sources: list[JsonlSource], weights: list[float], tokenizer,
+    def __init__(self, sources: list[Source], weights: list[float], tokenizer,
                  batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
         assert sources and len(sources) == len(weights) and all(w > 0 for w in weights)
         self.sources, self.tokenizer = sources, tokenizer
@@ -149,7 +65,7 @@ class PackedLoader:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Bad lines skipped so far in this rank's share, per source name."""
+        """Bad records skipped so far in this rank's share, per source name."""
         return {s.name: s.skipped for s in self.sources}
 
     def _next_document(self) -> list[int]:
@@ -170,7 +86,14 @@ class PackedLoader:
         window = self._buf[self._start : self._start + need]
         self._start += need
         w = torch.tensor(window, dtype=torch.long).view(self.batch_size, self.seq_len + 1)
-        return {"inputs": w[:, :-1].contiguous(), "targets": w[:, 1:].contiguous()}
+        inputs = w[:, :-1].contiguous()
+        return {"inputs": inputs, "targets": w[:, 1:].contiguous(),
+                "doc_ids": document_ids(inputs, self.tokenizer.bos_id)}
+
+    def batch_layout(self) -> dict[str, tuple[int, ...]]:
+        """Each batch's int64 tensors and their shapes."""
+        shape = (self.batch_size, self.seq_len)
+        return {"inputs": shape, "targets": shape, "doc_ids": shape}
 
     def state_dict(self) -> dict:
         version, internal, gauss = self._rng.getstate()
@@ -200,16 +123,52 @@ class PackedLoader:
             s.close()
 
 
-def build_loader(cfg: DataConfig, tokenizer, dump_dir: str, rank: int = 0,
-                 world_size: int = 1) -> PackedLoader:
-    """The loader for `cfg`; with no sources, the facts corpus under dump_dir/data/facts."""
+def build_packed_loader(cfg: DataConfig, tokenizer, dump_dir: str, rank: int = 0,
+                        world_size: int = 1) -> PackedLoader:
+    """The loader for `cfg`, without prefetch; with no sources, the facts corpus under dump_dir/data/facts."""
     if cfg.sources:
         names = sorted(cfg.sources)  # a stable order, whatever the YAML order
-        specs = [(n, resolve_files(n, cfg.sources[n]), cfg.sources[n].text_field,
-                  cfg.sources[n].weight) for n in names]
+        sources = [open_source(n, cfg.sources[n], rank, world_size) for n in names]
+        weights = [cfg.sources[n].weight for n in names]
     else:
         facts = ensure_facts(Path(dump_dir) / "data" / "facts", cfg.facts.people, cfg.facts.seed)
-        specs = [("facts", [str(facts / "train.jsonl")], "text", 1.0)]
-    sources = [JsonlSource(n, files, field, rank, world_size) for n, files, field, _ in specs]
-    return PackedLoader(sources, [w for *_, w in specs], tokenizer, cfg.batch_size, cfg.seq_len,
+        sources = [JsonlSource("facts", [str(facts / "train.jsonl")], "text", rank, world_size)]
+        weights = [1.0]
+    return PackedLoader(sources, weights, tokenizer, cfg.batch_size, cfg.seq_len,
                         seed=cfg.seed, rank=rank, world_size=world_size)
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    """What a prefetch process needs to build the same loader (picklable)."""
+
+    cfg: DataConfig
+    dump_dir: str
+    rank: int
+    world_size: int
+    token_ids: tuple[int, int, int]  # (n_words, bos_id, eos_id) of the caller's tokenizer
+
+    def build(self) -> PackedLoader:
+        tokenizer = build_tokenizer(self.cfg.tokenizer)
+        ids = (tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)
+        if ids != self.token_ids:
+            raise ConfigError(f"data.tokenizer: the prefetch process built a tokenizer with (n_words, bos, "
+                              f"eos) {ids}, the trainer's has {self.token_ids}")
+        return build_packed_loader(self.cfg, tokenizer, self.dump_dir, self.rank, self.world_size)
+
+
+def build_loader(cfg: DataConfig, tokenizer, dump_dir: str, rank: int = 0,
+                 world_size: int = 1) -> PackedLoader | PrefetchLoader:
+    """The loader for `cfg` (a bad source fails here); prefetching unless cfg.prefetch is none.
+
+    Both kinds have the same interface: iter/next, state_dict, load_state_dict,
+    skipped, close. A process prefetcher rebuilds the tokenizer from cfg.tokenizer.
+    """
+    loader = build_packed_loader(cfg, tokenizer, dump_dir, rank, world_size)
+    if cfg.prefetch == "none":
+        return loader
+    spec = None
+    if cfg.prefetch == "process":
+        spec = LoaderSpec(cfg, str(dump_dir), rank, world_size,
+                          tuple(int(i) for i in (tokenizer.n_words, tokenizer.bos_id, tokenizer.eos_id)))
+    return PrefetchLoader(loader, cfg.prefetch, cfg.prefetch_depth, spec)
