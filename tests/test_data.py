@@ -9,11 +9,18 @@ import time
 import pytest
 import torch
 
-from lingua_mem.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig
+from lingua_mem.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig, TrainConfig, validate
 from lingua_mem.data import facts
 from lingua_mem.data.loader import JsonlSource, build_loader, document_ids, resolve_files
 from lingua_mem.data.prefetch import STOP_S
-from lingua_mem.data.sources import HFDiskSource, HFStreamSource, ParquetSource, detect_format, open_source
+from lingua_mem.data.sources import (
+    HFDiskSource,
+    HFStreamSource,
+    ParquetSource,
+    TextSource,
+    detect_format,
+    open_source,
+)
 from lingua_mem.data.tokenizer import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer
 
 BOS, EOS = 256, 257
@@ -255,6 +262,16 @@ def test_loader_mixing_weights(tmp_path):
     assert any(d.startswith("gz doc") for d in docs)
 
 
+def first_epoch(src) -> list[str]:
+    """The documents `src` returns in its first epoch."""
+    got = []
+    while True:
+        text = src.next_text()
+        if src.epoch > 0:
+            return got
+        got.append(text)
+
+
 def test_sharding_disjoint_and_complete(tmp_path):
     all_docs = []
     for i in range(7):  # files of 0..6 docs with blank lines: counts are not multiples of 3
@@ -263,15 +280,7 @@ def test_sharding_disjoint_and_complete(tmp_path):
         (tmp_path / f"{i:02d}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs) + "\n\n")
     files = resolve_files("s", SourceConfig(path=str(tmp_path)))
     assert len(files) == 7
-    shares = []
-    for rank in range(3):
-        src, got = JsonlSource("s", files, rank=rank, world_size=3), []
-        while True:
-            text = src.next_text()
-            if src.epoch > 0:
-                break
-            got.append(text)
-        shares.append(got)
+    shares = [first_epoch(JsonlSource("s", files, rank=rank, world_size=3)) for rank in range(3)]
     assert all(len(s) == 7 for s in shares)  # 21 documents over 3 ranks
     assert sorted(sum(shares, [])) == sorted(all_docs)
     assert not set(shares[0]) & set(shares[1]) and not set(shares[1]) & set(shares[2])
@@ -385,6 +394,33 @@ def test_parquet_source(tmp_path):
     assert docs_in(stream_of(take(loader, 4)))[:9] == expected[:9]
     epochs = loader.sources[0].epoch
     assert epochs >= 1 and loader.skipped["pq"] in (6 * epochs, 6 * epochs + 6)
+
+
+def test_text_source(tmp_path):
+    d = tmp_path / "txt"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"one\r\n\n  \ntwo  \nbad \xff utf8\n  three")  # a document per non-blank line
+    (d / "b.txt.gz").write_bytes(gzip.compress(b"four\n\nfive\n"))
+    (d / "notes.md").write_text("not a source file")
+    cfg = SourceConfig(path=str(d))
+    assert detect_format(cfg) == "text"
+    src = open_source("t", cfg)
+    expected = ["one", "two  ", "  three", "four", "five"]
+    assert isinstance(src, TextSource) and read_all(src, 5) == expected and src.skipped == 1
+    ref = open_source("t", cfg)
+    for k in range(7):  # resume from every position, across files and epochs
+        fresh = open_source("t", cfg)
+        fresh.load_state_dict(json.loads(json.dumps(ref.state_dict())))
+        assert read_all(fresh, 4) == (expected * 3)[k : k + 4], k
+        ref.next_text()
+    shares = [first_epoch(open_source("t", cfg, rank, 2)) for rank in range(2)]
+    assert shares == [["one", "four"], ["two  ", "  three", "five"]]  # records 0, 2 (bad), 4 are rank 0's
+    # an explicit format: text for one file, through the validated config and the loader
+    cfg = TrainConfig(data=DataConfig(sources={"t": SourceConfig(path=str(d / "a.txt"), format="text")},
+                                      batch_size=1, seq_len=8, prefetch="none"))
+    validate(cfg)
+    loader = build_loader(cfg.data, BytesTokenizer(), str(tmp_path))
+    assert docs_in(stream_of(take(loader, 4)))[:3] == expected[:3]
 
 
 @pytest.fixture
@@ -535,15 +571,7 @@ def test_sharding_parquet_and_hf_disjoint_and_complete(tmp_path):
     for path in ("pq", "hf"):
         cfg = SourceConfig(path=str(tmp_path / path))
         for world in (2, 3):
-            shares = []
-            for rank in range(world):
-                src, got = open_source("s", cfg, rank, world), []
-                while True:
-                    text = src.next_text()
-                    if src.epoch > 0:
-                        break
-                    got.append(text)
-                shares.append(got)
+            shares = [first_epoch(open_source("s", cfg, rank, world)) for rank in range(world)]
             assert sorted(sum(shares, [])) == sorted(all_docs), (path, world)  # complete, none twice
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
 

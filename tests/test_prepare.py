@@ -157,10 +157,11 @@ def test_parquet_hf_and_text_inputs(tmp_path):
     texts = [f"document number {i}" for i in range(300)]
     table = pa.table({"id": list(range(300)), "content": texts[:299] + [None]})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=64)
-    s = prep.prepare([str(tmp_path / "a.parquet")], str(tmp_path / "pq"), chunks=2, val_docs=10, seed=3,
-                     text_field="content")
+    pq.write_table(pa.table({"body": ["x", "y"]}), tmp_path / "b.parquet")
+    s = prep.prepare([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tmp_path / "pq"),
+                     chunks=2, val_docs=10, seed=3, text_field="content")
     assert (s["documents"], s["val_docs"], s["chunk_docs"]) == (299, 10, [144, 145])
-    assert s["skipped"] == {"no_text": 1}  # the null
+    assert s["skipped"] == {"no_text": 3}  # the null, and both rows of b (no "content" column)
     val = texts_of(tmp_path / "pq" / "val" / "val.jsonl")
     assert collections.Counter(train_texts(tmp_path / "pq") + val) == collections.Counter(texts[:299])
 
@@ -173,8 +174,10 @@ def test_parquet_hf_and_text_inputs(tmp_path):
     splits.save_to_disk(str(tmp_path / "dd"))
     prep.prepare([str(tmp_path / "dd")], str(tmp_path / "hft"), chunks=1, val_docs=0, seed=0, split="test")
     assert sorted(train_texts(tmp_path / "hft")) == sorted(texts[40:50])
-    with pytest.raises(prep.InputError, match="no split 'dev' in .*dd"):
+    with pytest.raises(prep.InputError, match="'dev' is not a split of .*dd"):
         prep.prepare([str(tmp_path / "dd")], str(tmp_path / "x"), chunks=1, val_docs=0, seed=0, split="dev")
+    with pytest.raises(prep.InputError, match="'content' is not a column of .*ds"):
+        prep.prepare([str(tmp_path / "ds")], str(tmp_path / "x"), 1, 0, 0, text_field="content")
 
     (tmp_path / "t.txt").write_bytes(b"line one\r\n\n   \nline two  \n  indented\nno newline")
     prep.prepare([str(tmp_path / "t.txt")], str(tmp_path / "txt"), chunks=1, val_docs=0, seed=0)

@@ -2,7 +2,7 @@
 
 Pipeline, per rank:
   Source        (sources.py) one source's documents for this rank, forever:
-                jsonl(.gz), parquet or a local Hugging Face dataset; the rank
+                jsonl(.gz), parquet, text or a local Hugging Face dataset; the rank
                 keeps the records with index % world_size == rank
   PackedLoader  draws a source per document (seeded RNG, by weight), tokenizes
                 it as BOS + ids + EOS, appends it to one token stream, and cuts

@@ -5,12 +5,10 @@
         [--split train] [--bucket-mb 256] [--overwrite]
 
 Inputs: files or directories (a directory's files sorted, not recursive; hidden
-files ignored), read in the order given:
-  jsonl    *.jsonl, *.jsonl.gz: a JSON object per line, its text in --text-field
-  parquet  *.parquet: the --text-field column
-  text     *.txt, *.txt.gz: every non-blank line is one document (without its line break)
-  hf       a `datasets` save_to_disk folder (of a DatasetDict: its --split)
---format auto picks by file extension, and takes a directory holding
+files ignored), read in the order given, by the readers of sources.py (the
+training loader's): jsonl(.gz), parquet, text (.txt(.gz), a document per
+non-blank line) or a `datasets` save_to_disk folder (of a DatasetDict: its
+--split). --format auto picks by file extension, and takes a directory holding
 dataset_dict.json, or dataset_info.json and state.json, for a HF folder.
 
 Output, built in a hidden sibling directory and renamed to DIR when complete
@@ -22,10 +20,10 @@ Train on it with data.sources.<name>.path=DIR/train (DIR/val can be read the
 same way). DIR itself holds no *.jsonl, so a source pointed at DIR fails at
 start-up instead of silently training on the validation file.
 
-Bad lines (invalid UTF-8, invalid JSON, text field missing or not a string) and
-empty texts are skipped and counted by reason, never fatal; a file that cannot
-be read to its end (e.g. a truncated .gz) is counted as "bad_file", with a
-warning naming it.
+Bad lines (invalid UTF-8, invalid JSON, text field missing or not a string,
+every row of a parquet file without that column) and empty texts are skipped
+and counted by reason, never fatal; a file that cannot be read to its end (e.g.
+a truncated .gz) is counted as "bad_file", with a warning naming it.
 
 Method, an external shuffle in two passes, deterministic by seed:
   pass 1  stream every document and append it, with its index, to one of
@@ -48,7 +46,6 @@ corpus size (as JSON lines) next to DIR, on top of the output.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -58,17 +55,25 @@ import sys
 import tempfile
 import time
 import uuid
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from lingua_mem.data.sources import (
+    FORMATS,
+    READERS,
+    SourceError,
+    files_in,
+    format_of,
+    is_saved_dataset,
+    load_saved_dataset,
+    read_dataset,
+)
+
 VERSION = 1
 FAN_OUT = 128  # bucket files open at once in pass 1 (and when splitting a bucket)
-FORMATS = ("auto", "jsonl", "parquet", "text", "hf")
-SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",), "text": (".txt", ".txt.gz")}
 PROGRESS_EVERY = 1_000_000  # documents between progress lines on stderr
 
 
@@ -81,25 +86,16 @@ class ReadStats:
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> lines/documents skipped
     bad_files: list[str] = field(default_factory=list)  # "path: why" of files not read to the end
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, path: str = "") -> None:
+        """Count a skip reason from sources.py; "bad_file: <why>" also names the file and warns."""
+        reason, _, why = reason.partition(": ")
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if why:
+            self.bad_files.append(f"{path}: {why}")
+            print(f"warning: skipped the rest of {path}: {why}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- reading documents
-
-def is_hf_folder(path: Path) -> bool:
-    """A `datasets` save_to_disk folder: of a DatasetDict, or of a Dataset."""
-    return (path / "dataset_dict.json").is_file() or (
-        (path / "dataset_info.json").is_file() and (path / "state.json").is_file())
-
-
-def format_of(path: Path) -> str | None:
-    """The format a file name says (jsonl, parquet, text), or None."""
-    for fmt, suffixes in SUFFIXES.items():
-        if path.name.endswith(suffixes):
-            return fmt
-    return None
-
 
 def find_inputs(paths: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
     """(path, format) of every input file or HF folder, in order.
@@ -110,123 +106,42 @@ def find_inputs(paths: list[str], fmt: str = "auto") -> list[tuple[str, str]]:
         raise InputError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     found = []
     for p in paths:
-        path = Path(p)
-        if not path.exists():
+        if not os.path.exists(p):
             raise InputError(f"no such file or directory: {p}")
-        if fmt == "hf" or (fmt == "auto" and path.is_dir() and is_hf_folder(path)):
-            if not (path.is_dir() and is_hf_folder(path)):
+        if fmt == "hf" or (fmt == "auto" and is_saved_dataset(p)):
+            if not is_saved_dataset(p):
                 raise InputError(f"not a datasets save_to_disk folder: {p}")
             found.append((p, "hf"))
-        elif path.is_dir():
-            files = sorted(f for f in path.iterdir()
-                           if f.is_file() and not f.name.startswith(".") and format_of(f) is not None
-                           and fmt in ("auto", format_of(f)))
+        elif os.path.isdir(p):
+            files = files_in(p, None if fmt == "auto" else fmt)
             if not files:
                 kinds = "jsonl(.gz), parquet or txt(.gz)" if fmt == "auto" else fmt
                 raise InputError(f"no {kinds} files in directory {p}")
-            found += [(str(f), format_of(f)) for f in files]
+            found += [(f, format_of(f)) for f in files]
         else:
-            file_fmt = format_of(path) if fmt == "auto" else fmt
+            file_fmt = format_of(p) if fmt == "auto" else fmt
             if file_fmt is None:
                 raise InputError(f"cannot tell the format of {p} by its name; give --format")
             found.append((p, file_fmt))
     return found
 
 
-def _open_binary(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def read_jsonl(path: str, text_field: str, stats: ReadStats) -> Iterator[str]:
-    with _open_binary(path) as fh:
-        for raw in fh:
-            if raw.isspace():  # blank lines are not documents
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                stats.skip("bad_utf8")
-                continue
-            try:
-                doc = json.loads(line)
-            except (ValueError, RecursionError):
-                stats.skip("bad_json")
-                continue
-            text = doc.get(text_field) if isinstance(doc, dict) else None
-            if not isinstance(text, str):
-                stats.skip("no_text")
-                continue
-            yield text
-
-
-def read_text(path: str, stats: ReadStats) -> Iterator[str]:
-    with _open_binary(path) as fh:
-        for raw in fh:
-            if raw.isspace():
-                continue
-            try:
-                yield raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError:
-                stats.skip("bad_utf8")
-
-
-def _column_texts(values: Iterable, stats: ReadStats) -> Iterator[str]:
-    for text in values:
-        if isinstance(text, str):
-            yield text
-        else:
-            stats.skip("no_text")
-
-
-def read_parquet(path: str, text_field: str, stats: ReadStats) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    if text_field not in pf.schema_arrow.names:
-        raise InputError(f"no column {text_field!r} in {path} (columns: {', '.join(pf.schema_arrow.names)})")
-    for batch in pf.iter_batches(batch_size=1024, columns=[text_field]):
-        yield from _column_texts(batch.column(0).to_pylist(), stats)
-
-
-def read_hf(path: str, text_field: str, split: str, stats: ReadStats) -> Iterator[str]:
-    import datasets
-
-    ds = datasets.load_from_disk(path)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise InputError(f"no split {split!r} in {path} (splits: {', '.join(ds)})")
-        ds = ds[split]
-    if text_field not in ds.column_names:
-        raise InputError(f"no column {text_field!r} in {path} (columns: {', '.join(ds.column_names)})")
-    for batch in ds.select_columns([text_field]).iter(batch_size=1024):
-        yield from _column_texts(batch[text_field], stats)
-
-
 def iter_documents(files: list[tuple[str, str]], text_field: str, stats: ReadStats,
                    split: str = "train") -> Iterator[str]:
     """The non-empty texts of `files` (from find_inputs) in order; what is skipped goes to `stats`."""
     for path, fmt in files:
-        if fmt == "jsonl":
-            texts = read_jsonl(path, text_field, stats)
-        elif fmt == "parquet":
-            texts = read_parquet(path, text_field, stats)
-        elif fmt == "text":
-            texts = read_text(path, stats)
+        if fmt == "hf":
+            try:
+                reads = read_dataset(load_saved_dataset(path, split, text_field), text_field)
+            except SourceError as exc:
+                raise InputError(str(exc)) from None
         else:
-            texts = read_hf(path, text_field, split, stats)
-        try:
-            for text in texts:
-                if text.strip():
-                    yield text
-                else:
-                    stats.skip("empty")
-        except InputError:
-            raise
-        except (OSError, EOFError, zlib.error, ValueError) as exc:  # truncated gzip, corrupt parquet...
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            stats.skip("bad_file")
-            stats.bad_files.append(f"{path}: {why}")
-            print(f"warning: skipped the rest of {path}: {why}", file=sys.stderr)
+            reads = READERS[fmt](path, text_field)
+        for _, text, skip in reads:
+            if skip is None and text.strip():
+                yield text
+            else:
+                stats.skip(skip or "empty", path)
 
 
 # ---------------------------------------------------------------- the external shuffle

@@ -1,24 +1,32 @@
-"""Document sources: one source's documents for one rank, cycling forever.
+"""Reading documents: formats, readers, and one source's documents for one rank.
 
-Formats (SourceConfig.format; `auto` picks by what the path is):
-  jsonl    *.jsonl / *.jsonl.gz files, one JSON object per line
+Formats (SourceConfig.format, prepare's --format; `auto` picks by name):
+  jsonl    *.jsonl / *.jsonl.gz files, one JSON object per line, its text in text_field
   parquet  *.parquet files, read in record batches of the text column only
+  text     *.txt / *.txt.gz files, every non-blank line one document (without its line break)
   hf       a local Hugging Face dataset: a `save_to_disk` folder (read by row
-           index), or local data files / a dataset folder through
-           `datasets.load_dataset(..., streaming=True)`; only local paths, so
-           nothing touches the network
+           index), or for a training source also local data files / a dataset
+           folder through `datasets.load_dataset(..., streaming=True)`; only
+           local paths, so nothing touches the network
+
+A reader yields (advance, text, skip) for each record of one file from a
+position on: text is None for a record that is not a document, and skip says
+why: "bad_utf8", "bad_json", "no_text" (text_field missing or not a string), or
+"bad_file: <why>" once for a file that cannot be read to its end. advance is
+how far the record moves the position: bytes (blank lines join the next
+record's) for jsonl and text, rows otherwise. prepare.py reads each input once
+with them; a Source below reads them for training.
 
 A source reads its units (files in sorted order, or the one dataset) in order,
 over and over. Its records (non-blank lines, rows) are numbered over the whole
 epoch; the rank keeps those whose number % world_size == rank, so each record
 is read once per epoch across all ranks, whatever the file count. A kept record
-that is not a document (bad JSON or UTF-8, no string in text_field, an
-unreadable file) is skipped and counted in `skipped`.
+that is not a document is skipped and counted in `skipped`.
 
 Position (state_dict, plain JSON): epoch, file_index, offset (byte offset of
-the next line for jsonl, row within the file or dataset otherwise), line
-(records seen this epoch, all ranks), epoch_docs (documents this rank returned
-this epoch) and skipped.
+the next line for jsonl and text, row within the file or dataset otherwise),
+line (records seen this epoch, all ranks), epoch_docs (documents this rank
+returned this epoch) and skipped.
 """
 
 from __future__ import annotations
@@ -35,18 +43,43 @@ from pathlib import Path
 
 from lingua_mem.config import ConfigError, SourceConfig
 
-PATTERNS = {"jsonl": ("*.jsonl", "*.jsonl.gz"), "parquet": ("*.parquet",)}
+SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",), "text": (".txt", ".txt.gz")}
+FORMATS = ("auto", *SUFFIXES, "hf")
+HF_BUILDERS = {"json": (".jsonl", ".json", ".jsonl.gz", ".json.gz"), "csv": (".csv",), "text": (".txt",),
+               "parquet": (".parquet",), "arrow": (".arrow",)}  # datasets builder -> file names
 PARQUET_MAGIC = b"PAR1"
 ROWS_PER_READ = 1024  # rows per parquet record batch / dataset slice: bounds memory
-HF_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
-               ".csv": "csv", ".txt": "text", ".parquet": "parquet", ".arrow": "arrow"}
 
+Read = tuple[int, str | None, str | None]  # (advance, text, skip reason)
+
+
+class SourceError(ValueError):
+    """A dataset that cannot be read as asked; `field` is the setting at fault (path, split, text_field)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# ---------------------------------------------------------------- what a path holds
 
 def is_saved_dataset(path: str) -> bool:
-    """A `datasets` save_to_disk folder: a Dataset or a DatasetDict."""
+    """A `datasets` save_to_disk folder: of a DatasetDict, or of a Dataset."""
     p = Path(path)
     return p.is_dir() and ((p / "dataset_dict.json").is_file()
                            or ((p / "dataset_info.json").is_file() and (p / "state.json").is_file()))
+
+
+def format_of(path: str, table: dict[str, tuple[str, ...]] = SUFFIXES) -> str | None:
+    """The format (a key of `table`) that a file's name says, or None."""
+    name = os.path.basename(path)
+    return next((fmt for fmt, suffixes in table.items() if name.endswith(suffixes)), None)
+
+
+def files_in(directory: str, fmt: str | None = None) -> list[str]:
+    """A directory's files whose names say `fmt` (any format if None): sorted, not hidden, not recursive."""
+    paths = (os.path.join(directory, n) for n in sorted(os.listdir(directory)) if not n.startswith("."))
+    return [p for p in paths if os.path.isfile(p) and format_of(p) in ((fmt,) if fmt else SUFFIXES)]
 
 
 def _matches(path: str) -> list[str]:
@@ -55,17 +88,15 @@ def _matches(path: str) -> list[str]:
 
 
 def detect_format(src: SourceConfig) -> str:
-    """`src.format`, or for `auto`: hf for a save_to_disk folder, parquet for parquet files, else jsonl."""
+    """`src.format`, or for `auto`: hf for a save_to_disk folder, else the first of jsonl, parquet
+    and text that names a file the path holds or matches, jsonl when none does."""
     if src.format != "auto":
         return src.format
-    path = src.path
-    if is_saved_dataset(path):
+    if is_saved_dataset(src.path):
         return "hf"
-    if os.path.isdir(path):
-        has = lambda fmt: any(glob.glob(os.path.join(path, p)) for p in PATTERNS[fmt])
-        return "parquet" if has("parquet") and not has("jsonl") else "jsonl"
-    files = _matches(path)
-    return "parquet" if files and all(f.endswith(".parquet") for f in files) else "jsonl"
+    files = files_in(src.path) if os.path.isdir(src.path) else _matches(src.path)
+    found = {format_of(f) for f in files}
+    return next((fmt for fmt in SUFFIXES if fmt in found), "jsonl")
 
 
 def _starts_with(path: str, magic: bytes) -> bool:
@@ -74,15 +105,15 @@ def _starts_with(path: str, magic: bytes) -> bool:
 
 
 def resolve_files(name: str, src: SourceConfig, fmt: str | None = None) -> list[str]:
-    """A jsonl or parquet source's files: a directory's files of that format, one file, or a glob; sorted."""
+    """A file source's files: a directory's files of its format, one file, or a glob; sorted."""
     key = f"data.sources.{name}.path"
     fmt = fmt or detect_format(src)
     path = src.path
     if os.path.isdir(path):
-        patterns = PATTERNS[fmt]
-        files = [f for pattern in patterns for f in glob.glob(os.path.join(path, pattern))]
+        files = files_in(path, fmt)
         if not files:
-            raise ConfigError(f"{key}: no {' or '.join(patterns)} files in directory {path}")
+            kinds = " or ".join("*" + s for s in SUFFIXES[fmt])
+            raise ConfigError(f"{key}: no {kinds} files in directory {path}")
     else:
         files = _matches(path)
         if not files:
@@ -90,13 +121,131 @@ def resolve_files(name: str, src: SourceConfig, fmt: str | None = None) -> list[
     for f in files:  # a wrong explicit format fails here, not as a stream of skipped records
         if fmt == "parquet" and not _starts_with(f, PARQUET_MAGIC):
             raise ConfigError(f"{key}: {f} is not a parquet file (format: parquet)")
-        if fmt == "jsonl" and not f.endswith(".gz") and _starts_with(f, PARQUET_MAGIC):
-            raise ConfigError(f"{key}: {f} is a parquet file, not jsonl (set format: parquet)")
+        if fmt != "parquet" and not f.endswith(".gz") and _starts_with(f, PARQUET_MAGIC):
+            raise ConfigError(f"{key}: {f} is a parquet file, not {fmt} (set format: parquet)")
     return sorted(files)
 
 
+# ---------------------------------------------------------------- readers
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _text(value) -> tuple[str | None, str | None]:
+    return (value, None) if isinstance(value, str) else (None, "no_text")
+
+
+def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
+    try:
+        doc = json.loads(raw)
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+    except (ValueError, RecursionError):
+        return None, "bad_json"
+    return _text(doc.get(text_field) if isinstance(doc, dict) else None)
+
+
+def _line_text(raw: bytes) -> tuple[str | None, str | None]:
+    try:
+        return raw.decode("utf-8").rstrip("\r\n"), None
+    except UnicodeDecodeError:
+        return None, "bad_utf8"
+
+
+def _read_lines(path: str, offset: int, parse) -> Iterator[Read]:
+    """parse(line) for each non-blank line of a (gzipped) file from byte `offset` (uncompressed) on."""
+    blank = 0  # blank lines are not records: their bytes join the next record's advance
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as fh:
+            if offset:
+                fh.seek(offset)  # gzip seeks by decompressing up to the offset
+            for raw in fh:
+                if raw.isspace():
+                    blank += len(raw)
+                    continue
+                yield blank + len(raw), *parse(raw)
+                blank = 0
+    except (OSError, EOFError, zlib.error) as exc:  # e.g. a corrupt or truncated .gz
+        yield 0, None, f"bad_file: {_first_line(exc)}"
+
+
+def read_jsonl(path: str, text_field: str, offset: int = 0) -> Iterator[Read]:
+    return _read_lines(path, offset, lambda raw: _json_text(raw, text_field))
+
+
+def read_text(path: str, text_field: str = "", offset: int = 0) -> Iterator[Read]:
+    return _read_lines(path, offset, _line_text)
+
+
+def read_parquet(path: str, text_field: str, offset: int = 0) -> Iterator[Read]:
+    """Rows from row `offset` on, read in record batches of the text column only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with pq.ParquetFile(path) as pf:
+            meta = pf.metadata
+            if text_field not in pf.schema_arrow.names:  # every row lacks the field
+                yield from ((1, None, "no_text") for _ in range(offset, meta.num_rows))
+                return
+            starts = list(itertools.accumulate(
+                (meta.row_group(g).num_rows for g in range(meta.num_row_groups)), initial=0))
+            group = bisect.bisect_right(starts, offset) - 1  # the row group holding `offset`
+            drop = offset - starts[group]
+            batches = pf.iter_batches(batch_size=ROWS_PER_READ, columns=[text_field],
+                                      row_groups=range(group, meta.num_row_groups))
+            for batch in batches:
+                values = batch.column(0).to_pylist()
+                if drop:
+                    values, drop = values[drop:], max(0, drop - len(values))
+                for value in values:
+                    yield 1, *_text(value)
+    except (OSError, pa.ArrowException) as exc:
+        yield 0, None, f"bad_file: {_first_line(exc)}"
+
+
+READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "text": read_text}  # file formats
+
+
+def load_saved_dataset(path: str, split: str, text_field: str):
+    """A save_to_disk dataset (of a DatasetDict: its `split`), just its text column; else SourceError."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as exc:  # a corrupt folder: datasets raises many kinds
+        raise SourceError("path", f"cannot load dataset {path}: {_first_line(exc)}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SourceError("split", f"{split!r} is not a split of {path} (splits: {', '.join(ds)})")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise SourceError("text_field", f"{text_field!r} is not a column of {path} "
+                                        f"(columns: {', '.join(ds.column_names)})")
+    return ds.select_columns([text_field])
+
+
+def read_dataset(dataset, text_field: str, offset: int = 0) -> Iterator[Read]:
+    """Rows of a loaded (memory-mapped) dataset from row `offset` on, a slice at a time."""
+    n = len(dataset)
+    for start in range(offset, n, ROWS_PER_READ):
+        for value in dataset[start : min(start + ROWS_PER_READ, n)][text_field]:
+            yield 1, *_text(value)
+
+
+def read_stream(dataset, text_field: str, offset: int = 0) -> Iterator[Read]:
+    """Rows of a streaming dataset from row `offset` on (streams cannot seek: re-read up to it)."""
+    try:
+        for row in itertools.islice(iter(dataset), offset, None):
+            yield 1, *_text(row.get(text_field) if isinstance(row, dict) else None)
+    except Exception as exc:  # a malformed file mid-stream (datasets raises many kinds)
+        yield 0, None, f"bad_file: {_first_line(exc)}"
+
+
+# ---------------------------------------------------------------- training sources
 class Source:
-    """Base: the rank share, epochs, skipping and state; subclasses read records."""
+    """Base: the rank share, epochs, skipping and state; reads its files with READERS[format]."""
 
     format = ""
 
@@ -111,15 +260,10 @@ class Source:
         self.line = 0  # records seen this epoch, over all ranks
         self.epoch_docs = 0  # documents this rank returned this epoch
         self.skipped = 0  # this rank's records that were not documents
-        self._reader: Iterator | None = None
+        self._reader: Iterator[Read] | None = None
 
-    def _read(self, path: str, offset: int) -> Iterator[tuple[int, object]]:
-        """(offset advance, record) for each record of `path` from `offset` on."""
-        raise NotImplementedError
-
-    def _text(self, record) -> str | None:
-        """The record's document text, or None for a bad record."""
-        return record if isinstance(record, str) else None
+    def _read(self, path: str, offset: int) -> Iterator[Read]:
+        return READERS[self.format](path, self.text_field, offset)
 
     def close(self) -> None:
         if self._reader is not None:
@@ -146,12 +290,11 @@ class Source:
             if item is None:
                 self._next_file()
                 continue
-            advance, record = item
+            advance, text, _ = item
             self.offset += advance
             index, self.line = self.line, self.line + 1
             if index % self.world_size != self.rank:
                 continue
-            text = self._text(record)
             if text is None:
                 self.skipped += 1
                 continue
@@ -177,69 +320,15 @@ class Source:
 
 
 class JsonlSource(Source):
-    """jsonl(.gz) lines; offset is the byte offset (uncompressed for .gz) of the next line."""
-
     format = "jsonl"
-
-    def _read(self, path, offset):
-        blank = 0  # blank lines are not records: their bytes join the next record's advance
-        try:
-            with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as fh:
-                if offset:
-                    fh.seek(offset)  # gzip seeks by decompressing up to the offset
-                for raw in fh:
-                    if raw.isspace():
-                        blank += len(raw)
-                        continue
-                    yield blank + len(raw), raw
-                    blank = 0
-        except (OSError, EOFError, zlib.error):  # a corrupt or truncated .gz: one bad record
-            yield 0, None
-
-    def _text(self, record):
-        if record is None:
-            return None
-        try:
-            doc = json.loads(record)  # bad JSON and bad UTF-8 both raise ValueError
-        except (ValueError, RecursionError):
-            return None
-        text = doc.get(self.text_field) if isinstance(doc, dict) else None
-        return text if isinstance(text, str) else None
 
 
 class ParquetSource(Source):
-    """Rows of parquet files, read in record batches of the text column; offset is the row in the file."""
-
     format = "parquet"
 
-    def _read(self, path, offset):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
 
-        try:
-            with pq.ParquetFile(path) as pf:
-                meta = pf.metadata
-                if self.text_field not in pf.schema_arrow.names:  # every row lacks the field
-                    yield from ((1, None) for _ in range(offset, meta.num_rows))
-                    return
-                starts = list(itertools.accumulate(
-                    (meta.row_group(g).num_rows for g in range(meta.num_row_groups)), initial=0))
-                group = bisect.bisect_right(starts, offset) - 1  # the row group holding `offset`
-                drop = offset - starts[group]
-                batches = pf.iter_batches(batch_size=ROWS_PER_READ, columns=[self.text_field],
-                                          row_groups=range(group, meta.num_row_groups))
-                for batch in batches:
-                    values = batch.column(0).to_pylist()
-                    if drop:
-                        values, drop = values[drop:], max(0, drop - len(values))
-                    for value in values:
-                        yield 1, value
-        except (OSError, pa.ArrowException):  # an unreadable file: one bad record
-            yield 0, None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+class TextSource(Source):
+    format = "text"
 
 
 class HFDiskSource(Source):
@@ -249,29 +338,14 @@ class HFDiskSource(Source):
 
     def __init__(self, name: str, path: str, split: str, text_field: str = "text",
                  rank: int = 0, world_size: int = 1):
-        import datasets
-
         super().__init__(name, [path], text_field, rank, world_size)
         try:
-            ds = datasets.load_from_disk(path)
-        except Exception as exc:  # a corrupt folder: datasets raises many kinds
-            raise ConfigError(f"data.sources.{name}.path: cannot load dataset {path}: {_first_line(exc)}") \
-                from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise ConfigError(f"data.sources.{name}.split: {split!r} is not a split of {path} "
-                                  f"(splits: {', '.join(ds)})")
-            ds = ds[split]
-        if text_field not in ds.column_names:
-            raise ConfigError(f"data.sources.{name}.text_field: {text_field!r} is not a column of {path} "
-                              f"(columns: {', '.join(ds.column_names)})")
-        self.dataset = ds.select_columns([text_field])
+            self.dataset = load_saved_dataset(path, split, text_field)
+        except SourceError as exc:
+            raise ConfigError(f"data.sources.{name}.{exc.field}: {exc}") from None
 
     def _read(self, path, offset):
-        n = len(self.dataset)
-        for start in range(offset, n, ROWS_PER_READ):
-            for value in self.dataset[start : min(start + ROWS_PER_READ, n)][self.text_field]:
-                yield 1, value
+        return read_dataset(self.dataset, self.text_field, offset)
 
 
 class HFStreamSource(Source):
@@ -294,11 +368,11 @@ class HFStreamSource(Source):
             files = sorted(_matches(path))
             if not files:
                 raise ConfigError(f"{key}: no such file or directory, and no glob match: {path}")
-            builders = {HF_BUILDERS.get("".join(Path(f).suffixes[-2:]),
-                                        HF_BUILDERS.get(Path(f).suffix)) for f in files}
+            builders = {format_of(f, HF_BUILDERS) for f in files}
             if len(builders) != 1 or None in builders:
+                known = ", ".join(s for suffixes in HF_BUILDERS.values() for s in suffixes)
                 raise ConfigError(f"{key}: cannot pick one datasets builder for {path} "
-                                  f"(known extensions: {', '.join(HF_BUILDERS)})")
+                                  f"(known extensions: {known})")
             args = {"path": builders.pop(), "data_files": {split: files}}
         try:
             self.dataset = datasets.load_dataset(**args, split=split, streaming=True)
@@ -307,12 +381,10 @@ class HFStreamSource(Source):
                               f"{_first_line(exc)}") from None
 
     def _read(self, path, offset):
-        rows = itertools.islice(iter(self.dataset), offset, None)
-        try:
-            for row in rows:
-                yield 1, row.get(self.text_field) if isinstance(row, dict) else None
-        except Exception:  # a malformed file mid-stream (datasets raises many kinds): one bad record
-            yield 0, None
+        return read_stream(self.dataset, self.text_field, offset)
+
+
+FILE_SOURCES = {kind.format: kind for kind in (JsonlSource, ParquetSource, TextSource)}
 
 
 def open_source(name: str, src: SourceConfig, rank: int = 0, world_size: int = 1) -> Source:
@@ -324,5 +396,4 @@ def open_source(name: str, src: SourceConfig, rank: int = 0, world_size: int = 1
                               f"and no glob match: {src.path}")
         kind = HFDiskSource if is_saved_dataset(src.path) else HFStreamSource
         return kind(name, src.path, src.split, src.text_field, rank, world_size)
-    kind = ParquetSource if fmt == "parquet" else JsonlSource
-    return kind(name, resolve_files(name, src, fmt), src.text_field, rank, world_size)
+    return FILE_SOURCES[fmt](name, resolve_files(name, src, fmt), src.text_field, rank, world_size)
