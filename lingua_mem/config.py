@@ -78,12 +78,13 @@ class TokenizerConfig:
 
 @dataclass
 class SourceConfig:
-    path: str = ""  # directory, file or glob of jsonl(.gz) / parquet files, or a HF dataset folder
+    path: str = ""  # directory, file or glob of jsonl(.gz) / parquet / txt(.gz) files, or a HF dataset
     weight: float = 1.0
     text_field: str = "text"
-    # auto: a save_to_disk folder is hf, *.parquet is parquet, else jsonl; an explicit
-    # hf also streams local data files through datasets.load_dataset
-    format: str = "auto"  # auto | jsonl | parquet | hf
+    # auto: a save_to_disk folder is hf, else the first of jsonl, parquet, text (*.txt(.gz), a
+    # document per non-blank line) its files are named as; an explicit hf also streams local
+    # data files through datasets.load_dataset
+    format: str = "auto"  # auto | jsonl | parquet | text | hf
     split: str = "train"  # the split of a Hugging Face dataset
 
 
@@ -127,7 +128,10 @@ class OptimConfig:
 @dataclass
 class DistributedConfig:
     device: str = "auto"  # auto | cpu | cuda
-    compute_dtype: str = "fp32"  # fp32 | bf16 (autocast)
+    compute_dtype: str = "fp32"  # fp32 | bf16 (autocast on one process; FSDP param dtype on several)
+    dp_replicate: int = 1  # replicas of the dense parameters (HSDP when dp_shard > 1 too)
+    dp_shard: int = -1  # ranks the dense parameters are sharded over; -1: world / dp_replicate
+    memory_parallel_size: int = 1  # consecutive ranks sharing the value tables by columns
 
 
 @dataclass
@@ -224,7 +228,7 @@ def validate(cfg: TrainConfig) -> None:
     for name, src in d.sources.items():
         _check(bool(src.path), f"data.sources.{name}.path", "must be set")
         _check_positive_finite(src.weight, f"data.sources.{name}.weight")
-        _check_choice(src.format, f"data.sources.{name}.format", ("auto", "jsonl", "parquet", "hf"))
+        _check_choice(src.format, f"data.sources.{name}.format", ("auto", "jsonl", "parquet", "text", "hf"))
     _check_choice(d.prefetch, "data.prefetch", ("none", "thread", "process"))
     _check(d.prefetch_depth > 0, "data.prefetch_depth", "must be positive")
     _check(d.facts.people > 0, "data.facts.people", "must be positive")
@@ -240,6 +244,14 @@ def validate(cfg: TrainConfig) -> None:
     _check(o.grad_accum > 0, "optim.grad_accum", "must be positive")
     _check_choice(o.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
     _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
+    dist = cfg.distributed
+    _check(dist.dp_replicate > 0, "distributed.dp_replicate", "must be positive")
+    _check(dist.dp_shard == -1 or dist.dp_shard > 0, "distributed.dp_shard", "must be positive or -1")
+    mp = dist.memory_parallel_size
+    _check(mp > 0, "distributed.memory_parallel_size", "must be positive")
+    if cfg.memory.layers:
+        v_dim = cfg.memory.v_dim if cfg.memory.v_dim is not None else cfg.model.dim
+        _check(v_dim % mp == 0, "distributed.memory_parallel_size", f"{mp} does not divide v_dim={v_dim}")
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
     _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
     _check(cfg.checkpoint.every == 0, "checkpoint.every", "periodic checkpoints are not implemented yet")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
@@ -23,15 +24,16 @@ from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops
 from lingua_mem.model import build_model
 from lingua_mem.optim import build_optimizer, build_scheduler, clip_grads, split_params
+from lingua_mem.parallel import Meshes, init_distributed, parallelize
 from lingua_mem.stats import model_stats
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("distributed.device: cuda requested but no GPU is available")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -52,48 +54,77 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train for cfg.steps optimizer steps; returns the last logged metrics."""
-    device = resolve_device(cfg.distributed.device)
+    """Train for cfg.steps optimizer steps; returns the last logged metrics (rank 0)."""
+    device_type = resolve_device(cfg.distributed.device).type
+    meshes = init_distributed(cfg.distributed, device_type)  # a mesh that does not fit fails here
+    dims = meshes.dims
+    device = resolve_device(cfg.distributed.device, dims.local_rank)
+    is_main = dims.rank == 0
+    try:
+        return _train(cfg, meshes, device, is_main)
+    finally:
+        if dims.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
+    dims = meshes.dims
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.n_words > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
                           f"tokenizer's {tokenizer.n_words} tokens")
-    loader = build_loader(cfg.data, tokenizer, cfg.dump_dir)  # bad source paths fail here
+    if is_main:  # rank 0 first: it may generate the default corpus
+        loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
+    if dims.distributed:
+        dist.barrier()
+    if not is_main:
+        loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
     batches = iter(loader)
     dump_dir = Path(cfg.dump_dir)
-    dump_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
-    seed_everything(cfg.seed)
+    if is_main:
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
+    seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
     model = build_model(cfg.model, cfg.memory, device)
-    model.train()
     stats = model_stats(model, cfg.data.seq_len)
+    model = parallelize(model, meshes, cfg.distributed)
+    model.train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim)
     dense_params, value_params = split_params(model)
+    column_group = meshes.memory.get_group("mp") if dims.mp > 1 else None
+    # one process: autocast; several: FSDP's param dtype does the bf16 compute
+    use_autocast = cfg.distributed.compute_dtype == "bf16" and not dims.distributed
     peak = bf16_peak_flops(device) if cfg.distributed.compute_dtype == "bf16" else None
-    logger = MetricLogger(cfg.dump_dir, cfg.steps, cfg.logging.wandb, to_dict(cfg), cfg.logging.console)
-    if cfg.logging.console:
-        print(f"model: {stats['total_params']:,} params ({stats['memory_value_params']:,} in value "
-              f"tables, memory at layers {stats['memory_layers']}), device {device}", flush=True)
+    logger = None
+    if is_main:
+        logger = MetricLogger(cfg.dump_dir, cfg.steps, cfg.logging.wandb, to_dict(cfg), cfg.logging.console)
+        if cfg.logging.console:
+            print(f"model: {stats['total_params']:,} params ({stats['memory_value_params']:,} in value "
+                  f"tables, memory at layers {stats['memory_layers']}), device {device}, "
+                  f"{dims.world_size} process(es): dp_replicate {dims.dp_replicate} x dp_shard "
+                  f"{dims.dp_shard}, memory parallel {dims.mp}", flush=True)
 
-    tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len
+    tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len  # per rank
     window_start, window_steps = time.perf_counter(), 0
     last: dict = {}
     try:
         for step in range(1, cfg.steps + 1):
             loss_sum = torch.zeros((), device=device)
-            for _ in range(cfg.optim.grad_accum):
+            for micro in range(cfg.optim.grad_accum):
+                if dims.distributed:  # reduce gradients once, after the last micro-batch
+                    model.set_requires_gradient_sync(micro == cfg.optim.grad_accum - 1)
                 batch = next(batches)
                 inputs = batch["inputs"].to(device, non_blocking=True)
                 targets = batch["targets"].to(device, non_blocking=True)
-                with autocast(device, cfg.distributed.compute_dtype):
+                with autocast(device, "bf16" if use_autocast else "fp32"):
                     logits = model(inputs)
                 loss = cross_entropy(logits, targets)
                 (loss / cfg.optim.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grads(dense_params, cfg.optim.clip)
-            value_grad_norm = clip_grads(value_params, cfg.optim.value_clip)
+            value_grad_norm = clip_grads(value_params, cfg.optim.value_clip, column_group)
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             optimizer.step()
             scheduler.step()
@@ -101,28 +132,37 @@ def train(cfg: TrainConfig) -> dict:
             window_steps += 1
 
             if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
+                skipped = loader.skipped  # bad lines, per source
+                counts = torch.tensor([loss_sum.item(), *skipped.values()], dtype=torch.float64)
+                if dims.distributed:  # the mean loss and the total skipped over all ranks
+                    dist.all_reduce(counts)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed
+                tokens_per_s = window_steps * tokens_per_step / elapsed  # per rank
                 last = {
                     "step": step,
-                    "loss": loss_sum.item() / cfg.optim.grad_accum,
+                    "loss": counts[0].item() / cfg.optim.grad_accum / dims.world_size,
                     "lr": lrs["dense"],
                     "value_lr": lrs.get("values", 0.0),
                     "grad_norm": grad_norm.item(),
                     "value_grad_norm": value_grad_norm.item(),
-                    "tokens": step * tokens_per_step,
-                    "tokens_per_s": tokens_per_s,
+                    "tokens": step * tokens_per_step * dims.world_size,
+                    "tokens_per_s": tokens_per_s * dims.world_size,
+                    "tokens_per_s_per_rank": tokens_per_s,
                     "flops_per_token": stats["flops_per_token"],
                 }
                 if peak is not None:
                     last["mfu"] = stats["flops_per_token"] * tokens_per_s / peak
-                for name, count in loader.skipped.items():  # bad lines, per source
-                    last[f"data/skipped/{name}"] = count
-                logger.log(last, seconds_per_step=elapsed / window_steps)
+                if device.type == "cuda":
+                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                for name, count in zip(skipped, counts[1:].tolist(), strict=True):
+                    last[f"data/skipped/{name}"] = int(count)
+                if logger is not None:
+                    logger.log(last, seconds_per_step=elapsed / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
     finally:
         loader.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     return last

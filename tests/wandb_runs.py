@@ -7,6 +7,7 @@ records, each a 7-byte header (crc32 u32, length u16, type u8: 1 full,
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -37,11 +38,28 @@ def records(path: Path) -> list:
     return out
 
 
+def finished_records(run_dir: Path, timeout: float = 30.0) -> list:
+    """The records of a run folder once its 'exit' record is on disk (W&B's service
+    process may still be writing the file when wandb.finish() has returned)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        paths = list(Path(run_dir).glob("run-*.wandb"))
+        if len(paths) == 1:
+            try:
+                recs = records(paths[0])
+            except Exception:  # a header or record still being written
+                recs = []
+            if any(r.WhichOneof("record_type") == "exit" for r in recs):
+                return recs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no finished W&B run file in {run_dir}")
+        time.sleep(0.2)
+
+
 def read_run(run_dir: Path) -> dict:
     """{'run_id', 'project', 'config': {...}, 'history': [{key: value}, ...]} of one run folder."""
-    (path,) = Path(run_dir).glob("run-*.wandb")
     run: dict = {"config": {}, "history": []}
-    for rec in records(path):
+    for rec in finished_records(run_dir):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run["run_id"], run["project"] = rec.run.run_id, rec.run.project

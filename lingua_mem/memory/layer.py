@@ -93,7 +93,7 @@ class ProductKeyMemory(nn.Module):
         shape = x.shape  # (B, T, dim)
         x = x.reshape(-1, self.dim)  # (N, dim)
         indices, weights = self.lookup(x)
-        out = values(indices, weights)  # (N, v_dim)
+        out = values(indices, weights).to(x.dtype)  # (N, v_dim); tables stay fp32
         if self.gate is not None:
             out = out * F.silu(self.gate(x))
         if self.out is not None:

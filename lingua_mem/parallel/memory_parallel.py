@@ -1,0 +1,99 @@
+"""Memory parallelism: a value table sharded by columns over a group of ranks.
+
+Each of the `mp` ranks of a group holds columns [c * v_dim/mp, (c+1) * v_dim/mp)
+of every row. Forward, for the group's tokens:
+  1. every rank computes its own tokens' indices and weights (N, M) (plain model code)
+  2. all-gather indices and weights in the group            -> (mp*N, M)
+  3. each rank bags ALL the group's tokens on its columns   -> (mp*N, v_dim/mp)
+  4. all-to-all: rank p receives its own tokens' slice c from every rank c
+                                                             -> (N, v_dim), columns by rank
+Backward mirrors it: all-to-all of the output gradients, the bag's backward
+on the local columns, and the weight gradients (partial sums over columns)
+reduce-scattered back to their tokens' ranks. The local columns' gradient holds
+the contributions of all `mp` ranks' tokens, so it is scaled by 1/mp: after
+FSDP averages it over the mp_replicate ranks it equals the data-parallel mean,
+like every other parameter's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from lingua_mem.kernels import embedding_bag
+
+
+def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return out
+
+
+class _AllGatherRows(torch.autograd.Function):
+    """(N, ...) per rank -> (mp*N, ...) in rank order; backward: reduce-scatter (sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_rows(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Row chunk p of (mp*N, D) goes to rank p; chunk q received comes from rank q. Self-inverse."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = torch.empty_like(grad)
+        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class MemoryParallelValueTable(nn.Module):
+    """Drop-in for ValueTable: holds its rank's column slice (n_values, v_dim / mp)."""
+
+    def __init__(self, n_values: int, v_dim: int, group, weight: torch.Tensor | None = None):
+        super().__init__()
+        self.group, self.mp, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.v_dim, self.cols = v_dim, v_dim // self.mp
+        if weight is None:
+            self.weight = nn.Parameter(torch.empty(n_values, self.cols))
+        else:  # the full table's columns of this rank
+            start = self.rank * self.cols
+            self.weight = nn.Parameter(weight.detach()[:, start:start + self.cols].clone())
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.v_dim**-0.5)  # the full table's std
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        n = indices.shape[0]  # this rank's tokens
+        all_indices = _all_gather_rows(indices, self.group)  # (mp*N, M), no gradient
+        all_weights = _AllGatherRows.apply(weights, self.group)  # (mp*N, M)
+        table = _ScaleGrad.apply(self.weight, 1.0 / self.mp)  # (n_values, v_dim/mp)
+        part = embedding_bag(all_indices, all_weights, table)  # (mp*N, v_dim/mp)
+        mine = _AllToAllRows.apply(part, self.group)  # (mp*N, v_dim/mp): block c = columns of rank c
+        return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)

@@ -1,0 +1,43 @@
+"""parallelize(model, meshes, cfg): FSDP2 / HSDP for the dense parameters, memory
+parallelism for the value tables. Applied to a built model; model code is untouched."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from lingua_mem.config import DistributedConfig
+from lingua_mem.model import Transformer
+from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
+from lingua_mem.parallel.mesh import Meshes
+
+
+def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> Transformer:
+    """Shard `model` in place (its weights, if materialised, are kept) and return it."""
+    if not meshes.dims.distributed:
+        return model
+    dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
+    dense_policy = MixedPrecisionPolicy(param_dtype=dense_dtype, reduce_dtype=torch.float32)
+    table_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+    # value tables: columns over the mp group (when mp > 1), rows over all the other
+    # ranks (FSDP on mp_replicate, which spans the whole world when mp == 1), so each
+    # rank holds 1/world of every table whatever the dense layout (HSDP included)
+    if meshes.dims.mp > 1:
+        group = meshes.memory.get_group("mp")
+        for key, table in list(model.values.items()):
+            n_values, v_dim = table.weight.shape
+            weight = None if table.weight.is_meta else table.weight
+            model.values[key] = MemoryParallelValueTable(n_values, v_dim, group, weight)
+    rows_mesh = meshes.memory["mp_replicate"]
+    unsharded_tables = set()  # columns no other rank shares rows of (world == mp)
+    for table in model.values.values():
+        if rows_mesh.size() > 1:
+            fully_shard(table, mesh=rows_mesh, mp_policy=table_policy)
+        else:
+            unsharded_tables.add(table.weight)
+
+    for block in model.layers:
+        fully_shard(block, mesh=meshes.dense, mp_policy=dense_policy)
+    fully_shard(model, mesh=meshes.dense, mp_policy=dense_policy, ignored_params=unsharded_tables or None)
+    return model

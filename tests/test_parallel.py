@@ -1,0 +1,161 @@
+"""Multi-process training on CPU (gloo) equals the single-process run on the same global batch."""
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lingua_mem.config import ConfigError, DistributedConfig, MemoryConfig, ModelConfig, OptimConfig
+from lingua_mem.model import build_model
+from lingua_mem.optim import build_optimizer, clip_grads, split_params
+from lingua_mem.parallel import init_distributed, parallelize, resolve_dims
+from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
+
+MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
+MEMORY = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16)
+OPTIM = OptimConfig(lr=1e-2, value_lr=3e-2, eps=1e-6, clip=0.5, value_clip=0.05, warmup=0)
+STEPS, PER_RANK_BATCH, SEQ = 3, 2, 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def step(model, optimizer, inputs, targets, column_group=None) -> torch.Tensor:
+    logits = model(inputs)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    dense, values = split_params(model)
+    clip_grads(dense, OPTIM.clip)
+    clip_grads(values, OPTIM.value_clip, column_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def full_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter in full: DTensors gathered, memory-parallel columns concatenated."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        out[name] = t
+    for key, table in model.values.items():
+        if isinstance(table, MemoryParallelValueTable):
+            cols = out[f"values.{key}.weight"].contiguous()
+            parts = [torch.empty_like(cols) for _ in range(table.mp)]
+            dist.all_gather(parts, cols, group=table.group)
+            out[f"values.{key}.weight"] = torch.cat(parts, dim=1)
+    return out
+
+
+def worker(rank, world, port, layout, results):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.manual_seed(0)
+    batch = torch.randint(0, MODEL.vocab_size, (world * PER_RANK_BATCH, SEQ + 1))
+    tokens = [batch] * STEPS  # one batch, so the loss must fall
+    reference = build_model(MODEL, MEMORY)  # the same initial weights on every rank
+    model = copy.deepcopy(reference)
+
+    ref_opt = build_optimizer(reference, OPTIM)
+    ref_losses = [step(reference, ref_opt, t[:, :-1], t[:, 1:]).item() for t in tokens]
+
+    cfg = DistributedConfig(**layout)
+    meshes = init_distributed(cfg, "cpu")
+    parallelize(model, meshes, cfg)
+    opt = build_optimizer(model, OPTIM)
+    column_group = meshes.memory.get_group("mp") if meshes.dims.mp > 1 else None
+    rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
+    losses = []
+    for t in tokens:
+        loss = step(model, opt, t[rows, :-1], t[rows, 1:], column_group)
+        dist.all_reduce(loss)
+        losses.append(loss.item() / world)
+    got = full_state(model)
+    want = dict(reference.named_parameters())
+    # relative error of each parameter tensor, in norm
+    param_err = max(((got[k] - want[k].detach()).norm() / want[k].detach().norm()).item() for k in want)
+    local_values = sum(t.weight.to_local().numel() if hasattr(t.weight, "to_local") else t.weight.numel()
+                       for t in model.values.values())
+    if rank == 0:
+        results.put((ref_losses, losses, param_err, local_values, sorted(got) == sorted(want)))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+LAYOUTS = [
+    (2, {"dp_replicate": 2, "dp_shard": 1}),
+    (2, {"dp_shard": 2}),
+    (2, {"memory_parallel_size": 2}),
+    (4, {"dp_replicate": 2, "dp_shard": 2}),
+    (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2}),
+    (4, {"dp_shard": 4, "memory_parallel_size": 2}),
+]
+
+
+@pytest.mark.parametrize("world,layout", LAYOUTS, ids=[str(lay) for _, lay in LAYOUTS])
+def test_parallel_training_equals_single_process(world, layout):
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(worker, args=(world, free_port(), layout, results), nprocs=world,
+                       start_method="spawn", join=True)
+    ref_losses, losses, param_err, local_values, same_names = results.get(timeout=5)
+    assert same_names
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert ref_losses[-1] < ref_losses[0]  # it trained
+    assert param_err < 1e-5
+    n_values = MEMORY.n_values * MODEL.dim  # one shared table
+    assert local_values == n_values // world  # 1/world of the table on each rank
+
+
+def test_mesh_that_does_not_fit_names_the_key():
+    with pytest.raises(ConfigError, match="distributed.dp_shard"):
+        resolve_dims(DistributedConfig(dp_replicate=2, dp_shard=2), world_size=2)
+    with pytest.raises(ConfigError, match="distributed.memory_parallel_size"):
+        resolve_dims(DistributedConfig(memory_parallel_size=3), world_size=4)
+    dims = resolve_dims(DistributedConfig(dp_replicate=2), world_size=8)
+    assert (dims.dp_replicate, dims.dp_shard, dims.mp) == (2, 4, 1)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_torchrun_trains_the_debug_model_with_memory_parallelism(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", str(free_port()), "train.py", "config=configs/debug.yaml",
+           f"dump_dir={tmp_path}", "steps=4", "log_every=2", "distributed.memory_parallel_size=2",
+           "data.batch_size=4", "data.seq_len=64"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 4]
+    assert rows[-1]["tokens"] == 4 * 2 * 4 * 64  # steps x ranks x batch x seq
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "memory parallel 2" in proc.stdout
+
+
+def test_train_py_rejects_a_mesh_that_does_not_fit(tmp_path):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    for override, key in (("distributed.dp_shard=3", "distributed.dp_shard"),
+                          ("distributed.memory_parallel_size=3", "distributed.memory_parallel_size")):
+        proc = subprocess.run([sys.executable, "train.py", "config=configs/debug.yaml",
+                               f"dump_dir={tmp_path / 'x'}", override], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not (tmp_path / "x").exists()
