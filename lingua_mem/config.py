@@ -132,6 +132,9 @@ class DistributedConfig:
     dp_replicate: int = 1  # replicas of the dense parameters (HSDP when dp_shard > 1 too)
     dp_shard: int = -1  # ranks the dense parameters are sharded over; -1: world / dp_replicate
     memory_parallel_size: int = 1  # consecutive ranks sharing the value tables by columns
+    # recompute activations in backward, per block (memory layers included):
+    # none | selective (keep matmul, attention, top-k and bag outputs) | full
+    activation_checkpointing: str = "none"
 
 
 @dataclass
@@ -245,6 +248,11 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(o.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
     _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
     dist = cfg.distributed
+    _check_choice(dist.activation_checkpointing, "distributed.activation_checkpointing",
+                  ("none", "selective", "full"))
+    _check(not (cfg.memory.query_batchnorm and dist.activation_checkpointing != "none"),
+           "distributed.activation_checkpointing", "cannot be used with memory.query_batchnorm "
+           "(recomputing the forward would update the BatchNorm running statistics twice)")
     _check(dist.dp_replicate > 0, "distributed.dp_replicate", "must be positive")
     _check(dist.dp_shard == -1 or dist.dp_shard > 0, "distributed.dp_shard", "must be positive or -1")
     mp = dist.memory_parallel_size

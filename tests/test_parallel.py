@@ -43,8 +43,8 @@ def full_state(model) -> dict[str, torch.Tensor]:
     """Every parameter in full: DTensors gathered, memory-parallel columns concatenated."""
     out = {}
     for name, p in model.named_parameters():
-        t = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-        out[name] = t
+        name = name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing wrapper
+        out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
     for key, table in model.values.items():
         if isinstance(table, MemoryParallelValueTable):
             cols = out[f"values.{key}.weight"].contiguous()
@@ -96,6 +96,8 @@ LAYOUTS = [
     (4, {"dp_replicate": 2, "dp_shard": 2}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2}),
     (4, {"dp_shard": 4, "memory_parallel_size": 2}),
+    (2, {"memory_parallel_size": 2, "activation_checkpointing": "full"}),
+    (2, {"dp_shard": 2, "activation_checkpointing": "selective"}),
 ]
 
 
@@ -159,3 +161,29 @@ def test_train_py_rejects_a_mesh_that_does_not_fit(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and key in lines[0], proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_checkpointing_gives_the_same_gradients(mode):
+    from lingua_mem.parallel import Meshes
+
+    torch.manual_seed(0)
+    model = build_model(MODEL, MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16, qk_norm=True))
+    checkpointed = copy.deepcopy(model)
+    one_process = Meshes(resolve_dims(DistributedConfig(), world_size=1))
+    parallelize(checkpointed, one_process, DistributedConfig(activation_checkpointing=mode))
+    assert type(checkpointed.layers[0]).__name__ == "CheckpointWrapper"
+    assert list(checkpointed.state_dict()) == list(model.state_dict())  # checkpoints stay loadable
+    tokens = torch.randint(0, MODEL.vocab_size, (2, SEQ))
+    for m in (model, checkpointed):
+        torch.nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten()).backward()
+    for (name, a), b in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+
+
+def test_activation_checkpointing_refuses_query_batchnorm():
+    from lingua_mem.config import load_config
+
+    with pytest.raises(ConfigError, match="distributed.activation_checkpointing.*query_batchnorm"):
+        load_config(["config=configs/debug.yaml", "memory.query_batchnorm=true",
+                     "distributed.activation_checkpointing=full"])

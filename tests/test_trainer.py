@@ -184,3 +184,13 @@ def test_bad_data_lines_are_skipped_counted_and_logged(tmp_path):
         # skips 40 bad lines in a.jsonl and the invalid UTF-8 line in b.jsonl
         assert rows[-1]["data/skipped/web"] >= 3 * 41
         assert rows[-1]["data/skipped/web"] >= rows[0]["data/skipped/web"]
+
+
+def test_activation_checkpointing_trains_identically(tmp_path):
+    args = ["steps=3", "log_every=1", "data.prefetch=none"]
+    train(tiny(tmp_path / "none", *args))
+    train(tiny(tmp_path / "full", *args, "distributed.activation_checkpointing=full"))
+    train(tiny(tmp_path / "sel", *args, "distributed.activation_checkpointing=selective"))
+    base = [r["loss"] for r in metrics(tmp_path / "none")]
+    assert [r["loss"] for r in metrics(tmp_path / "full")] == base
+    assert [r["loss"] for r in metrics(tmp_path / "sel")] == base

@@ -3,17 +3,49 @@ parallelism for the value tables. Applied to a built model; model code is untouc
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.model import Transformer
 from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
 from lingua_mem.parallel.mesh import Meshes
 
+# ops whose outputs selective checkpointing keeps; everything else is recomputed
+_SAVED_OPS = {
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten.topk.default, torch.ops.aten._embedding_bag.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+    """Wrap every block: `full` recomputes the whole block in backward, `selective`
+    keeps the outputs of matmuls, attention, top-k and the value bag."""
+    if mode == "none":
+        return
+    for i, block in enumerate(model.layers):
+        context = {}
+        if mode == "selective":
+            context = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)}
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **context)
+
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> Transformer:
-    """Shard `model` in place (its weights, if materialised, are kept) and return it."""
+    """Activation checkpointing, then (several processes) memory parallelism and FSDP2 /
+    HSDP, applied to `model` in place (materialised weights are kept); returns it."""
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if not meshes.dims.distributed:
         return model
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
