@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from lingua_mem.config import ConfigError, TrainConfig, to_dict
+from lingua_mem.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops
@@ -51,6 +51,31 @@ def autocast(device: torch.device, compute_dtype: str):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # logits (B, T, V), targets (B, T) -> mean loss over tokens, in fp32
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, dense_params: list,
+               value_params: list, column_group=None, use_autocast: bool = False) -> tuple[torch.Tensor, ...]:
+    """One optimizer step over this rank's micro-batches ({"inputs", "targets"} on the device).
+
+    Gradients are reduced once, after the last micro-batch (FSDP), and clipped
+    once (dense and value tables apart). Returns tensors, read only when logged:
+    (mean loss of the micro-batches, dense grad norm, value grad norm).
+    """
+    device = micro_batches[0]["inputs"].device
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(micro_batches):
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: sync on the last micro-batch only
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        with autocast(device, "bf16" if use_autocast else "fp32"):
+            logits = model(batch["inputs"])
+        loss = cross_entropy(logits, batch["targets"])
+        (loss / len(micro_batches)).backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_grads(dense_params, optim.clip)
+    value_grad_norm = clip_grads(value_params, optim.value_clip, column_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum / len(micro_batches), grad_norm, value_grad_norm
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -111,29 +136,18 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     last: dict = {}
     try:
         for step in range(1, cfg.steps + 1):
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.optim.grad_accum):
-                if dims.distributed:  # reduce gradients once, after the last micro-batch
-                    model.set_requires_gradient_sync(micro == cfg.optim.grad_accum - 1)
-                batch = next(batches)
-                inputs = batch["inputs"].to(device, non_blocking=True)
-                targets = batch["targets"].to(device, non_blocking=True)
-                with autocast(device, "bf16" if use_autocast else "fp32"):
-                    logits = model(inputs)
-                loss = cross_entropy(logits, targets)
-                (loss / cfg.optim.grad_accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = clip_grads(dense_params, cfg.optim.clip)
-            value_grad_norm = clip_grads(value_params, cfg.optim.value_clip, column_group)
+            micro_batches = [{k: batch[k].to(device, non_blocking=True) for k in ("inputs", "targets")}
+                             for batch in (next(batches) for _ in range(cfg.optim.grad_accum))]
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            optimizer.step()
+            loss, grad_norm, value_grad_norm = train_step(
+                model, optimizer, micro_batches, cfg.optim, dense_params, value_params, column_group,
+                use_autocast)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             window_steps += 1
 
             if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
                 skipped = loader.skipped  # bad lines, per source
-                counts = torch.tensor([loss_sum.item(), *skipped.values()], dtype=torch.float64)
+                counts = torch.tensor([loss.item(), *skipped.values()], dtype=torch.float64)
                 if dims.distributed:  # the mean loss and the total skipped over all ranks
                     dist.all_reduce(counts)
                 if device.type == "cuda":
@@ -142,7 +156,7 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
                 tokens_per_s = window_steps * tokens_per_step / elapsed  # per rank
                 last = {
                     "step": step,
-                    "loss": counts[0].item() / cfg.optim.grad_accum / dims.world_size,
+                    "loss": counts[0].item() / dims.world_size,
                     "lr": lrs["dense"],
                     "value_lr": lrs.get("values", 0.0),
                     "grad_norm": grad_norm.item(),

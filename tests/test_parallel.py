@@ -11,9 +11,10 @@ import torch.multiprocessing as mp
 
 from lingua_mem.config import ConfigError, DistributedConfig, MemoryConfig, ModelConfig, OptimConfig
 from lingua_mem.model import build_model
-from lingua_mem.optim import build_optimizer, clip_grads, split_params
+from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import init_distributed, parallelize, resolve_dims
 from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
+from lingua_mem.trainer import train_step
 
 MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 MEMORY = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16)
@@ -27,16 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step(model, optimizer, inputs, targets, column_group=None) -> torch.Tensor:
-    logits = model(inputs)
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    loss.backward()
+def step(model, optimizer, tokens, column_group=None, micro=1) -> torch.Tensor:
+    """The trainer's optimizer step on `tokens` (B, SEQ + 1), split into `micro` micro-batches."""
+    batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens.chunk(micro)]
     dense, values = split_params(model)
-    clip_grads(dense, OPTIM.clip)
-    clip_grads(values, OPTIM.value_clip, column_group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.detach()
+    loss, _, _ = train_step(model, optimizer, batches, OPTIM, dense, values, column_group)
+    return loss
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -64,8 +61,10 @@ def worker(rank, world, port, layout, results):
     model = copy.deepcopy(reference)
 
     ref_opt = build_optimizer(reference, OPTIM)
-    ref_losses = [step(reference, ref_opt, t[:, :-1], t[:, 1:]).item() for t in tokens]
+    ref_losses = [step(reference, ref_opt, t).item() for t in tokens]
 
+    layout = dict(layout)
+    micro = layout.pop("grad_accum", 1)
     cfg = DistributedConfig(**layout)
     meshes = init_distributed(cfg, "cpu")
     parallelize(model, meshes, cfg)
@@ -74,7 +73,7 @@ def worker(rank, world, port, layout, results):
     rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
     losses = []
     for t in tokens:
-        loss = step(model, opt, t[rows, :-1], t[rows, 1:], column_group)
+        loss = step(model, opt, t[rows], column_group, micro)
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
     got = full_state(model)
@@ -98,6 +97,7 @@ LAYOUTS = [
     (4, {"dp_shard": 4, "memory_parallel_size": 2}),
     (2, {"memory_parallel_size": 2, "activation_checkpointing": "full"}),
     (2, {"dp_shard": 2, "activation_checkpointing": "selective"}),
+    (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "grad_accum": 2}),
 ]
 
 
