@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from lingua_mem.config import DistributedConfig, load_config  # noqa: E402
 from lingua_mem.model import build_model  # noqa: E402
-from lingua_mem.optim import build_optimizer, clip_grads, split_params  # noqa: E402
+from lingua_mem.optim import build_optimizer, split_params  # noqa: E402
 from lingua_mem.parallel import init_distributed, parallelize  # noqa: E402
+from lingua_mem.trainer import train_step  # noqa: E402
 
 
 def free_port() -> int:
@@ -58,12 +59,8 @@ def worker(rank, world, port, mp_size, args, out):
         tokens = torch.randint(0, cfg.model.vocab_size, (per_rank, args.seq + 1), generator=gen)
         dist.barrier()
         t0 = time.perf_counter()
-        logits = model(tokens[:, :-1])
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
-        clip_grads(dense, 1.0)
-        clip_grads(values, 1.0, group)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}], cfg.optim,
+                   dense, values, group)
         dist.barrier()
         times.append(time.perf_counter() - t0)
     local = sum((t.weight.to_local() if hasattr(t.weight, "to_local") else t.weight).numel()
