@@ -11,15 +11,17 @@ import torch
 
 from lingua_mem.config import ConfigError, DataConfig, SourceConfig, TokenizerConfig, TrainConfig, validate
 from lingua_mem.data import facts
-from lingua_mem.data.loader import JsonlSource, build_loader, document_ids, resolve_files
+from lingua_mem.data.loader import build_loader, document_ids
 from lingua_mem.data.prefetch import STOP_S
 from lingua_mem.data.sources import (
     HFDiskSource,
     HFStreamSource,
+    JsonlSource,
     ParquetSource,
     TextSource,
     detect_format,
     open_source,
+    resolve_files,
 )
 from lingua_mem.data.tokenizer import BytesTokenizer, SentencePieceTokenizer, Tokenizer, build_tokenizer
 

@@ -33,11 +33,10 @@ import torch
 from lingua_mem.config import ConfigError, DataConfig
 from lingua_mem.data.facts import ensure_facts
 from lingua_mem.data.prefetch import PrefetchLoader
-from lingua_mem.data.sources import JsonlSource, Source, open_source, resolve_files
+from lingua_mem.data.sources import JsonlSource, Source, open_source
 from lingua_mem.data.tokenizer import build_tokenizer
 
-__all__ = ["PackedLoader", "PrefetchLoader", "LoaderSpec", "build_loader", "build_packed_loader",
-           "document_ids", "JsonlSource", "Source", "open_source", "resolve_files"]
+__all__ = ["PackedLoader", "LoaderSpec", "build_loader", "build_packed_loader", "document_ids"]
 
 STATE_VERSION = 1
 
