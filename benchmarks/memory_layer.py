@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from lingua_mem.config import load_config  # noqa: E402
 from lingua_mem.memory import ProductKeyMemory, ValueTable  # noqa: E402
 from lingua_mem.model.llama import FeedForward, memory_k_dim, memory_v_dim  # noqa: E402
+from lingua_mem.param_init import ParamInit  # noqa: E402
 
 SHAPES = {"debug": "configs/debug.yaml", "134m": "configs/memory_134m.yaml"}
 DEFAULT_TOKENS = {"debug": 2048, "134m": 1024}
@@ -39,12 +40,12 @@ def build(name: str, device: str):
     m, mem = cfg.model, cfg.memory
     k_dim, v_dim = memory_k_dim(m, mem), memory_v_dim(m, mem)
     ffn = FeedForward(m.dim, m.ffn_hidden_dim)
-    ffn.init_weights(m.init_std, m.init_std)
+    ffn.init_weights(ParamInit(0), m.init_std, m.init_std)
     pkm = ProductKeyMemory(m.dim, mem.n_keys, mem.heads, mem.knn, k_dim, v_dim, swilu=mem.swilu,
                            qk_norm=mem.qk_norm, query_batchnorm=mem.query_batchnorm, norm_eps=m.norm_eps)
-    pkm.init_weights(m.init_std)
+    pkm.init_weights(ParamInit(1), m.init_std)
     values = ValueTable(mem.n_values, v_dim)
-    values.reset_parameters()
+    values.init_weights(ParamInit(2))
     shape = dict(dim=m.dim, ffn_hidden=m.ffn_hidden_dim, n_keys=mem.n_keys, n_values=mem.n_values,
                  heads=mem.heads, knn=mem.knn, k_dim=k_dim, v_dim=v_dim)
     return ffn.to(device), pkm.to(device), values.to(device), shape

@@ -1,6 +1,6 @@
 """The training loop (one process: CPU or one GPU).
 
-config -> tokenizer -> data loader -> model (meta -> device -> init_weights)
+config -> tokenizer -> data loader -> model (meta -> parallelize -> device -> init_weights)
 -> AdamW (dense + value groups) -> loop: micro-batches -> backward -> clip
 (dense and values apart, once per optimizer step) -> step -> metrics.
 """
@@ -109,11 +109,15 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     if is_main:
         dump_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
-    seed_everything(cfg.seed)  # the same on every rank: identical initial weights
+    seed_everything(cfg.seed)
 
-    model = build_model(cfg.model, cfg.memory, device)
+    # built on meta and sharded before any weight exists; each rank then materialises
+    # and initialises its own shards (to the values of the whole model, param_init.py)
+    model = build_model(cfg.model, cfg.memory, "meta")
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed)
+    model.to_empty(device=device)
+    model.init_weights(cfg.seed)
     model.train()
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim)

@@ -7,6 +7,7 @@ from lingua_mem.config import MemoryConfig, ModelConfig
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.memory import ProductKeyMemory, ValueTable, product_topk
 from lingua_mem.model import FeedForward, build_model
+from lingua_mem.param_init import ParamInit
 
 
 def brute_force_topk(s1, s2, k):
@@ -111,8 +112,7 @@ def test_state_dict_round_trip_gives_same_logits(options):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert sum(k.endswith(".weight") and "values." in k for k in state) == len(model.values)
 
-    torch.manual_seed(123)  # a fresh model with other random weights
-    fresh = build_model(*small_cfg(**options))
+    fresh = build_model(*small_cfg(**options), seed=123)  # other weights
     fresh.eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(tokens), expected)
@@ -158,9 +158,9 @@ def test_init_weights_defines_every_parameter_and_buffer():
 def test_memory_layer_output_matches_manual_computation():
     torch.manual_seed(0)
     mem = ProductKeyMemory(dim=16, n_keys=6, heads=2, knn=3, k_dim=8, v_dim=16).double()
-    mem.init_weights(out_std=0.1)
+    mem.init_weights(ParamInit(0), out_std=0.1)
     values = ValueTable(36, 16).double()
-    values.reset_parameters()
+    values.init_weights(ParamInit(1))
     x = torch.randn(1, 5, 16, dtype=torch.float64)
     out = mem(x, values)
     # manual: brute force over all 36 composed keys per head
@@ -239,7 +239,7 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
     gqa_cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2)
     mha_cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=4)
     gqa, mha = Attention(gqa_cfg), Attention(mha_cfg)
-    gqa.init_weights(0.1, 0.1)
+    gqa.init_weights(ParamInit(0), 0.1, 0.1)
     with torch.no_grad():
         mha.wq.weight.copy_(gqa.wq.weight)
         mha.wo.weight.copy_(gqa.wo.weight)
@@ -290,12 +290,12 @@ def test_memory_layer_variants_match_manual_computation(options):
     v_dim = options.get("v_dim", 16)
     mem = ProductKeyMemory(dim=16, n_keys=6, heads=2, knn=3, k_dim=8, v_dim=v_dim,
                            swilu=options.get("swilu", True), qk_norm=options.get("qk_norm", False)).double()
-    mem.init_weights(out_std=0.1)
+    mem.init_weights(ParamInit(0), out_std=0.1)
     if mem.q_norm is not None:  # non-trivial norm weights
         torch.nn.init.uniform_(mem.q_norm.weight, 0.5, 1.5)
         torch.nn.init.uniform_(mem.k_norm.weight, 0.5, 1.5)
     values = ValueTable(36, v_dim).double()
-    values.reset_parameters()
+    values.init_weights(ParamInit(1))
     xf = torch.randn(5, 16, dtype=torch.float64)
     q = mem.query(xf).view(5, 2, 2, 4)
     keys = mem.keys
@@ -317,7 +317,7 @@ def test_memory_layer_variants_match_manual_computation(options):
 def test_key_search_stays_fp32_under_bf16_autocast():
     torch.manual_seed(0)
     mem = ProductKeyMemory(dim=16, n_keys=64, heads=2, knn=8, k_dim=8, v_dim=16)
-    mem.init_weights(out_std=0.1)
+    mem.init_weights(ParamInit(0), out_std=0.1)
     with torch.no_grad():  # an exact bf16 query: identity projection of small integers
         mem.query.weight.copy_(torch.eye(16))
         mem.query.bias.zero_()

@@ -1,4 +1,8 @@
-"""Multi-process training on CPU (gloo) equals the single-process run on the same global batch."""
+"""Multi-process training on CPU (gloo) equals the single-process run on the same global batch.
+
+The distributed model is built on meta, sharded, then initialised shard by shard
+(as the trainer does), so these tests also check that sharded initialisation
+gives the single-process weights; one layout parallelizes a materialised model."""
 
 import copy
 import os
@@ -9,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lingua_mem import param_init
 from lingua_mem.config import ConfigError, DistributedConfig, MemoryConfig, ModelConfig, OptimConfig
 from lingua_mem.model import build_model
 from lingua_mem.optim import build_optimizer, split_params
@@ -54,20 +59,25 @@ def full_state(model) -> dict[str, torch.Tensor]:
 def worker(rank, world, port, layout, results):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    param_init._CHUNK_ELEMENTS = 96  # tensors drawn in many chunks, not aligned with the shards
     torch.manual_seed(0)
     batch = torch.randint(0, MODEL.vocab_size, (world * PER_RANK_BATCH, SEQ + 1))
     tokens = [batch] * STEPS  # one batch, so the loss must fall
-    reference = build_model(MODEL, MEMORY)  # the same initial weights on every rank
-    model = copy.deepcopy(reference)
+    reference = build_model(MODEL, MEMORY, seed=5)
+    layout = dict(layout)
+    materialised = layout.pop("materialised", False)
+    model = copy.deepcopy(reference) if materialised else build_model(MODEL, MEMORY, "meta")
 
     ref_opt = build_optimizer(reference, OPTIM)
     ref_losses = [step(reference, ref_opt, t).item() for t in tokens]
 
-    layout = dict(layout)
     micro = layout.pop("grad_accum", 1)
     cfg = DistributedConfig(**layout)
     meshes = init_distributed(cfg, "cpu")
     parallelize(model, meshes, cfg)
+    if not materialised:  # sharded on meta; each rank initialises its shards (as the trainer does)
+        model.to_empty(device="cpu")
+        model.init_weights(seed=5)
     opt = build_optimizer(model, OPTIM)
     column_group = meshes.memory.get_group("mp") if meshes.dims.mp > 1 else None
     rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
@@ -95,6 +105,7 @@ LAYOUTS = [
     (4, {"dp_replicate": 2, "dp_shard": 2}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2}),
     (4, {"dp_shard": 4, "memory_parallel_size": 2}),
+    (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "materialised": True}),
     (2, {"memory_parallel_size": 2, "activation_checkpointing": "full"}),
     (2, {"dp_shard": 2, "activation_checkpointing": "selective"}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "grad_accum": 2}),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.memory.product_topk import product_topk
+from lingua_mem.param_init import ParamInit
 
 
 class ValueTable(nn.Module):
@@ -24,8 +25,8 @@ class ValueTable(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_values, v_dim))
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
+    def init_weights(self, init: ParamInit) -> None:
+        init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # indices, weights: (N, M) -> (N, v_dim)
@@ -55,19 +56,23 @@ class ProductKeyMemory(nn.Module):
         self.out = nn.Linear(v_dim, dim, bias=True) if (swilu or v_dim != dim) else None
 
     @torch.no_grad()
-    def init_weights(self, out_std: float) -> None:
+    def init_weights(self, init: ParamInit, out_std: float) -> None:
         for proj in (self.query, self.gate):
             if proj is not None:
-                nn.init.normal_(proj.weight, std=proj.in_features**-0.5)
-                nn.init.zeros_(proj.bias)
+                init.normal_(proj.weight, std=proj.in_features**-0.5)
+                init.constant_(proj.bias, 0.0)
         bound = 1 / math.sqrt(self.k_dim)
-        nn.init.uniform_(self.keys, -bound, bound)
-        for m in (self.query_bn, self.q_norm, self.k_norm):
-            if m is not None:
-                m.reset_parameters()
+        init.uniform_(self.keys, -bound, bound)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                init.constant_(norm.weight, 1.0)
+        if self.query_bn is not None:
+            init.constant_(self.query_bn.weight, 1.0)
+            init.constant_(self.query_bn.bias, 0.0)
+            self.query_bn.reset_running_stats()
         if self.out is not None:
-            nn.init.trunc_normal_(self.out.weight, std=out_std, a=-3 * out_std, b=3 * out_std)
-            nn.init.zeros_(self.out.bias)
+            init.trunc_normal_(self.out.weight, std=out_std)
+            init.constant_(self.out.bias, 0.0)
 
     def lookup(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim) -> (indices, weights), each (N, heads * knn)."""

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from lingua_mem.config import MemoryConfig, ModelConfig
 from lingua_mem.memory import ProductKeyMemory, ValueTable
+from lingua_mem.param_init import ParamInit
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,9 +44,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, init: ParamInit, std: float, out_std: float) -> None:
         for lin, s in ((self.wq, std), (self.wk, std), (self.wv, std), (self.wo, out_std)):
-            nn.init.trunc_normal_(lin.weight, std=s, a=-3 * s, b=3 * s)
+            init.trunc_normal_(lin.weight, std=s)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, dim)
@@ -68,9 +69,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
+    def init_weights(self, init: ParamInit, std: float, out_std: float) -> None:
         for lin, s in ((self.w1, std), (self.w3, std), (self.w2, out_std)):
-            nn.init.trunc_normal_(lin.weight, std=s, a=-3 * s, b=3 * s)
+            init.trunc_normal_(lin.weight, std=s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -98,14 +99,14 @@ class Block(nn.Module):
         return isinstance(self.feed_forward, ProductKeyMemory)
 
     @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
+    def init_weights(self, init: ParamInit, std: float, out_std: float) -> None:
+        init.constant_(self.attention_norm.weight, 1.0)
+        init.constant_(self.ffn_norm.weight, 1.0)
+        self.attention.init_weights(init, std, out_std)
         if self.is_memory:
-            self.feed_forward.init_weights(out_std)
+            self.feed_forward.init_weights(init, out_std)
         else:
-            self.feed_forward.init_weights(std, out_std)
+            self.feed_forward.init_weights(init, std, out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 values: ValueTable | None = None) -> torch.Tensor:
@@ -148,21 +149,23 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Give every parameter and buffer a defined value (after to_empty)."""
+    def init_weights(self, seed: int = 0) -> None:
+        """Give every parameter and buffer a defined value (after to_empty), a function
+        of `seed` alone: the same whether the model is whole or sharded (param_init.py)."""
+        init = ParamInit(seed)
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-stream writers
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers:
-            block.init_weights(std, out_std)
-        self.norm.reset_parameters()
+            block.init_weights(init, std, out_std)
+        init.constant_(self.norm.weight, 1.0)
         if self.output is not None:
-            nn.init.trunc_normal_(self.output.weight, std=std, a=-3 * std, b=3 * std)
+            init.trunc_normal_(self.output.weight, std=std)
         for table in self.values.values():
-            table.reset_parameters()
+            table.init_weights(init)
 
     def value_tables(self) -> list[ValueTable]:
         return list(self.values.values())
@@ -181,13 +184,13 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, mem: MemoryConfig, device: torch.device | str = "cpu",
-                init: bool = True) -> Transformer:
-    """Build on the meta device, materialise on `device`, then init_weights."""
+                init: bool = True, seed: int = 0) -> Transformer:
+    """Build on the meta device, materialise on `device`, then init_weights(seed)."""
     with torch.device("meta"):
         model = Transformer(cfg, mem)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
     if init:
-        model.init_weights()
+        model.init_weights(seed)
     return model

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lingua_mem.kernels import embedding_bag
+from lingua_mem.param_init import ParamInit
 
 
 def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
@@ -80,14 +81,15 @@ class MemoryParallelValueTable(nn.Module):
         super().__init__()
         self.group, self.mp, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         self.v_dim, self.cols = v_dim, v_dim // self.mp
-        if weight is None:
-            self.weight = nn.Parameter(torch.empty(n_values, self.cols))
+        if weight is None or weight.is_meta:  # materialised and initialised later
+            self.weight = nn.Parameter(torch.empty(n_values, self.cols, device="meta"))
         else:  # the full table's columns of this rank
             start = self.rank * self.cols
             self.weight = nn.Parameter(weight.detach()[:, start:start + self.cols].clone())
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=self.v_dim**-0.5)  # the full table's std
+    def init_weights(self, init: ParamInit) -> None:
+        # this rank's columns of the table an unsharded ValueTable would hold
+        init.normal_(self.weight, std=self.v_dim**-0.5, columns=(self.rank * self.cols, self.v_dim))
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = indices.shape[0]  # this rank's tokens

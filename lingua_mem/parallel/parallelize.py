@@ -44,7 +44,10 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> Transformer:
     """Activation checkpointing, then (several processes) memory parallelism and FSDP2 /
-    HSDP, applied to `model` in place (materialised weights are kept); returns it."""
+    HSDP, applied to `model` in place; returns it. A model on the meta device is
+    sharded without ever being whole: then `to_empty` and `init_weights` (each rank
+    initialises its shards to the values the whole model would have); materialised
+    weights are kept."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if not meshes.dims.distributed:
         return model
@@ -59,8 +62,7 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> T
         group = meshes.memory.get_group("mp")
         for key, table in list(model.values.items()):
             n_values, v_dim = table.weight.shape
-            weight = None if table.weight.is_meta else table.weight
-            model.values[key] = MemoryParallelValueTable(n_values, v_dim, group, weight)
+            model.values[key] = MemoryParallelValueTable(n_values, v_dim, group, table.weight)
     rows_mesh = meshes.memory["mp_replicate"]
     unsharded_tables = set()  # columns no other rank shares rows of (world == mp)
     for table in model.values.values():
