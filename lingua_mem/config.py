@@ -135,6 +135,10 @@ class DistributedConfig:
     # recompute activations in backward, per block (memory layers included):
     # none | selective (keep matmul, attention, top-k and bag outputs) | full
     activation_checkpointing: str = "none"
+    compile: bool = False  # torch.compile each block (memory layers included)
+    # dtype in which the value tables' gradients are averaged over data-parallel ranks
+    # (fp32 | bf16); the dense parameters always reduce in fp32
+    value_reduce_dtype: str = "fp32"
 
 
 @dataclass
@@ -261,6 +265,7 @@ def validate(cfg: TrainConfig) -> None:
         v_dim = cfg.memory.v_dim if cfg.memory.v_dim is not None else cfg.model.dim
         _check(v_dim % mp == 0, "distributed.memory_parallel_size", f"{mp} does not divide v_dim={v_dim}")
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
+    _check_choice(dist.value_reduce_dtype, "distributed.value_reduce_dtype", ("fp32", "bf16"))
     _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
     _check(cfg.checkpoint.every == 0, "checkpoint.every", "periodic checkpoints are not implemented yet")
 

@@ -108,6 +108,9 @@ LAYOUTS = [
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "materialised": True}),
     (2, {"memory_parallel_size": 2, "activation_checkpointing": "full"}),
     (2, {"dp_shard": 2, "activation_checkpointing": "selective"}),
+    (2, {"memory_parallel_size": 2, "compile": True}),
+    (4, {"dp_shard": 4, "memory_parallel_size": 2, "value_reduce_dtype": "bf16"}),
+    (2, {"dp_shard": 2, "activation_checkpointing": "full", "compile": True}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "grad_accum": 2}),
 ]
 
@@ -120,9 +123,15 @@ def test_parallel_training_equals_single_process(world, layout):
                        start_method="spawn", join=True)
     ref_losses, losses, param_err, local_values, same_names = results.get(timeout=5)
     assert same_names
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
     assert ref_losses[-1] < ref_losses[0]  # it trained
-    assert param_err < 1e-5
+    if layout.get("value_reduce_dtype") == "bf16":  # value gradients averaged in bf16: close, not equal
+        assert losses == pytest.approx(ref_losses, rel=1e-3)
+        assert 1e-7 < param_err < 1e-2
+    else:
+        assert losses == pytest.approx(ref_losses, rel=1e-5)
+        # compiled kernels round differently from the eager reference (~1e-7 per gradient),
+        # which Adam's normalised update magnifies over the steps
+        assert param_err < (5e-5 if layout.get("compile") else 1e-5)
     n_values = MEMORY.n_values * MODEL.dim  # one shared table
     assert local_values == n_values // world  # 1/world of the table on each rank
 
@@ -198,3 +207,12 @@ def test_activation_checkpointing_refuses_query_batchnorm():
     with pytest.raises(ConfigError, match="distributed.activation_checkpointing.*query_batchnorm"):
         load_config(["config=configs/debug.yaml", "memory.query_batchnorm=true",
                      "distributed.activation_checkpointing=full"])
+
+
+def test_compile_without_a_cpu_compiler_is_refused(monkeypatch):
+    from lingua_mem.parallel import Meshes
+
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    one_process = Meshes(resolve_dims(DistributedConfig(), world_size=1))
+    with pytest.raises(ConfigError, match="distributed.compile: .*C\\+\\+ compiler"):
+        parallelize(build_model(MODEL, MEMORY, "meta"), one_process, DistributedConfig(compile=True))

@@ -24,10 +24,14 @@ import torch.nn as nn
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.param_init import ParamInit
 
+# newer torch releases renamed the flat-tensor collectives; older ones only have the old names
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    _all_gather_flat(out, x.contiguous(), group=group)
     return out
 
 
@@ -42,7 +46,7 @@ class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _reduce_scatter_flat(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 

@@ -37,6 +37,7 @@ class ParallelDims:
 @dataclass
 class Meshes:
     dims: ParallelDims
+    device_type: str = "cpu"  # cpu | cuda
     dense: DeviceMesh | None = None  # ("dp_replicate", "dp_shard")
     memory: DeviceMesh | None = None  # ("mp_replicate", "mp")
 
@@ -68,7 +69,7 @@ def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
     rank, world_size, local_rank = launch_env()
     dims = resolve_dims(cfg, world_size, rank, local_rank)
     if not dims.distributed:
-        return Meshes(dims)
+        return Meshes(dims, device_type)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
@@ -77,4 +78,4 @@ def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
                              mesh_dim_names=("dp_replicate", "dp_shard"))
     memory = init_device_mesh(device_type, (world_size // dims.mp, dims.mp),
                               mesh_dim_names=("mp_replicate", "mp"))
-    return Meshes(dims, dense, memory)
+    return Meshes(dims, device_type, dense, memory)

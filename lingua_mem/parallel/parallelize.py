@@ -3,6 +3,8 @@ parallelism for the value tables. Applied to a built model; model code is untouc
 
 from __future__ import annotations
 
+import os
+import shutil
 from functools import partial
 
 import torch
@@ -10,7 +12,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from lingua_mem.config import DistributedConfig
+from lingua_mem.config import ConfigError, DistributedConfig
 from lingua_mem.model import Transformer
 from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
 from lingua_mem.parallel.mesh import Meshes
@@ -42,6 +44,17 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **context)
 
 
+def apply_compile(model: Transformer, device_type: str) -> None:
+    """torch.compile every block in place (after activation checkpointing, before FSDP,
+    so FSDP's hooks stay outside the compiled code). Memory-parallel collectives are
+    traced like any other op."""
+    if device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
+        raise ConfigError("distributed.compile: torch.compile on CPU needs a C++ compiler "
+                          f"({os.environ.get('CXX', 'g++')} is not on PATH)")
+    for block in model.layers:
+        block.compile()
+
+
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> Transformer:
     """Activation checkpointing, then (several processes) memory parallelism and FSDP2 /
     HSDP, applied to `model` in place; returns it. A model on the meta device is
@@ -49,11 +62,14 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> T
     initialises its shards to the values the whole model would have); materialised
     weights are kept."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if cfg.compile:
+        apply_compile(model, meshes.device_type)
     if not meshes.dims.distributed:
         return model
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
     dense_policy = MixedPrecisionPolicy(param_dtype=dense_dtype, reduce_dtype=torch.float32)
-    table_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    table_reduce = torch.bfloat16 if cfg.value_reduce_dtype == "bf16" else torch.float32
+    table_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=table_reduce)
 
     # value tables: columns over the mp group (when mp > 1), rows over all the other
     # ranks (FSDP on mp_replicate, which spans the whole world when mp == 1), so each
