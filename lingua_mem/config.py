@@ -160,7 +160,14 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: no periodic checkpoints
+    every: int = 0  # steps between checkpoints (and one at the last step); 0: none but on preemption
+    keep_last: int = 3  # the newest complete checkpoints kept; 0 keeps all
+    keep_every: int = 0  # also keep forever every checkpoint whose step is a multiple of this
+    async_save: bool = False  # write in the background; the step loop does not wait for the disk
+    init_from: str | None = None  # a checkpoint dir: a new run starts from its weights only
+    # signals that mean "preempted": finish the step, checkpoint, requeue under SLURM, exit 0
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+    requeue: bool = True  # under SLURM, `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
 
 
 @dataclass
@@ -267,7 +274,16 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
     _check_choice(dist.value_reduce_dtype, "distributed.value_reduce_dtype", ("fp32", "bf16"))
     _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
-    _check(cfg.checkpoint.every == 0, "checkpoint.every", "periodic checkpoints are not implemented yet")
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", "must be >= 0")
+    _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+    _check(c.keep_every >= 0, "checkpoint.keep_every", "must be >= 0")
+    for name in c.preempt_signals:
+        _check_choice(name, "checkpoint.preempt_signals",
+                      ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"))
+    if c.init_from is not None:
+        _check((Path(c.init_from) / ".metadata").is_file(), "checkpoint.init_from",
+               f"no checkpoint at {c.init_from} (expected a checkpoints/<step> directory)")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

@@ -27,6 +27,14 @@ def bf16_peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a line cut short by a kill."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -40,19 +48,34 @@ class MetricLogger:
     """One JSON object per logged step; the same dict goes to the console and W&B."""
 
     def __init__(self, dump_dir: str | Path, total_steps: int, wandb_cfg: WandbConfig | None = None,
-                 run_config: dict | None = None, console: bool = True):
-        self.path = Path(dump_dir) / "metrics.jsonl"
+                 run_config: dict | None = None, console: bool = True, resume_step: int = 0):
+        """A new run (resume_step 0) starts a new metrics.jsonl and W&B run; a run resumed
+        from the checkpoint of `resume_step` keeps the rows up to it (later ones, logged
+        after that checkpoint, are logged again) and continues the same W&B run."""
+        dump_dir = Path(dump_dir)
+        self.path = dump_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.total_steps, self.console = total_steps, console
-        self.file = self.path.open("w")  # a new run starts a new file
+        kept = []
+        if resume_step > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if _step_of(line) is not None and _step_of(line) <= resume_step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+        self.file = self.path.open("a")
         self.wandb_run = None
         if wandb_cfg is not None and wandb_cfg.enabled and wandb_cfg.mode != "disabled":
             import wandb
 
+            id_file = dump_dir / "wandb_run_id"
+            resuming = resume_step > 0 and id_file.exists()
+            run_id = id_file.read_text().strip() if resuming else wandb.util.generate_id()
+            id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,
                 group=wandb_cfg.group, tags=list(wandb_cfg.tags), mode=wandb_cfg.mode,
-                dir=str(Path(dump_dir)), config=run_config)
+                dir=str(dump_dir), config=run_config, id=run_id, resume="allow" if resuming else None)
 
     def log(self, metrics: dict, seconds_per_step: float = float("nan")) -> None:
         self.file.write(json.dumps(metrics) + "\n")

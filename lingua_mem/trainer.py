@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from lingua_mem.checkpoint import Checkpointer, checkpoint_dir
 from lingua_mem.config import ConfigError, OptimConfig, TrainConfig, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
@@ -25,6 +27,7 @@ from lingua_mem.metrics import MetricLogger, bf16_peak_flops
 from lingua_mem.model import build_model
 from lingua_mem.optim import build_optimizer, build_scheduler, clip_grads, split_params
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
+from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.stats import model_stats
 
 
@@ -104,11 +107,6 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
         dist.barrier()
     if not is_main:
         loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
-    batches = iter(loader)
-    dump_dir = Path(cfg.dump_dir)
-    if is_main:
-        dump_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
     seed_everything(cfg.seed)
 
     # built on meta and sharded before any weight exists; each rank then materialises
@@ -126,20 +124,39 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     # one process: autocast; several: FSDP's param dtype does the bf16 compute
     use_autocast = cfg.distributed.compute_dtype == "bf16" and not dims.distributed
     peak = bf16_peak_flops(device) if cfg.distributed.compute_dtype == "bf16" else None
+
+    # resume from the newest complete checkpoint of this dump_dir, or start from init_from's
+    # weights; a checkpoint of another model shape stops here, before anything is written
+    checkpointer = Checkpointer(cfg.checkpoint, cfg.dump_dir, model, optimizer, scheduler, loader,
+                                to_dict(cfg), asdict(dims))
+    start = checkpointer.resume()
+    if start == 0 and cfg.checkpoint.init_from:
+        checkpointer.load_weights(cfg.checkpoint.init_from)
+
     logger = None
     if is_main:
-        logger = MetricLogger(cfg.dump_dir, cfg.steps, cfg.logging.wandb, to_dict(cfg), cfg.logging.console)
+        dump_dir = Path(cfg.dump_dir)
+        dump_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
+        logger = MetricLogger(cfg.dump_dir, cfg.steps, cfg.logging.wandb, to_dict(cfg), cfg.logging.console,
+                              resume_step=start)
         if cfg.logging.console:
             print(f"model: {stats['total_params']:,} params ({stats['memory_value_params']:,} in value "
                   f"tables, memory at layers {stats['memory_layers']}), device {device}, "
                   f"{dims.world_size} process(es): dp_replicate {dims.dp_replicate} x dp_shard "
                   f"{dims.dp_shard}, memory parallel {dims.mp}", flush=True)
+            if start:
+                print(f"resumed from {checkpoint_dir(cfg.dump_dir, start)}", flush=True)
+            elif cfg.checkpoint.init_from:
+                print(f"started from the weights of {cfg.checkpoint.init_from}", flush=True)
 
+    batches = iter(loader)
+    preemption = PreemptionFlag(cfg.checkpoint.preempt_signals)
     tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len  # per rank
     window_start, window_steps = time.perf_counter(), 0
     last: dict = {}
     try:
-        for step in range(1, cfg.steps + 1):
+        for step in range(start + 1, cfg.steps + 1):
             micro_batches = [{k: batch[k].to(device, non_blocking=True) for k in ("inputs", "targets")}
                              for batch in (next(batches) for _ in range(cfg.optim.grad_accum))]
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -150,37 +167,61 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
             window_steps += 1
 
             if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
-                skipped = loader.skipped  # bad lines, per source
-                counts = torch.tensor([loss.item(), *skipped.values()], dtype=torch.float64)
-                if dims.distributed:  # the mean loss and the total skipped over all ranks
-                    dist.all_reduce(counts)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - window_start
-                tokens_per_s = window_steps * tokens_per_step / elapsed  # per rank
-                last = {
-                    "step": step,
-                    "loss": counts[0].item() / dims.world_size,
-                    "lr": lrs["dense"],
-                    "value_lr": lrs.get("values", 0.0),
-                    "grad_norm": grad_norm.item(),
-                    "value_grad_norm": value_grad_norm.item(),
-                    "tokens": step * tokens_per_step * dims.world_size,
-                    "tokens_per_s": tokens_per_s * dims.world_size,
-                    "tokens_per_s_per_rank": tokens_per_s,
-                    "flops_per_token": stats["flops_per_token"],
-                }
-                if peak is not None:
-                    last["mfu"] = stats["flops_per_token"] * tokens_per_s / peak
-                if device.type == "cuda":
-                    last["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                for name, count in zip(skipped, counts[1:].tolist(), strict=True):
-                    last[f"data/skipped/{name}"] = int(count)
+                tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
+                last = _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, device, stats,
+                                    peak, tokens_per_s, tokens_per_step)
                 if logger is not None:
-                    logger.log(last, seconds_per_step=elapsed / window_steps)
+                    logger.log(last, seconds_per_step=(time.perf_counter() - window_start) / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
+
+            preempted = preemption.requested(dims.distributed, device)
+            last_step = step == cfg.steps and cfg.checkpoint.every > 0
+            if preempted or last_step or checkpointer.due(step):
+                checkpointer.save(step, block=preempted or last_step)
+            else:
+                checkpointer.poll()
+            if preempted:
+                if is_main:
+                    signal_name = preemption.received or "a signal to another rank"
+                    print(f"preempted ({signal_name}): checkpoint of step {step} written", flush=True)
+                    if cfg.checkpoint.requeue and requeue_slurm_job():
+                        print("SLURM job requeued", flush=True)
+                last = {**last, "preempted_at": step}
+                break
+        checkpointer.wait()
     finally:
+        preemption.close()
         loader.close()
         if logger is not None:
             logger.close()
     return last
+
+
+def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, device, stats, peak,
+                 tokens_per_s, tokens_per_step) -> dict:
+    """The logged row: losses and bad-line counts reduced over ranks, speed per rank and in all."""
+    skipped = loader.skipped  # bad lines, per source
+    counts = torch.tensor([loss.item(), *skipped.values()], dtype=torch.float64)
+    if dims.distributed:  # the mean loss and the total skipped over all ranks
+        dist.all_reduce(counts)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    row = {
+        "step": step,
+        "loss": counts[0].item() / dims.world_size,
+        "lr": lrs["dense"],
+        "value_lr": lrs.get("values", 0.0),
+        "grad_norm": grad_norm.item(),
+        "value_grad_norm": value_grad_norm.item(),
+        "tokens": step * tokens_per_step * dims.world_size,
+        "tokens_per_s": tokens_per_s * dims.world_size,
+        "tokens_per_s_per_rank": tokens_per_s,
+        "flops_per_token": stats["flops_per_token"],
+    }
+    if peak is not None:
+        row["mfu"] = stats["flops_per_token"] * tokens_per_s / peak
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for name, count in zip(skipped, counts[1:].tolist(), strict=True):
+        row[f"data/skipped/{name}"] = int(count)
+    return row

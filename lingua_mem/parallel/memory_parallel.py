@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.param_init import ParamInit
@@ -81,15 +83,27 @@ class _ScaleGrad(torch.autograd.Function):
 class MemoryParallelValueTable(nn.Module):
     """Drop-in for ValueTable: holds its rank's column slice (n_values, v_dim / mp)."""
 
-    def __init__(self, n_values: int, v_dim: int, group, weight: torch.Tensor | None = None):
+    def __init__(self, n_values: int, v_dim: int, mesh: DeviceMesh, weight: torch.Tensor | None = None):
         super().__init__()
+        self.mesh = mesh  # the memory mesh (mp_replicate, mp)
+        group = mesh.get_group("mp")
         self.group, self.mp, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.n_values = n_values
         self.v_dim, self.cols = v_dim, v_dim // self.mp
         if weight is None or weight.is_meta:  # materialised and initialised later
             self.weight = nn.Parameter(torch.empty(n_values, self.cols, device="meta"))
         else:  # the full table's columns of this rank
             start = self.rank * self.cols
             self.weight = nn.Parameter(weight.detach()[:, start:start + self.cols].clone())
+
+    def whole_table_view(self, local: torch.Tensor) -> DTensor:
+        """This rank's block of a table-shaped tensor (the weight, or an optimizer moment)
+        as a DTensor of the whole (n_values, v_dim) table: rows sharded over mp_replicate
+        (FSDP's split), columns over mp. Shares storage with `local`; checkpoints use it."""
+        if isinstance(local, DTensor):
+            local = local.to_local()
+        return DTensor.from_local(local, self.mesh, [Shard(0), Shard(1)], run_check=False,
+                                  shape=torch.Size((self.n_values, self.v_dim)), stride=(self.v_dim, 1))
 
     def init_weights(self, init: ParamInit) -> None:
         # this rank's columns of the table an unsharded ValueTable would hold

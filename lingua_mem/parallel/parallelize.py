@@ -75,10 +75,9 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> T
     # ranks (FSDP on mp_replicate, which spans the whole world when mp == 1), so each
     # rank holds 1/world of every table whatever the dense layout (HSDP included)
     if meshes.dims.mp > 1:
-        group = meshes.memory.get_group("mp")
         for key, table in list(model.values.items()):
             n_values, v_dim = table.weight.shape
-            model.values[key] = MemoryParallelValueTable(n_values, v_dim, group, table.weight)
+            model.values[key] = MemoryParallelValueTable(n_values, v_dim, meshes.memory, table.weight)
     rows_mesh = meshes.memory["mp_replicate"]
     unsharded_tables = set()  # columns no other rank shares rows of (world == mp)
     for table in model.values.values():

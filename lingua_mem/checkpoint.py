@@ -1,0 +1,348 @@
+"""Checkpoints: sharded (DCP) model and optimizer, each rank's train state, atomic
+commit, retention, async save, resume with fallback, and init_from.
+
+<dump_dir>/checkpoints/
+  0000000200/               a complete checkpoint of step 200 (the only kind ever loaded)
+    .metadata, __<r>_0.distcp   DCP of {"model", "optim"}: global shapes, loadable by any layout
+    train_state_<r>.pt      rank r: data loader state, LR schedule, RNG states
+    config.yaml             the run's full config
+    meta.json               step, world size, layout
+    manifest.json           size and CRC32 of every file above; written last
+  0000000300.tmp/           being written; renamed to 0000000300/ by rank 0 once every rank is done
+  0000000100.corrupt/       failed to load; set aside (kept) by the resume that fell back
+
+    python -m lingua_mem.checkpoint consolidate <checkpoint dir> --out DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from lingua_mem.config import CheckpointConfig, ConfigError
+from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be loaded (truncated, corrupt, missing files); names the file."""
+
+
+def checkpoint_dir(dump_dir: str | Path, step: int) -> Path:
+    return Path(dump_dir) / "checkpoints" / f"{step:010d}"
+
+
+def complete_checkpoints(dump_dir: str | Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    root = Path(dump_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> None:
+    """Check this rank's share of the files against the manifest (all sizes; CRC32 of
+    files rank, rank + world, ...); CheckpointError names the first bad file."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+    for i, (name, entry) in enumerate(sorted(manifest.items())):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['size']} "
+                                  "(truncated?)")
+        if i % world == rank and _crc32(f) != entry["crc32"]:
+            raise CheckpointError(f"{f}: CRC32 mismatch (corrupt)")
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _agree(error: str | None, distributed: bool) -> str | None:
+    """The first error any rank reports (every rank gets the same answer)."""
+    if not distributed:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+class Checkpointer:
+    """Saves and loads one training run's checkpoints (on every rank, collectively).
+
+    `model` may be parallelized: FSDP2 parameters are DTensors already; memory-parallel
+    value tables are presented to DCP as DTensors of the whole table, so a checkpoint
+    holds global shapes and loads into any layout (4 ranks -> 2 -> 1)."""
+
+    def __init__(self, cfg: CheckpointConfig, dump_dir: str | Path, model, optimizer, scheduler=None,
+                 loader=None, run_config: dict | None = None, layout: dict | None = None):
+        self.cfg, self.dump_dir = cfg, Path(dump_dir)
+        self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
+        self.run_config, self.layout = run_config or {}, layout or {}
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world = dist.get_world_size() if self.distributed else 1
+        self.pending = None  # (step, future) of an async save not yet committed
+        self.async_group = None
+        if cfg.async_save and self.distributed:  # DCP's own collectives, off the training group
+            self.async_group = dist.new_group(backend="gloo")
+
+    # ---- state dicts -----------------------------------------------------------------
+
+    def _state(self, with_optimizer: bool = True) -> tuple[dict, dict]:
+        """({"model", "optim"} as DCP sees it, the same with the tensors the model uses)."""
+        options = StateDictOptions()
+        plain = {"model": get_model_state_dict(self.model, options=options)}
+        if with_optimizer:
+            plain["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+        seen = {"model": dict(plain["model"])}
+        if with_optimizer:
+            seen["optim"] = {**plain["optim"], "state": dict(plain["optim"]["state"])}
+        for key, table in self.model.values.items():
+            if not isinstance(table, MemoryParallelValueTable):
+                continue
+            fqn = f"values.{key}.weight"
+            seen["model"][fqn] = table.whole_table_view(plain["model"][fqn])
+            if with_optimizer and fqn in plain["optim"]["state"]:
+                seen["optim"]["state"][fqn] = {
+                    k: table.whole_table_view(v) if torch.is_tensor(v) and v.dim() == 2 else v
+                    for k, v in plain["optim"]["state"][fqn].items()}
+        return seen, plain
+
+    def _check_shapes(self, path: Path, state: dict) -> None:
+        """ConfigError (exit 2, nothing written) naming the first parameter that differs."""
+        try:
+            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        except Exception as exc:  # unreadable metadata: a corrupt checkpoint, not a config error
+            raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
+        for name, tensor in state["model"].items():
+            meta = saved.get(f"model.{name}")
+            if not isinstance(meta, TensorStorageMetadata):
+                raise ConfigError(f"checkpoint {path}: this model's parameter {name} is not in the "
+                                  "checkpoint (a different model config?)")
+            if tuple(meta.size) != tuple(tensor.shape):
+                raise ConfigError(f"checkpoint {path}: parameter {name} has shape {tuple(meta.size)} in the "
+                                  f"checkpoint and {tuple(tensor.shape)} in this model")
+        extra = sorted(k[len("model."):] for k in saved if k.startswith("model.")
+                       and k[len("model."):] not in state["model"])
+        if extra:
+            raise ConfigError(f"checkpoint {path}: parameter {extra[0]} is in the checkpoint but not in this "
+                              "model (a different model config?)")
+
+    # ---- save --------------------------------------------------------------------------
+
+    def due(self, step: int) -> bool:
+        return self.cfg.every > 0 and step % self.cfg.every == 0
+
+    def save(self, step: int, block: bool = False) -> None:
+        """Write the checkpoint of `step` into <step>.tmp/; committed by rank 0 (renamed to
+        <step>/) once every rank is done: now, or with async_save when the write ends."""
+        self.wait()  # one save in flight at a time
+        final = checkpoint_dir(self.dump_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
+            tmp.mkdir(parents=True)
+        if self.distributed:
+            dist.barrier()
+        torch.save({"step": step, "world_size": self.world,
+                    "loader": self.loader.state_dict() if self.loader is not None else None,
+                    "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                    "rng": _rng_state()},
+                   tmp / f"train_state_{self.rank:05d}.pt")
+        state, _ = self._state()
+        if self.cfg.async_save and not block:
+            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
+                                    no_dist=not self.distributed)
+            self.pending = (step, future)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
+            self.pending = (step, None)
+            self.wait()
+
+    def poll(self) -> None:
+        """Commit a finished async save (every rank calls this at the same steps)."""
+        if self.pending is not None and self.pending[1] is not None:
+            done = torch.tensor([float(self.pending[1].done())])
+            if self.distributed:
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.async_group)
+            if done.item():
+                self.wait()
+
+    def wait(self) -> None:
+        """Finish the save in flight (if any) and commit it."""
+        if self.pending is None:
+            return
+        step, future = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()
+        tmp = checkpoint_dir(self.dump_dir, step).with_name(f"{step:010d}.tmp")
+        # each rank checksums the files it wrote; rank 0 the shared ones, then commits
+        mine = [tmp / f"train_state_{self.rank:05d}.pt", *tmp.glob(f"__{self.rank}_*.distcp")]
+        files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in mine}
+        if self.distributed:
+            everyone = [None] * self.world
+            dist.all_gather_object(everyone, files)
+            files = {k: v for part in everyone for k, v in part.items()}
+        if self.rank == 0:
+            self._commit(step, files)
+        if self.distributed:
+            dist.barrier()
+
+    def _commit(self, step: int, files: dict) -> None:
+        final = checkpoint_dir(self.dump_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        OmegaConf.save(OmegaConf.create(self.run_config), tmp / "config.yaml")
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": self.world,
+                                                   "layout": self.layout, "time": time.time()}))
+        for p in sorted(tmp.iterdir()):
+            if p.is_file() and p.name not in files:  # .metadata, config.yaml, meta.json
+                files[p.name] = {"size": p.stat().st_size, "crc32": _crc32(p)}
+        manifest = {"step": step, "files": dict(sorted(files.items()))}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if final.exists():  # the same step written again (a resumed run): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._retain()
+
+    def _retain(self) -> None:
+        """Keep the newest keep_last checkpoints and every keep_every-th step."""
+        if self.cfg.keep_last <= 0:
+            return
+        done = complete_checkpoints(self.dump_dir)
+        for path in done[:-self.cfg.keep_last]:
+            if self.cfg.keep_every > 0 and int(path.name) % self.cfg.keep_every == 0:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- load --------------------------------------------------------------------------
+
+    def _load(self, path: Path, with_train_state: bool) -> dict | None:
+        """Load `path` into the model (and optimizer, schedule, data, RNG); the train state or None."""
+        error = None
+        try:
+            verify(path, self.rank, self.world)
+        except CheckpointError as exc:
+            error = str(exc)
+        if (error := _agree(error, self.distributed)) is not None:
+            raise CheckpointError(error)
+        seen, plain = self._state(with_optimizer=with_train_state)
+        self._check_shapes(path, seen)
+        try:
+            dcp.load(seen, checkpoint_id=str(path), no_dist=not self.distributed,
+                     planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))
+        except Exception as exc:
+            raise CheckpointError(f"{path}: DCP load failed ({type(exc).__name__}: "
+                                  f"{str(exc).strip().splitlines()[0][:300]})") from None
+        set_model_state_dict(self.model, plain["model"])
+        if not with_train_state:
+            return None
+        set_optimizer_state_dict(self.model, self.optimizer, plain["optim"])
+        same_layout = json.loads((path / "meta.json").read_text())["world_size"] == self.world
+        state_file = path / f"train_state_{self.rank if same_layout else 0:05d}.pt"
+        try:
+            train_state = torch.load(state_file, weights_only=False)
+        except Exception as exc:
+            raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {exc})") from None
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(train_state["scheduler"])
+        if same_layout:
+            if self.loader is not None and train_state["loader"] is not None:
+                self.loader.load_state_dict(train_state["loader"])
+            _set_rng_state(train_state["rng"])
+        elif self.rank == 0:
+            print(f"warning: checkpoint {path} was written by {train_state['world_size']} processes, this "
+                  f"run has {self.world}: weights, optimizer and schedule are restored, each rank's data "
+                  "stream starts afresh", file=sys.stderr, flush=True)
+        return train_state
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint of this run; returns its step (0: none).
+        A checkpoint that fails to load is reported, set aside as <step>.corrupt, and the
+        previous one is tried; a model that does not match raises ConfigError."""
+        candidates = complete_checkpoints(self.dump_dir)
+        if self.distributed:  # every rank tries the same list
+            box = [candidates]
+            dist.broadcast_object_list(box, src=0)
+            candidates = box[0]
+        for path in reversed(candidates):
+            try:
+                return self._load(path, with_train_state=True)["step"]
+            except CheckpointError as exc:
+                if self.rank == 0:
+                    print(f"error: checkpoint {exc}; set aside as {path.name}.corrupt, trying the previous "
+                          "checkpoint", file=sys.stderr, flush=True)
+                    path.rename(path.with_name(path.name + ".corrupt"))
+                if self.distributed:
+                    dist.barrier()
+        if candidates:
+            raise ConfigError(f"checkpoint: no checkpoint in {self.dump_dir / 'checkpoints'} could be loaded")
+        return 0
+
+    def load_weights(self, path: str | Path) -> None:
+        """init_from: the model weights of checkpoint `path` only (a new run starts from them)."""
+        path = Path(path)
+        try:
+            self._load(path, with_train_state=False)
+        except CheckpointError as exc:
+            raise ConfigError(f"checkpoint.init_from: {exc}") from None
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] != "consolidate":
+        print("usage: python -m lingua_mem.checkpoint consolidate <checkpoint dir> --out DIR",
+              file=sys.stderr)
+        return 2
+    from lingua_mem.export import main as export_main
+
+    return export_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

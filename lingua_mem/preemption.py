@@ -1,0 +1,64 @@
+"""Preemption: a signal (SIGUSR1 from SLURM's --signal, SIGTERM, ...) asks the run to
+stop. The handler only sets a flag; the trainer checks it after each step (all
+ranks agree, since a signal may reach only some), checkpoints, requeues the SLURM
+job and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+
+class PreemptionFlag:
+    """Installs handlers for `signal_names` (main thread only); `close` restores the old ones."""
+
+    def __init__(self, signal_names: list[str]):
+        self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in signal_names:
+            sig = getattr(signal, name)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def requested(self, distributed: bool, device: torch.device) -> bool:
+        """True on every rank once any rank has received a signal (a collective when distributed)."""
+        if not distributed:
+            return self.received is not None
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def requeue_slurm_job() -> bool:
+    """`scontrol requeue $SLURM_JOB_ID` when running under SLURM; True if requeued."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
+              else os.environ.get("SLURM_JOB_ID"))
+    if not job_id:
+        return False
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"warning: scontrol requeue {job_id} failed: {exc}", file=sys.stderr, flush=True)
+        return False
+    if proc.returncode != 0:
+        print(f"warning: scontrol requeue {job_id} failed: {proc.stderr.strip()}", file=sys.stderr,
+              flush=True)
+        return False
+    return True
