@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
 
 import torch
@@ -70,7 +71,7 @@ class MetricLogger:
 
             id_file = dump_dir / "wandb_run_id"
             resuming = resume_step > 0 and id_file.exists()
-            run_id = id_file.read_text().strip() if resuming else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if resuming else secrets.token_hex(4)  # not the seeded RNGs
             id_file.write_text(run_id + "\n")
             self.wandb_run = wandb.init(
                 project=wandb_cfg.project, entity=wandb_cfg.entity, name=wandb_cfg.name,

@@ -1,0 +1,209 @@
+"""Exact resume: a run stopped (by a preemption signal, or kill -9) and started again with
+the same command logs, bit for bit, what the uninterrupted run logs; on 1 process and on 2
+with memory parallelism. Plus W&B continuing the same run, and checkpoints loading
+into other layouts (4 processes -> 2 -> 1)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_parallel import free_port
+from wandb_runs import read_run
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["config=configs/debug.yaml", "steps=14", "log_every=1", "checkpoint.every=4",
+       "data.batch_size=4", "data.seq_len=64"]
+COMPARED = ("step", "loss", "grad_norm", "value_grad_norm", "lr", "tokens")
+
+
+def start(dump_dir: Path, world: int, *overrides: str) -> list[subprocess.Popen]:
+    """train.py as `world` processes (the environment torchrun or srun would give them)."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1")
+        if world == 1:
+            for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+                env.pop(key)
+        procs.append(subprocess.Popen([sys.executable, "train.py", *RUN, f"dump_dir={dump_dir}", *overrides],
+                                      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 300) -> list[tuple[int, str, str]]:
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def rows(dump_dir: Path) -> list[dict]:
+    return [{k: r[k] for k in COMPARED} for r in map(json.loads, (dump_dir / "metrics.jsonl").open())]
+
+
+def wait_for_step(dump_dir: Path, step: int, procs, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    path = dump_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and f'"step": {step},' in path.read_text():
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"the run ended before step {step}: {finish(procs)}")
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} not reached")
+
+
+def uninterrupted(tmp_path: Path, world: int, *overrides: str) -> list[dict]:
+    dump = tmp_path / "uninterrupted"
+    results = finish(start(dump, world, *overrides))
+    assert all(rc == 0 for rc, _, _ in results), results
+    return rows(dump)
+
+
+@pytest.mark.parametrize("world,overrides", [(1, ()), (1, ("checkpoint.async_save=true",)),
+                                             (2, ("distributed.memory_parallel_size=2",))],
+                         ids=["1proc", "1proc-async", "2proc-mp2"])
+def test_kill_9_then_resume_is_bit_exact(tmp_path, world, overrides):
+    want = uninterrupted(tmp_path, world, *overrides)
+    dump = tmp_path / "killed"
+    procs = start(dump, world, *overrides)
+    wait_for_step(dump, 10, procs)  # checkpoint 8 is committed, 12 not yet written
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    assert all(rc == -signal.SIGKILL for rc, _, _ in finish(procs))
+    committed = sorted(p.name for p in (dump / "checkpoints").iterdir())
+    assert "0000000008" in committed and "0000000012" not in committed
+    assert max(r["step"] for r in rows(dump)) < 14
+
+    results = finish(start(dump, world, *overrides))
+    assert all(rc == 0 for rc, _, _ in results), results
+    assert "resumed from" in results[0][1] and "0000000008" in results[0][1]
+    assert rows(dump) == want  # every step, bit for bit (steps 9-10 logged again, not twice)
+
+
+@pytest.mark.parametrize("world,overrides,target", [
+    (1, (), 0), (2, ("distributed.memory_parallel_size=2",), 1)], ids=["1proc", "2proc-mp2-signal-rank1"])
+def test_preemption_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, world, overrides, target):
+    want = uninterrupted(tmp_path, world, *overrides)
+    dump = tmp_path / "preempted"
+    procs = start(dump, world, *overrides)
+    wait_for_step(dump, 5, procs)
+    procs[target].send_signal(signal.SIGUSR1)  # to one rank only: all must agree to stop
+    results = finish(procs)
+    assert all(rc == 0 for rc, _, _ in results), results
+    stdout = results[0][1]
+    stopped = int(stdout.split("checkpoint of step ")[1].split()[0])
+    assert 5 <= stopped < 14 and "preempted (" in stdout
+    assert (dump / "checkpoints" / f"{stopped:010d}" / "manifest.json").is_file()
+    assert max(r["step"] for r in rows(dump)) == stopped
+
+    results = finish(start(dump, world, *overrides))
+    assert all(rc == 0 for rc, _, _ in results), results
+    assert f"{stopped:010d}" in results[0][1]
+    assert rows(dump) == want
+
+
+def test_wandb_continues_the_same_run_after_a_kill(tmp_path):
+    wandb = ("logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.project=lm_test")
+    dump = tmp_path / "run"
+    procs = start(dump, 1, *wandb)
+    wait_for_step(dump, 10, procs)
+    procs[0].send_signal(signal.SIGUSR1)  # a clean stop, so the first W&B run file is complete
+    assert finish(procs)[0][0] == 0
+    assert finish(start(dump, 1, *wandb))[0][0] == 0
+
+    runs = sorted((dump / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2
+    first, second = (read_run(r) for r in runs)
+    assert first["run_id"] == second["run_id"] == (dump / "wandb_run_id").read_text().strip()
+    metrics = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
+    # the stop checkpointed the last logged step: the two runs' rows are metrics.jsonl, in order
+    logged = [{k: h[k] for k in ("loss", "grad_norm")} for h in first["history"] + second["history"]]
+    assert logged == [{k: m[k] for k in ("loss", "grad_norm")} for m in metrics]
+    assert len(first["history"]) < len(metrics) == 14
+
+
+def reshard_worker(rank, world, port, layout, dump, results):
+    """Phase "save" (4 ranks): a step, a checkpoint, then logits and a second step's loss.
+    Other phases: other weights, resume from that checkpoint, the same logits and step."""
+    import torch
+    import torch.distributed as dist
+    from test_parallel import MEMORY, MODEL, OPTIM, SEQ
+
+    from lingua_mem.checkpoint import Checkpointer
+    from lingua_mem.config import CheckpointConfig, DistributedConfig
+    from lingua_mem.model import build_model
+    from lingua_mem.optim import build_optimizer, split_params
+    from lingua_mem.parallel import init_distributed, parallelize
+    from lingua_mem.trainer import train_step
+
+    if world > 1:
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    saving = dump is None
+    cfg = DistributedConfig(**layout)
+    meshes = init_distributed(cfg, "cpu")
+    model = parallelize(build_model(MODEL, MEMORY, "meta"), meshes, cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=3 if saving else 99)  # the loaders start from other weights
+    optimizer = build_optimizer(model, OPTIM)
+    dense, values = split_params(model)
+    column_group = meshes.memory.get_group("mp") if meshes.dims.mp > 1 else None
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, MODEL.vocab_size, (8, SEQ + 1), generator=gen) for _ in range(2)]
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+
+    def step(tokens):
+        t = tokens[rows]
+        loss, _, _ = train_step(model, optimizer, [{"inputs": t[:, :-1], "targets": t[:, 1:]}], OPTIM,
+                                dense, values, column_group)
+        if world > 1:
+            dist.all_reduce(loss)
+        return loss.item() / world
+
+    checkpointer = Checkpointer(CheckpointConfig(), results["dir"] if saving else dump, model, optimizer)
+    if saving:
+        step(batches[0])
+        checkpointer.save(1)
+    else:
+        assert checkpointer.resume() == 1
+    with torch.no_grad():
+        logits = model(batches[1][:2, :-1]).detach()  # the same tokens on every rank
+    second_loss = step(batches[1])
+    if rank == 0:
+        results["out"].put((logits.numpy(), second_loss))  # not a tensor: its sender exits
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_a_4_process_checkpoint_loads_into_2_processes_and_1(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+
+    def run(world, layout, dump):
+        results = {"out": out, "dir": str(tmp_path)}
+        if world == 1:
+            reshard_worker(0, 1, 0, layout, dump, results)
+        else:
+            mp.start_processes(reshard_worker, args=(world, free_port(), layout, dump, results), nprocs=world,
+                               start_method="spawn", join=True)
+        return out.get(timeout=30)
+
+    saved_logits, saved_loss = run(4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2}, None)
+    for world, layout in ((2, {"memory_parallel_size": 2}), (2, {"dp_shard": 2}), (1, {})):
+        logits, loss = run(world, layout, str(tmp_path))
+        torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(saved_logits),
+                                   rtol=1e-5, atol=1e-6)
+        assert loss == pytest.approx(saved_loss, rel=1e-5)  # optimizer state resharded too
