@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
@@ -277,7 +278,7 @@ class Checkpointer:
         try:
             dcp.load(seen, checkpoint_id=str(path), no_dist=not self.distributed,
                      planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise CheckpointError(f"{path}: DCP load failed ({type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300]})") from None
         set_model_state_dict(self.model, plain["model"])

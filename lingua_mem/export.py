@@ -1,0 +1,172 @@
+"""Consolidate a sharded training checkpoint into one safetensors file, and load it back.
+
+    <checkpoint dir>/ (DCP of {"model", "optim"} + config.yaml)  ->  <out>/model.safetensors
+                                                                      <out>/config.json
+
+`consolidate` runs in one plain process (no torch.distributed): it reads only the "model"
+part of the checkpoint, whatever layout wrote it, into full-shaped CPU tensors.
+`load_consolidated` rebuilds the model from the two files, again without torch.distributed.
+
+    python -m lingua_mem.checkpoint consolidate <checkpoint dir> --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, to_dict, validate_model
+from lingua_mem.model import Transformer, build_model
+from lingua_mem.model.llama import rope_tables
+
+FORMAT = "lingua_mem"
+
+
+def _first_line(exc: Exception) -> str:
+    msg = str(exc).strip()
+    return f"{type(exc).__name__}: {msg.splitlines()[0][:300]}" if msg else type(exc).__name__
+
+
+def _model_configs(raw, where: Path) -> tuple[ModelConfig, MemoryConfig]:
+    """ModelConfig and MemoryConfig from the "model" and "memory" entries of a saved config,
+    type-checked by OmegaConf and validated; the rest of a training config is ignored."""
+    parts = []
+    for section, schema in (("model", ModelConfig), ("memory", MemoryConfig)):
+        try:
+            parts.append(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                                             raw.get(section) or {})))
+        except OmegaConfBaseException as exc:
+            key = f"{section}.{exc.full_key}" if getattr(exc, "full_key", None) else section
+            raise ConfigError(f"{where}: {key}: {str(exc).strip().splitlines()[0]}") from None
+    model, memory = parts
+    try:
+        validate_model(model, memory)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return model, memory
+
+
+def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write out_dir/model.safetensors (every model tensor in full) and out_dir/config.json;
+    returns the safetensors path. ValueError (one line, naming the path or key) when the
+    checkpoint is missing, unreadable or does not match its own config.yaml."""
+    path, out = Path(checkpoint_dir), Path(out_dir)
+    if not path.is_dir():
+        raise ValueError(f"{path}: no such checkpoint directory")
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file}: missing (not a checkpoint directory?)")
+    try:
+        raw = OmegaConf.load(config_file)
+    except Exception as exc:  # YAML syntax and the like
+        raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
+    model_cfg, memory_cfg = _model_configs(raw, config_file)
+
+    # the model on meta gives every state-dict entry's FQN, full shape and dtype (no memory used)
+    meta_sd = build_model(model_cfg, memory_cfg, "meta").state_dict()
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise ValueError(f"{path / '.metadata'}: unreadable DCP metadata ({_first_line(exc)})") from None
+    for name, t in meta_sd.items():
+        entry = saved.get(f"model.{name}")  # DCP flattens the nested dict to "model.<fqn>"
+        if not isinstance(entry, TensorStorageMetadata):
+            raise ValueError(f"{path}: model tensor {name} is not in the checkpoint")
+        if tuple(entry.size) != tuple(t.shape):
+            raise ValueError(f"{path}: model tensor {name} has shape {tuple(entry.size)} in the checkpoint, "
+                             f"{tuple(t.shape)} by config.yaml")
+    extra = sorted(k.removeprefix("model.") for k in saved if k.startswith("model.")
+                   and k.removeprefix("model.") not in meta_sd)
+    if extra:
+        raise ValueError(f"{path}: checkpoint tensor model.{extra[0]} is not in the model that "
+                         "config.yaml describes")
+
+    # full-shaped CPU tensors; DCP fills them from however many shards wrote them. Only the
+    # "model" part is asked for (allow_partial_load: "optim" is skipped), in this one process.
+    sd = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in meta_sd.items()}
+    try:
+        with warnings.catch_warnings():  # no_dist=True warns that it is "assuming" one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True,
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+    except CheckpointException as exc:  # a BaseException, not an Exception; wraps each rank's error
+        inner = next(iter(exc.failures.values()))[0] if exc.failures else exc
+        raise ValueError(f"{path}: DCP load failed ({_first_line(inner)})") from None
+    except Exception as exc:
+        raise ValueError(f"{path}: DCP load failed ({_first_line(exc)})") from None
+
+    weights = out / "model.safetensors"
+    step = int(path.name) if path.name.isdigit() else None  # checkpoints/<step, 10 digits>/
+    config = {"model": to_dict(model_cfg), "memory": to_dict(memory_cfg), "format": FORMAT, "step": step}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.contiguous() for name, t in sd.items()}, str(weights), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    except OSError as exc:
+        raise ValueError(f"{out}: cannot write ({_first_line(exc)})") from None
+    return weights
+
+
+def load_consolidated(directory: str | Path, device: torch.device | str = "cpu") -> Transformer:
+    """The model of a consolidate() output directory, on `device`, in eval mode."""
+    directory = Path(directory)
+    config_file, weights = directory / "config.json", directory / "model.safetensors"
+    for f in (config_file, weights):
+        if not f.is_file():
+            raise ValueError(f"{f}: missing (not a consolidated checkpoint?)")
+    try:
+        raw = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"{config_file}: not a {FORMAT} config (no \"format\": \"{FORMAT}\")")
+    model_cfg, memory_cfg = _model_configs(OmegaConf.create(raw), config_file)
+
+    # build on meta, then take the loaded tensors as the parameters (no second copy in memory)
+    model = build_model(model_cfg, memory_cfg, "meta")
+    model.load_state_dict(load_file(str(weights), device=str(device)), strict=True, assign=True)
+    # the rope tables are non-persistent buffers (not in the file): compute them here
+    cos, sin = rope_tables(model_cfg.head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
+    return model.eval()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a one-line ValueError instead of usage + exit
+        raise ValueError(message)
+
+
+def main(argv: list[str]) -> int:
+    parser = _Parser(prog="python -m lingua_mem.checkpoint",
+                     description="Consolidate a training checkpoint into model.safetensors + config.json.")
+    parser.add_argument("command", choices=["consolidate"])
+    parser.add_argument("checkpoint", help="a checkpoints/<step> directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    try:
+        args = parser.parse_args(argv)
+        weights = consolidate(args.checkpoint, args.out)
+    except ValueError as exc:  # ConfigError included
+        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}", file=sys.stderr)
+        return 2
+    with safe_open(str(weights), framework="pt") as f:  # the header only
+        n = len(f.keys())
+    size = weights.stat().st_size / 1e9
+    print(f"wrote {weights} ({n} tensors, {size:.3g} GB) and {weights.parent / 'config.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,202 @@
+"""consolidate: a DCP checkpoint (one process or FSDP2-sharded over two) -> model.safetensors +
+config.json, loaded back by load_consolidated into a model with the very same logits."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+from safetensors import safe_open
+
+from lingua_mem.config import ConfigError, DistributedConfig, MemoryConfig, ModelConfig, TrainConfig
+from lingua_mem.export import consolidate, load_consolidated, main
+from lingua_mem.model import build_model
+from lingua_mem.parallel import init_distributed, parallelize
+
+# DCP warns on every save without a process group that it assumes a single process
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
+MEMORY = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16, query_batchnorm=True)
+ROOT = Path(__file__).resolve().parents[1]
+TOKENS = torch.randint(0, MODEL.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+
+
+def write_config(path, model=MODEL, memory=MEMORY) -> None:
+    """config.yaml as a training run saves it: the whole TrainConfig."""
+    OmegaConf.save(OmegaConf.structured(TrainConfig(model=model, memory=memory)), path / "config.yaml")
+
+
+def trained_model() -> torch.nn.Module:
+    """A model moved off its init by two SGD steps (BatchNorm running stats updated too)."""
+    model = build_model(MODEL, MEMORY, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(2):
+        logits = model(TOKENS[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), TOKENS[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def test_consolidate_round_trip_gives_the_same_logits(tmp_path):
+    model = trained_model()
+    ckpt = tmp_path / "checkpoints" / "0000000042"
+    dcp.save({"model": model.state_dict(), "optim": {"lr": 0.5}}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+
+    weights = consolidate(ckpt, tmp_path / "out")
+    assert weights == tmp_path / "out" / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(model.state_dict())
+        table = f.get_tensor("values.shared.weight")
+    assert table.shape == (MEMORY.n_values, MODEL.dim)
+    assert torch.equal(table, model.values.shared.weight.detach())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["format"] == "lingua_mem" and config["step"] == 42
+    assert config["model"]["n_kv_heads"] == 2 and config["memory"]["layers"] == [0, 2]
+
+    loaded = load_consolidated(tmp_path / "out")
+    assert not loaded.training
+    bn = loaded.layers[0].feed_forward.query_bn
+    assert bn.num_batches_tracked.item() == 2  # persistent buffers travel too
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), model(TOKENS), rtol=0, atol=0)
+
+
+def test_cli_prints_one_line_and_returns_0(tmp_path, capsys):
+    model = build_model(MODEL, MEMORY, seed=0)
+    ckpt = tmp_path / "ckpt"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+    assert main(["consolidate", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    n = len(model.state_dict())
+    weights = tmp_path / "out" / "model.safetensors"
+    assert len(out) == 1 and out[0].startswith(f"wrote {weights} ({n} tensors, ")
+    assert out[0].endswith(f"GB) and {tmp_path / 'out' / 'config.json'}")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["step"] is None  # not a <step> dir
+
+
+def test_public_command_consolidates(tmp_path):
+    ckpt = tmp_path / "checkpoints" / "0000000007"
+    dcp.save({"model": build_model(MODEL, MEMORY).state_dict()}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+    cmd = ["-m", "lingua_mem.checkpoint", "consolidate", str(ckpt), "--out", str(tmp_path / "o")]
+    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith(f"wrote {tmp_path / 'o' / 'model.safetensors'}")
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["step"] == 7
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def save_sharded(rank, world, port, path):
+    """Each rank builds the model sharded on meta (FSDP2, dp_shard=2), initialises its shards
+    with seed 7, and DCP-saves its part of {"model": ...}."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cfg = DistributedConfig(dp_shard=2)
+    meshes = init_distributed(cfg, "cpu")
+    model = build_model(MODEL, MEMORY, "meta")
+    parallelize(model, meshes, cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=7)
+    sd = model.state_dict()
+    assert type(sd["values.shared.weight"]).__name__ == "DTensor"  # really sharded
+    dcp.save({"model": sd}, checkpoint_id=path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_consolidate_a_checkpoint_saved_by_two_fsdp_ranks(tmp_path):
+    ckpt = tmp_path / "0000000100"
+    mp.start_processes(save_sharded, args=(2, free_port(), str(ckpt)), nprocs=2, start_method="spawn",
+                       join=True)
+    assert len(list(ckpt.glob("*.distcp"))) == 2
+    write_config(ckpt)
+    consolidate(ckpt, tmp_path / "out")
+    loaded = load_consolidated(tmp_path / "out")
+    reference = build_model(MODEL, MEMORY, seed=7).eval()  # the same init, never sharded
+    for name, t in reference.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], t, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS), reference(TOKENS), rtol=0, atol=0)
+
+
+def test_errors_name_the_path_or_key(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(ValueError, match=re.escape(f"{missing}: no such checkpoint directory")):
+        consolidate(missing, tmp_path / "out")
+
+    ckpt = tmp_path / "ckpt"
+    dcp.save({"model": build_model(MODEL, MEMORY).state_dict()}, checkpoint_id=str(ckpt))
+    with pytest.raises(ValueError, match=re.escape(f"{ckpt / 'config.yaml'}: missing")):
+        consolidate(ckpt, tmp_path / "out")
+
+    write_config(ckpt, memory=MemoryConfig(**{**vars(MEMORY), "n_keys": 4}))
+    with pytest.raises(ValueError, match=r"model tensor layers\.0\.feed_forward\.keys has shape "
+                                         r"\(2, 2, 8, 8\) in the checkpoint, \(2, 2, 4, 8\) by config.yaml"):
+        consolidate(ckpt, tmp_path / "out")
+
+    write_config(ckpt, model=ModelConfig(**{**vars(MODEL), "tie_embeddings": True}))
+    with pytest.raises(ValueError, match=r"checkpoint tensor model\.output\.weight is not in the model"):
+        consolidate(ckpt, tmp_path / "out")
+
+    write_config(ckpt, memory=MemoryConfig(**{**vars(MEMORY), "layers": [0, 1, 2]}))
+    with pytest.raises(ValueError, match=r"model tensor layers\.1\.feed_forward\.\w+ is not in the "
+                                         "checkpoint"):
+        consolidate(ckpt, tmp_path / "out")
+
+    OmegaConf.save(OmegaConf.create({"model": {"dim": "big"}}), ckpt / "config.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"{ckpt / 'config.yaml'}: model.dim: ") + ".*'big'"):
+        consolidate(ckpt, tmp_path / "out")
+
+    (ckpt / ".metadata").write_bytes(b"garbage")
+    write_config(ckpt)
+    with pytest.raises(ValueError, match=re.escape(f"{ckpt / '.metadata'}: unreadable")):
+        consolidate(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written on any error
+
+    ckpt = tmp_path / "ckpt2"  # a good checkpoint, but the output path is a file
+    dcp.save({"model": build_model(MODEL, MEMORY).state_dict()}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+    (tmp_path / "file").write_text("")
+    shard = next(ckpt.glob("*.distcp"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated: the metadata reads, the tensors do not
+    with pytest.raises(ValueError, match=re.escape(f"{ckpt}: DCP load failed (")):
+        consolidate(ckpt, tmp_path / "out")
+    shard.write_bytes(data)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'file'}: cannot write")):
+        consolidate(ckpt, tmp_path / "file")
+
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'out' / 'config.json'}: missing")):
+        load_consolidated(tmp_path / "out")
+
+
+def test_cli_error_is_one_line_on_stderr(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    for argv in (["consolidate", str(missing), "--out", str(tmp_path / "out")],
+                 ["consolidate", str(missing)],  # no --out
+                 ["export", str(missing), "--out", "x"]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+        assert captured.out == ""
+    assert main(["consolidate", str(missing), "--out", "x"]) == 2
+    assert str(missing) in capsys.readouterr().err
