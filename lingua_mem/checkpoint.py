@@ -47,7 +47,7 @@ from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(Exception):
+class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded (truncated, corrupt, missing files); names the file."""
 
 
@@ -61,6 +61,28 @@ def complete_checkpoints(dump_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
+
+
+def check_model_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ConfigError naming the first model tensor whose global shape differs from the
+    checkpoint's, or that only one side has; CheckpointError if the metadata is unreadable."""
+    try:
+        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
+    for name, shape in shapes.items():
+        meta = saved.get(f"model.{name}")  # DCP flattens {"model": {fqn: ...}} to "model.<fqn>"
+        if not isinstance(meta, TensorStorageMetadata):
+            raise ConfigError(f"checkpoint {path}: parameter {name} of this model is not in the checkpoint "
+                              "(a different model config?)")
+        if tuple(meta.size) != tuple(shape):
+            raise ConfigError(f"checkpoint {path}: parameter {name} has shape {tuple(meta.size)} in the "
+                              f"checkpoint and {tuple(shape)} in this model")
+    extra = sorted(k.removeprefix("model.") for k in saved
+                   if k.startswith("model.") and k.removeprefix("model.") not in shapes)
+    if extra:
+        raise ConfigError(f"checkpoint {path}: parameter {extra[0]} is in the checkpoint but not in this "
+                          "model (a different model config?)")
 
 
 def _crc32(path: Path) -> int:
@@ -154,26 +176,6 @@ class Checkpointer:
                     k: table.whole_table_view(v) if torch.is_tensor(v) and v.dim() == 2 else v
                     for k, v in plain["optim"]["state"][fqn].items()}
         return seen, plain
-
-    def _check_shapes(self, path: Path, state: dict) -> None:
-        """ConfigError (exit 2, nothing written) naming the first parameter that differs."""
-        try:
-            saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-        except Exception as exc:  # unreadable metadata: a corrupt checkpoint, not a config error
-            raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
-        for name, tensor in state["model"].items():
-            meta = saved.get(f"model.{name}")
-            if not isinstance(meta, TensorStorageMetadata):
-                raise ConfigError(f"checkpoint {path}: this model's parameter {name} is not in the "
-                                  "checkpoint (a different model config?)")
-            if tuple(meta.size) != tuple(tensor.shape):
-                raise ConfigError(f"checkpoint {path}: parameter {name} has shape {tuple(meta.size)} in the "
-                                  f"checkpoint and {tuple(tensor.shape)} in this model")
-        extra = sorted(k[len("model."):] for k in saved if k.startswith("model.")
-                       and k[len("model."):] not in state["model"])
-        if extra:
-            raise ConfigError(f"checkpoint {path}: parameter {extra[0]} is in the checkpoint but not in this "
-                              "model (a different model config?)")
 
     # ---- save --------------------------------------------------------------------------
 
@@ -274,7 +276,7 @@ class Checkpointer:
         if (error := _agree(error, self.distributed)) is not None:
             raise CheckpointError(error)
         seen, plain = self._state(with_optimizer=with_train_state)
-        self._check_shapes(path, seen)
+        check_model_shapes(path, {name: tuple(t.shape) for name, t in seen["model"].items()})
         try:
             dcp.load(seen, checkpoint_id=str(path), no_dist=not self.distributed,
                      planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))

@@ -26,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from lingua_mem.checkpoint import check_model_shapes
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, to_dict, validate_model
 from lingua_mem.model import Transformer, build_model
 from lingua_mem.model.llama import rope_tables
@@ -77,22 +77,7 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 
     # the model on meta gives every state-dict entry's FQN, full shape and dtype (no memory used)
     meta_sd = build_model(model_cfg, memory_cfg, "meta").state_dict()
-    try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise ValueError(f"{path / '.metadata'}: unreadable DCP metadata ({_first_line(exc)})") from None
-    for name, t in meta_sd.items():
-        entry = saved.get(f"model.{name}")  # DCP flattens the nested dict to "model.<fqn>"
-        if not isinstance(entry, TensorStorageMetadata):
-            raise ValueError(f"{path}: model tensor {name} is not in the checkpoint")
-        if tuple(entry.size) != tuple(t.shape):
-            raise ValueError(f"{path}: model tensor {name} has shape {tuple(entry.size)} in the checkpoint, "
-                             f"{tuple(t.shape)} by config.yaml")
-    extra = sorted(k.removeprefix("model.") for k in saved if k.startswith("model.")
-                   and k.removeprefix("model.") not in meta_sd)
-    if extra:
-        raise ValueError(f"{path}: checkpoint tensor model.{extra[0]} is not in the model that "
-                         "config.yaml describes")
+    check_model_shapes(path, {name: tuple(t.shape) for name, t in meta_sd.items()})
 
     # full-shaped CPU tensors; DCP fills them from however many shards wrote them. Only the
     # "model" part is asked for (allow_partial_load: "optim" is skipped), in this one process.

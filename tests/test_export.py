@@ -148,17 +148,17 @@ def test_errors_name_the_path_or_key(tmp_path):
         consolidate(ckpt, tmp_path / "out")
 
     write_config(ckpt, memory=MemoryConfig(**{**vars(MEMORY), "n_keys": 4}))
-    with pytest.raises(ValueError, match=r"model tensor layers\.0\.feed_forward\.keys has shape "
-                                         r"\(2, 2, 8, 8\) in the checkpoint, \(2, 2, 4, 8\) by config.yaml"):
+    with pytest.raises(ValueError, match=r"parameter layers\.0\.feed_forward\.keys has shape "
+                                         r"\(2, 2, 8, 8\) in the checkpoint and \(2, 2, 4, 8\) in this "):
         consolidate(ckpt, tmp_path / "out")
 
     write_config(ckpt, model=ModelConfig(**{**vars(MODEL), "tie_embeddings": True}))
-    with pytest.raises(ValueError, match=r"checkpoint tensor model\.output\.weight is not in the model"):
+    with pytest.raises(ValueError, match=r"parameter output\.weight is in the checkpoint but not in this "):
         consolidate(ckpt, tmp_path / "out")
 
     write_config(ckpt, memory=MemoryConfig(**{**vars(MEMORY), "layers": [0, 1, 2]}))
-    with pytest.raises(ValueError, match=r"model tensor layers\.1\.feed_forward\.\w+ is not in the "
-                                         "checkpoint"):
+    with pytest.raises(ValueError, match=r"parameter layers\.1\.feed_forward\.\w+ of this model is not "
+                                         "in the checkpoint"):
         consolidate(ckpt, tmp_path / "out")
 
     OmegaConf.save(OmegaConf.create({"model": {"dim": "big"}}), ckpt / "config.yaml")
