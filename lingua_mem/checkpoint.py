@@ -319,13 +319,19 @@ class Checkpointer:
                 return self._load(path, with_train_state=True)["step"]
             except CheckpointError as exc:
                 if self.rank == 0:
-                    print(f"error: checkpoint {exc}; set aside as {path.name}.corrupt, trying the previous "
+                    target, n = path.with_name(path.name + ".corrupt"), 1
+                    while target.exists():  # this step was set aside before
+                        target, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+                    print(f"error: checkpoint {exc}; set aside as {target.name}, trying the previous "
                           "checkpoint", file=sys.stderr, flush=True)
-                    path.rename(path.with_name(path.name + ".corrupt"))
+                    path.rename(target)
                 if self.distributed:
                     dist.barrier()
-        if candidates:
-            raise ConfigError(f"checkpoint: no checkpoint in {self.dump_dir / 'checkpoints'} could be loaded")
+        root = self.dump_dir / "checkpoints"
+        if candidates or (root.is_dir() and any(".corrupt" in p.name for p in root.iterdir())):
+            # starting afresh would overwrite this run's metrics: the user decides
+            raise ConfigError(f"checkpoint: no checkpoint in {root} can be loaded (the bad ones are set "
+                              "aside as *.corrupt); remove them, or use another dump_dir, to start afresh")
         return 0
 
     def load_weights(self, path: str | Path) -> None:
@@ -333,7 +339,7 @@ class Checkpointer:
         path = Path(path)
         try:
             self._load(path, with_train_state=False)
-        except CheckpointError as exc:
+        except (CheckpointError, ConfigError) as exc:  # ConfigError: a different model shape
             raise ConfigError(f"checkpoint.init_from: {exc}") from None
 
 

@@ -1,0 +1,297 @@
+"""Checkpoints on disk: retention, the manifest, fallback past corrupt checkpoints (bit-exact
+resume from the previous one), half-written .tmp directories, model/checkpoint shape mismatches
+(exit 2, nothing written), init_from, checkpoint config errors, and a resume at the last step."""
+
+import hashlib
+import json
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from lingua_mem.checkpoint import MANIFEST, complete_checkpoints, verify
+from lingua_mem.config import ConfigError, load_config
+from lingua_mem.model import build_model
+from lingua_mem.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# a small Memory+ model (one memory layer) on short batches: a step takes milliseconds
+SMALL = ["config=configs/debug.yaml", "model.dim=64", "model.n_layers=2", "model.max_seq_len=64",
+         "memory.layers=[1]", "memory.n_keys=16", "memory.heads=2", "memory.knn=4", "memory.k_dim=32",
+         "data.batch_size=2", "data.seq_len=64", "data.facts.people=50", "optim.warmup=2", "log_every=1"]
+# lr and value_lr must be positive (config validation); at 1e-300 the AdamW step (lr * m / sqrt(v))
+# and the decoupled weight decay (p *= 1 - lr * wd) round to nothing in fp32: weights stay bit-equal
+FROZEN = ["optim.lr=1e-300", "optim.value_lr=1e-300"]
+
+
+def cli_args(dump_dir: Path, *overrides: str) -> list[str]:
+    return [*SMALL, f"dump_dir={dump_dir}", *overrides]
+
+
+def run_inproc(dump_dir: Path, *overrides: str) -> dict:
+    return train(load_config(cli_args(dump_dir, *overrides)))
+
+
+def run_cli(dump_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *cli_args(dump_dir, *overrides)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def rows(dump_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (dump_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def ckpts(dump_dir: Path) -> list[str]:
+    return sorted(p.name for p in (dump_dir / "checkpoints").iterdir())
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """A ConfigError exit: status 2 and exactly one line, `error: ...`, on stderr."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def model_state(ckpt: Path, tmp_path: Path) -> dict:
+    """A checkpoint's {"model", "optim"}, read back through DCP's own converter."""
+    out = tmp_path / f"{ckpt.parent.parent.name}-{ckpt.name}.pt"
+    dcp_to_torch_save(ckpt, out)
+    return torch.load(out, weights_only=False)
+
+
+def first_shape_difference(a: list[str], b: list[str]) -> tuple[str, tuple, tuple]:
+    """(name, shape in a, shape in b) of the first parameter, in model order, whose shape differs."""
+    sa = build_model(load_config(a).model, load_config(a).memory, "meta").state_dict()
+    sb = build_model(load_config(b).model, load_config(b).memory, "meta").state_dict()
+    return next((k, tuple(sa[k].shape), tuple(sb[k].shape)) for k in sa if sa[k].shape != sb[k].shape)
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_retention_keeps_the_newest_and_every_kth_with_complete_manifests(tmp_path, async_save):
+    run_inproc(tmp_path, "steps=10", "checkpoint.every=2", "checkpoint.keep_last=2",
+               "checkpoint.keep_every=3", f"checkpoint.async_save={str(async_save).lower()}")
+    # saved 2, 4, 6, 8, 10: the newest two, and 6 (a multiple of 3); no .tmp left behind
+    assert ckpts(tmp_path) == ["0000000006", "0000000008", "0000000010"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ckpts(tmp_path)
+    for name in ckpts(tmp_path):
+        path = tmp_path / "checkpoints" / name
+        manifest = json.loads((path / MANIFEST).read_text())
+        assert manifest["step"] == int(name)
+        on_disk = {p.name for p in path.iterdir()} - {MANIFEST}
+        assert on_disk == {".metadata", "__0_0.distcp", "train_state_00000.pt", "config.yaml", "meta.json"}
+        assert set(manifest["files"]) == on_disk
+        for fname, entry in manifest["files"].items():
+            data = (path / fname).read_bytes()
+            assert entry["size"] == len(data) > 0, fname
+            assert entry["crc32"] == zlib.crc32(data), fname
+        assert json.loads((path / "meta.json").read_text())["step"] == int(name)
+        assert torch.load(path / "train_state_00000.pt", weights_only=False)["step"] == int(name)
+        verify(path)  # raises on any mismatch
+
+
+def test_corrupt_checkpoints_are_set_aside_and_resume_is_bit_exact_from_the_previous(tmp_path):
+    run = ("steps=12", "checkpoint.every=4", "checkpoint.keep_last=3")
+    first = run_cli(tmp_path, *run)
+    assert first.returncode == 0, first.stderr[-3000:]
+    want = rows(tmp_path)
+    assert [r["step"] for r in want] == list(range(1, 13))
+    assert ckpts(tmp_path) == ["0000000004", "0000000008", "0000000012"]
+
+    root = tmp_path / "checkpoints"
+    cut = root / "0000000012" / "__0_0.distcp"
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])  # truncated
+    flipped = root / "0000000008" / "__0_0.distcp"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the CRC can tell
+    flipped.write_bytes(bytes(data))
+    truncated_size = len(cut.read_bytes())
+
+    again = run_cli(tmp_path, *run)
+    assert again.returncode == 0, again.stderr[-3000:]
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error: checkpoint ")]
+    assert len(errors) == 2, again.stderr
+    assert str(cut) in errors[0] and "truncated" in errors[0] and "0000000012.corrupt" in errors[0]
+    assert str(flipped) in errors[1] and "CRC32" in errors[1] and "0000000008.corrupt" in errors[1]
+    resumed = [line for line in again.stdout.splitlines() if line.startswith("resumed from ")]
+    assert resumed == [f"resumed from {root / '0000000004'}"]
+    # set aside as they were; 8 and 12 written again by the resumed run
+    assert ckpts(tmp_path) == ["0000000004", "0000000008", "0000000008.corrupt", "0000000012",
+                               "0000000012.corrupt"]
+    assert (root / "0000000012.corrupt" / "__0_0.distcp").stat().st_size == truncated_size
+    assert (root / "0000000008.corrupt" / "__0_0.distcp").read_bytes() == bytes(data)
+    for name in ("0000000008", "0000000012"):
+        verify(root / name)
+    got = rows(tmp_path)
+    assert [r["step"] for r in got] == list(range(1, 13))  # 5..12 logged again, once
+    for g, w in zip(got, want, strict=True):
+        assert (g["step"], g["loss"], g["grad_norm"], g["value_grad_norm"], g["lr"]) == \
+            (w["step"], w["loss"], w["grad_norm"], w["value_grad_norm"], w["lr"])
+
+
+def test_a_step_found_corrupt_twice_is_set_aside_twice(tmp_path, capsys):
+    run = ("steps=8", "checkpoint.every=4")
+    run_inproc(tmp_path, *run)
+    want = rows(tmp_path)
+    root = tmp_path / "checkpoints"
+    for _ in range(2):  # flaky storage: the rewritten checkpoint 8 goes bad again
+        bad = root / "0000000008" / "__0_0.distcp"
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+        capsys.readouterr()
+        run_inproc(tmp_path, *run)
+        out, err = capsys.readouterr()
+        assert f"resumed from {root / '0000000004'}" in out
+        assert str(bad) in err and "CRC32" in err
+        assert [(r["step"], r["loss"], r["grad_norm"]) for r in rows(tmp_path)] == \
+            [(r["step"], r["loss"], r["grad_norm"]) for r in want]
+    set_aside = [n for n in ckpts(tmp_path) if n.startswith("0000000008.")]
+    assert len(set_aside) == 2 and all("corrupt" in n for n in set_aside)
+    assert "0000000008" in ckpts(tmp_path)
+
+
+def test_when_no_checkpoint_loads_the_run_stops_and_writes_nothing(tmp_path):
+    run_inproc(tmp_path, "steps=2", "checkpoint.every=2")
+    metrics_before = (tmp_path / "metrics.jsonl").read_bytes()
+    bad = tmp_path / "checkpoints" / "0000000002" / "train_state_00000.pt"
+    bad.write_bytes(bad.read_bytes()[:-1])
+    with pytest.raises(ConfigError, match=r"^checkpoint: no checkpoint in .* can be loaded"):
+        run_inproc(tmp_path, "steps=2", "checkpoint.every=2")
+    assert ckpts(tmp_path) == ["0000000002.corrupt"]
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics_before
+    with pytest.raises(ConfigError, match=r"remove them, or use another dump_dir"):  # the rerun too
+        run_inproc(tmp_path, "steps=2", "checkpoint.every=2")
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics_before
+
+
+def test_a_tmp_directory_is_never_loaded(tmp_path, capsys):
+    run_inproc(tmp_path, "steps=4", "checkpoint.every=2")
+    want = rows(tmp_path)
+    root = tmp_path / "checkpoints"
+    # a save killed half-way, newer than any complete checkpoint, with a plausible manifest
+    junk = root / "0000000099.tmp"
+    junk.mkdir()
+    for name in (".metadata", "__0_0.distcp", "train_state_00000.pt", "meta.json"):
+        (junk / name).write_bytes(b"junk")
+    (junk / MANIFEST).write_text(json.dumps({"step": 99, "files": {}}))
+    # and a step directory with no manifest (not committed)
+    (root / "0000000050").mkdir()
+    (root / "0000000050" / "__0_0.distcp").write_bytes(b"junk")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["0000000002", "0000000004"]
+    capsys.readouterr()
+
+    last = run_inproc(tmp_path, "steps=6", "checkpoint.every=2")
+    out, err = capsys.readouterr()
+    assert f"resumed from {root / '0000000004'}" in out
+    assert "error: checkpoint" not in err  # nothing was tried and set aside
+    assert last["step"] == 6
+    assert [r["step"] for r in rows(tmp_path)] == list(range(1, 7))
+    assert rows(tmp_path)[:4] == want
+    assert (junk / "__0_0.distcp").read_bytes() == b"junk"  # untouched
+    assert "0000000006" in ckpts(tmp_path) and "0000000099.tmp" in ckpts(tmp_path)
+    assert not any(name.endswith(".corrupt") for name in ckpts(tmp_path))
+
+
+def test_a_model_of_another_shape_stops_before_writing_anything(tmp_path):
+    run_inproc(tmp_path, "steps=2", "checkpoint.every=2")
+    before = snapshot(tmp_path)
+    assert {"metrics.jsonl", "config.yaml", "checkpoints/0000000002/__0_0.distcp"} <= set(before)
+    other = ("model.dim=128",)
+    load_config(cli_args(tmp_path, *other))  # a valid config: the mismatch is with the checkpoint
+    name, saved, mine = first_shape_difference(cli_args(tmp_path), cli_args(tmp_path, *other))
+    assert name == "tok_embeddings.weight" and saved == (258, 64) and mine == (258, 128)
+
+    line = one_error_line(run_cli(tmp_path, "steps=2", "checkpoint.every=2", *other))
+    assert f"parameter {name} " in line and str(saved) in line and str(mine) in line
+    assert str(tmp_path / "checkpoints" / "0000000002") in line
+    assert snapshot(tmp_path) == before  # metrics.jsonl, config.yaml, checkpoints: byte for byte
+    assert ckpts(tmp_path) == ["0000000002"]  # not set aside as corrupt
+
+
+def test_init_from_starts_from_the_weights_only(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_inproc(a, "steps=4", "checkpoint.every=2")
+    source = a / "checkpoints" / "0000000004"
+    capsys.readouterr()
+    run_inproc(b, f"checkpoint.init_from={source}", *FROZEN, "steps=1", "checkpoint.every=1")
+    assert f"started from the weights of {source}" in capsys.readouterr().out
+    assert ckpts(b) == ["0000000001"]
+
+    a2 = model_state(a / "checkpoints" / "0000000002", tmp_path)
+    a4 = model_state(source, tmp_path)
+    b1 = model_state(b / "checkpoints" / "0000000001", tmp_path)
+    assert set(b1["model"]) == set(a4["model"])
+    for k, v in a4["model"].items():
+        assert torch.equal(b1["model"][k], v), k
+    # steps 3-4 changed the weights (so B did not merely start from the same seed's init)
+    changed = [k for k, v in a4["model"].items() if not torch.equal(a2["model"][k], v)]
+    assert "tok_embeddings.weight" in changed and "values.shared.weight" in changed
+    # the optimizer and schedule start afresh: one AdamW step, warm-up lr of step 1
+    assert {float(s["step"]) for s in a4["optim"]["state"].values()} == {4.0}
+    assert {float(s["step"]) for s in b1["optim"]["state"].values()} == {1.0}
+    assert rows(b)[0]["step"] == 1 and rows(b)[0]["lr"] == pytest.approx(1e-300 / 2)
+
+    # a path with no checkpoint: a config error, before anything is built or written
+    line = one_error_line(run_cli(tmp_path / "c", f"checkpoint.init_from={tmp_path / 'nope'}"))
+    assert line.startswith("error: checkpoint.init_from: ") and str(tmp_path / "nope") in line
+    assert not (tmp_path / "c").exists()
+    # a checkpoint of another model shape: the parameter and both shapes, nothing logged
+    d = tmp_path / "d"
+    line = one_error_line(run_cli(d, f"checkpoint.init_from={source}", "model.dim=32", "steps=1"))
+    assert "parameter tok_embeddings.weight " in line and "(258, 64)" in line and "(258, 32)" in line
+    assert not (d / "metrics.jsonl").exists() and not (d / "config.yaml").exists()
+    assert not (d / "checkpoints").exists()
+
+
+def test_init_from_a_corrupt_checkpoint_is_a_config_error(tmp_path):
+    a = tmp_path / "a"
+    run_inproc(a, "steps=2", "checkpoint.every=2")
+    source = a / "checkpoints" / "0000000002"
+    bad = source / "__0_0.distcp"
+    bad.write_bytes(bad.read_bytes()[:-1])
+    line = one_error_line(run_cli(tmp_path / "b", f"checkpoint.init_from={source}", "steps=1"))
+    assert line.startswith("error: checkpoint.init_from: ") and str(bad) in line
+    assert ckpts(a) == ["0000000002"]  # another run's checkpoint is never renamed
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("checkpoint.every=-1", "checkpoint.every"),
+    ("checkpoint.keep_last=-1", "checkpoint.keep_last"),
+    ("checkpoint.keep_every=-2", "checkpoint.keep_every"),
+    ("checkpoint.preempt_signals=[SIGUSR1,SIGFOO]", "checkpoint.preempt_signals"),
+])
+def test_bad_checkpoint_config_exits_2_naming_the_key(tmp_path, override, key):
+    line = one_error_line(run_cli(tmp_path / "run", override))
+    assert line.startswith(f"error: {key}: "), line
+    if "SIGFOO" in override:
+        assert "SIGFOO" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_trains_nothing(tmp_path, capsys):
+    first = run_inproc(tmp_path, "steps=4", "checkpoint.every=2")
+    assert first["step"] == 4
+    before = snapshot(tmp_path)
+    metrics_before = (tmp_path / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    last = run_inproc(tmp_path, "steps=4", "checkpoint.every=2")
+    out = capsys.readouterr().out
+    assert f"resumed from {tmp_path / 'checkpoints' / '0000000004'}" in out
+    assert not [line for line in out.splitlines() if line.startswith("step ")]  # no step was logged
+    assert last == {}
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics_before
+    assert snapshot(tmp_path) == before  # no checkpoint written again
