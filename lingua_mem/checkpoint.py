@@ -16,12 +16,14 @@ commit, retention, async save, resume with fallback, and init_from.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -83,6 +85,14 @@ def check_model_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     if extra:
         raise ConfigError(f"checkpoint {path}: parameter {extra[0]} is in the checkpoint but not in this "
                           "model (a different model config?)")
+
+
+@contextlib.contextmanager
+def quiet_single_process():
+    """DCP warns at every single-process call that it is "assuming" one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _crc32(path: Path) -> int:
@@ -200,11 +210,13 @@ class Checkpointer:
                    tmp / f"train_state_{self.rank:05d}.pt")
         state, _ = self._state()
         if self.cfg.async_save and not block:
-            future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
-                                    no_dist=not self.distributed)
+            with quiet_single_process():
+                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
+                                        no_dist=not self.distributed)
             self.pending = (step, future)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
+            with quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
             self.pending = (step, None)
             self.wait()
 
@@ -278,8 +290,9 @@ class Checkpointer:
         seen, plain = self._state(with_optimizer=with_train_state)
         check_model_shapes(path, {name: tuple(t.shape) for name, t in seen["model"].items()})
         try:
-            dcp.load(seen, checkpoint_id=str(path), no_dist=not self.distributed,
-                     planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))
+            with quiet_single_process():
+                dcp.load(seen, checkpoint_id=str(path), no_dist=not self.distributed,
+                         planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise CheckpointError(f"{path}: DCP load failed ({type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300]})") from None

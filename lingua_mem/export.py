@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from lingua_mem.checkpoint import check_model_shapes
+from lingua_mem.checkpoint import check_model_shapes, quiet_single_process
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, to_dict, validate_model
 from lingua_mem.model import Transformer, build_model
 from lingua_mem.model.llama import rope_tables
@@ -83,8 +82,7 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     # "model" part is asked for (allow_partial_load: "optim" is skipped), in this one process.
     sd = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in meta_sd.items()}
     try:
-        with warnings.catch_warnings():  # no_dist=True warns that it is "assuming" one process
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        with quiet_single_process():
             dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True,
                      planner=DefaultLoadPlanner(allow_partial_load=True))
     except CheckpointException as exc:  # a BaseException, not an Exception; wraps each rank's error

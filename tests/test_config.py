@@ -40,7 +40,7 @@ def test_defaults_yaml_then_dotlist(tmp_path):
     (["model.n_kv_heads=0"], "model.n_kv_heads"),
     (["model.init_std=nan"], "model.init_std"),
     (["seed=-1"], "seed"),
-    (["checkpoint.every=10"], "checkpoint.every"),
+    (["checkpoint.every=-1"], "checkpoint.every"),
     (["optim.clip=-1"], "optim.clip"),
 ])
 def test_bad_config_names_the_key(args, needle):

@@ -139,7 +139,7 @@ def reshard_worker(rank, world, port, layout, dump, results):
     from test_parallel import MEMORY, MODEL, OPTIM, SEQ
 
     from lingua_mem.checkpoint import Checkpointer
-    from lingua_mem.config import CheckpointConfig, DistributedConfig
+    from lingua_mem.config import CheckpointConfig, DistributedConfig, to_dict
     from lingua_mem.model import build_model
     from lingua_mem.optim import build_optimizer, split_params
     from lingua_mem.parallel import init_distributed, parallelize
@@ -169,7 +169,9 @@ def reshard_worker(rank, world, port, layout, dump, results):
             dist.all_reduce(loss)
         return loss.item() / world
 
-    checkpointer = Checkpointer(CheckpointConfig(), results["dir"] if saving else dump, model, optimizer)
+    run_config = {"model": to_dict(MODEL), "memory": to_dict(MEMORY)}  # what consolidate reads
+    checkpointer = Checkpointer(CheckpointConfig(), results["dir"] if saving else dump, model, optimizer,
+                                run_config=run_config)
     if saving:
         step(batches[0])
         checkpointer.save(1)
@@ -178,8 +180,8 @@ def reshard_worker(rank, world, port, layout, dump, results):
     with torch.no_grad():
         logits = model(batches[1][:2, :-1]).detach()  # the same tokens on every rank
     second_loss = step(batches[1])
-    if rank == 0:
-        results["out"].put((logits.numpy(), second_loss))  # not a tensor: its sender exits
+    if rank == 0:  # numpy, not tensors: their sender exits
+        results["out"].put((logits.numpy(), second_loss, batches[1][:2, :-1].numpy()))
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -201,9 +203,18 @@ def test_a_4_process_checkpoint_loads_into_2_processes_and_1(tmp_path):
                                start_method="spawn", join=True)
         return out.get(timeout=30)
 
-    saved_logits, saved_loss = run(4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2}, None)
+    hsdp_mp = {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2}
+    saved_logits, saved_loss, saved_tokens = run(4, hsdp_mp, None)
     for world, layout in ((2, {"memory_parallel_size": 2}), (2, {"dp_shard": 2}), (1, {})):
-        logits, loss = run(world, layout, str(tmp_path))
+        logits, loss, _ = run(world, layout, str(tmp_path))
         torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(saved_logits),
                                    rtol=1e-5, atol=1e-6)
         assert loss == pytest.approx(saved_loss, rel=1e-5)  # optimizer state resharded too
+
+    # and the export: full weights on one process without torch.distributed
+    from lingua_mem.export import consolidate, load_consolidated
+
+    consolidate(tmp_path / "checkpoints" / "0000000001", tmp_path / "export")
+    with torch.no_grad():
+        logits = load_consolidated(tmp_path / "export")(torch.from_numpy(saved_tokens))
+    torch.testing.assert_close(logits, torch.from_numpy(saved_logits), rtol=1e-5, atol=1e-6)
