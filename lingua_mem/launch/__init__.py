@@ -1,0 +1,1 @@
+"""SLURM launcher: `python -m lingua_mem.launch`, `.sweep`, `.status`; templates in slurm/."""

@@ -1,0 +1,55 @@
+"""Launch one training run on SLURM.
+
+    python -m lingua_mem.launch config=configs/memory_373m.yaml nodes=2 gpus_per_node=8 \
+        partition=... [account=... qos=... time=... profile=...] [key=value ...] [--dry-run]
+
+Launcher keys (lingua_mem.launch.slurm.LaunchConfig) and training config keys mix on
+one command line. The config is validated first (the same errors as train.py); then the
+dump dir is created with a snapshot of the code and the resolved config, the sbatch
+script is rendered and submitted, and the job id and log path are printed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lingua_mem.config import ConfigError, load_config
+from lingua_mem.launch import slurm
+
+
+def main(argv: list[str]) -> int:
+    dry_run = "--dry-run" in argv
+    launch_items, train_items = slurm.split_args([a for a in argv if a != "--dry-run"])
+    try:
+        launch = slurm.load_launch_config(launch_items)
+        cfg = load_config(train_items)
+        launch.job_name = launch.job_name or cfg.name
+        if dry_run:  # nothing written, nothing submitted
+            dump_dir = Path(cfg.dump_dir).resolve()
+            print(slurm.render_script(launch, [dump_dir / "launch" / "config.yaml"], [dump_dir],
+                                      dump_dir / "launch" / "code", str(dump_dir / "logs" / "%j.log")))
+            return 0
+        slurm.check_cluster(launch)
+        config, dump_dir = slurm.prepare_run(cfg)
+        code_dir = slurm.snapshot_code(dump_dir / "launch" / "code")
+        log_pattern = str(dump_dir / "logs" / "%j.log")
+        script_path = dump_dir / "launch" / "job.sbatch"
+        if launch.backend == "submitit":
+            job_id = slurm.submit_submitit(launch, config, dump_dir, code_dir)
+            log = dump_dir / "launch" / "submitit" / f"{job_id}_0_log.out"
+        else:
+            script = slurm.render_script(launch, [config], [dump_dir], code_dir, log_pattern)
+            job_id = slurm.submit_sbatch(script, script_path)
+            log = dump_dir / "logs" / f"{job_id}.log"
+        slurm.write_job_record(dump_dir, job_id, script_path, log)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"submitted job {job_id}: {cfg.name}, {launch.nodes} node(s) x {launch.tasks_per_node} task(s)\n"
+          f"  dump dir {dump_dir}\n  log {log}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

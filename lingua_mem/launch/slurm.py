@@ -1,0 +1,191 @@
+"""Submitting training runs to SLURM: launcher options and site profiles, the code
+snapshot, the sbatch script rendered from slurm/job.sbatch, and submission (sbatch or
+submitit). Used by `python -m lingua_mem.launch` (one run) and `.sweep` (a job array).
+
+<dump_dir>/launch/   job.sbatch, config.yaml (the resolved config the job trains), job.json
+<dump_dir>/logs/     <job id>.log: every attempt of the job, appended (requeues keep the id)
+<code snapshot>/     lingua_mem/ and train.py as they were at submission
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lingua_mem.config import ConfigError, TrainConfig, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[2]  # the checkout: lingua_mem/, train.py, slurm/
+TEMPLATE = REPO / "slurm" / "job.sbatch"
+PROFILES = REPO / "slurm" / "profiles"
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8  # 0: a CPU-only cluster (gloo ranks)
+    tasks_per_node: int | None = None  # default: one per GPU, or 1 without GPUs
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # e.g. 48:00:00
+    constraint: str | None = None
+    exclude: str | None = None
+    job_name: str | None = None  # default: the config's name
+    profile: str | None = None  # slurm/profiles/<name>.yaml, or a path: site defaults for the keys above
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, venv ...)
+    python: str | None = None  # the interpreter on the nodes; default: this one
+    signal_seconds: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
+    max_attempts: int = 3  # failures at the same step before a job stops requeueing itself
+    backend: str = "sbatch"  # sbatch | submitit
+
+
+LAUNCH_KEYS = set(LaunchConfig.__dataclass_fields__)
+_STRING_KEYS = {k for k, f in LaunchConfig.__dataclass_fields__.items() if "str" in str(f.type)
+                and "list" not in str(f.type)}
+
+
+def _check_launch(c: LaunchConfig) -> None:
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+    need(c.nodes > 0, "nodes", "must be positive")
+    need(c.gpus_per_node >= 0, "gpus_per_node", "must be >= 0")
+    need(c.tasks_per_node is None or c.tasks_per_node > 0, "tasks_per_node", "must be positive")
+    need(c.gpus_per_node == 0 or c.tasks_per_node in (None, c.gpus_per_node), "tasks_per_node",
+         "one task per GPU: leave it unset, or equal to gpus_per_node")
+    need(c.max_attempts > 0, "max_attempts", "must be positive")
+    need(c.signal_seconds >= 0, "signal_seconds", "must be >= 0")
+    need(c.backend in ("sbatch", "submitit"), "backend", f"{c.backend!r} is not one of sbatch, submitit")
+
+
+def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(launcher key=value items, training config items) of a command line."""
+    launch, train = [], []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        (launch if key in LAUNCH_KEYS else train).append(arg)
+    return launch, train
+
+
+def load_launch_config(items: list[str]) -> LaunchConfig:
+    """Defaults <- profile <- command line; ConfigError names the key."""
+    profiles = [i.split("=", 1)[1] for i in items if i.startswith("profile=")]
+    profile = profiles[-1] if profiles else None  # the last one given wins, like any key
+    base = []
+    if profile is not None:
+        path = Path(profile) if profile.endswith((".yaml", ".yml")) else PROFILES / f"{profile}.yaml"
+        if not path.is_file():
+            raise ConfigError(f"profile: no such profile {profile} (looked for {path})")
+        base = [f"config={path}"]
+    # string options stay strings: YAML would read time=48:00:00 as a number of seconds
+    items = [f"{k}={json.dumps(v)}" if k in _STRING_KEYS and not v.startswith(('"', "'")) else f"{k}={v}"
+             for k, v in (i.split("=", 1) for i in items)]
+    cfg = load_config(base + items, schema=LaunchConfig, check=_check_launch)
+    if cfg.tasks_per_node is None:
+        cfg.tasks_per_node = cfg.gpus_per_node or 1
+    cfg.python = cfg.python or sys.executable
+    return cfg
+
+
+def check_cluster(c: LaunchConfig) -> None:
+    """Before anything is written or submitted: sbatch is there, the partition exists."""
+    if shutil.which("sbatch") is None:
+        raise ConfigError("sbatch: not found on PATH (is this a SLURM login node?)")
+    if c.partition is not None:
+        out = subprocess.run(["scontrol", "show", "partition", c.partition], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise ConfigError(f"partition: {c.partition} does not exist on this cluster")
+
+
+def snapshot_code(dest: Path) -> Path:
+    """Copy lingua_mem/ and train.py to `dest` (replacing an older snapshot)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(REPO / "lingua_mem", dest / "lingua_mem", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(REPO / "train.py", dest / "train.py")
+    return dest
+
+
+def prepare_run(cfg: TrainConfig) -> tuple[Path, Path]:
+    """Create the dump dir and write the resolved config the job trains; (config path, dump dir)."""
+    dump_dir = Path(cfg.dump_dir).resolve()
+    cfg.dump_dir = str(dump_dir)
+    (dump_dir / "launch").mkdir(parents=True, exist_ok=True)
+    (dump_dir / "logs").mkdir(exist_ok=True)
+    config = dump_dir / "launch" / "config.yaml"
+    OmegaConf.save(OmegaConf.create(to_dict(cfg)), config)
+    return config, dump_dir
+
+
+def render_script(c: LaunchConfig, configs: list[Path], dump_dirs: list[Path], code_dir: Path,
+                  log_pattern: str, array: bool = False) -> str:
+    """The sbatch script: slurm/job.sbatch with this job's #SBATCH lines and paths."""
+    directives = {
+        "job-name": c.job_name, "nodes": c.nodes, "ntasks-per-node": c.tasks_per_node,
+        "gpus-per-node": c.gpus_per_node or None, "cpus-per-task": c.cpus_per_task, "mem": c.mem,
+        "partition": c.partition, "account": c.account, "qos": c.qos, "time": c.time,
+        "constraint": c.constraint, "exclude": c.exclude, "output": log_pattern, "error": log_pattern,
+        "open-mode": "append", "requeue": True,
+        "signal": f"USR1@{c.signal_seconds}" if c.signal_seconds else None,
+        "array": f"0-{len(configs) - 1}" if array else None,
+    }
+    lines = [f"#SBATCH --{k}" if v is True else f"#SBATCH --{k}={v}"
+             for k, v in directives.items() if v is not None]
+    values = {
+        "directives": "\n".join(lines), "n_points": str(len(configs)), "code_dir": shlex.quote(str(code_dir)),
+        "configs": " ".join(shlex.quote(str(p)) for p in configs),
+        "dump_dirs": " ".join(shlex.quote(str(p)) for p in dump_dirs),
+        "setup": "\n".join(c.setup), "omp_threads": str(c.cpus_per_task or 1),
+        "signal_seconds": str(c.signal_seconds), "python": shlex.quote(c.python),
+        "max_attempts": str(c.max_attempts),
+    }
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
+
+
+def submit_sbatch(script: str, script_path: Path) -> str:
+    """Write and submit the script with sbatch; the job id."""
+    script_path.write_text(script)
+    proc = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise ConfigError(f"sbatch: {reason}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def submit_submitit(c: LaunchConfig, config: Path, dump_dir: Path, code_dir: Path) -> str:
+    """The same allocation through submitit (its files in <dump_dir>/launch/submitit): each
+    task runs train.py from the snapshot. Preemption requeues through the trainer; the
+    attempt-limited requeue after failures is the sbatch backend's."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=str(dump_dir / "launch" / "submitit"), max_num_timeout=0)
+    extra = {k: v for k, v in (("account", c.account), ("qos", c.qos), ("constraint", c.constraint),
+                               ("exclude", c.exclude), ("mem", c.mem), ("requeue", True),
+                               ("open-mode", "append")) if v is not None}
+    executor.update_parameters(
+        nodes=c.nodes, ntasks_per_node=c.tasks_per_node, cpus_per_task=c.cpus_per_task or 1,
+        gpus_per_node=c.gpus_per_node or None, partition=c.partition, time=c.time or 0,
+        job_name=c.job_name or "lingua_mem", signal_delay_s=c.signal_seconds, additional_parameters=extra,
+        setup=[*c.setup, 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+               "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+               f"export PYTHONPATH={shlex.quote(str(code_dir))}"],
+        srun_args=["--cpu-bind=none"])
+    command = submitit.helpers.CommandFunction([c.python, "-u", "train.py", f"config={config}"],
+                                               cwd=str(code_dir))
+    return str(executor.submit(command).job_id)
+
+
+def write_job_record(dump_dir: Path, job_id: str, script_path: Path, log: Path) -> None:
+    (dump_dir / "launch" / "job.json").write_text(json.dumps(
+        {"job_id": job_id, "script": str(script_path), "log": str(log)}, indent=1))
