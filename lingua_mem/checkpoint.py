@@ -161,9 +161,12 @@ class Checkpointer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.pending = None  # (step, future) of an async save not yet committed
-        self.async_group = None
-        if cfg.async_save and self.distributed:  # DCP's own collectives, off the training group
+        self.async_group = self.poll_group = None
+        if cfg.async_save and self.distributed:
+            # gloo groups of their own: DCP's collectives run in its writer thread, the "is
+            # every rank's write done?" vote in the step loop; neither may share a group
             self.async_group = dist.new_group(backend="gloo")
+            self.poll_group = dist.new_group(backend="gloo")
 
     # ---- state dicts -----------------------------------------------------------------
 
@@ -225,7 +228,7 @@ class Checkpointer:
         if self.pending is not None and self.pending[1] is not None:
             done = torch.tensor([float(self.pending[1].done())])
             if self.distributed:
-                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.async_group)
+                dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.poll_group)
             if done.item():
                 self.wait()
 
