@@ -147,6 +147,9 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
                   f"{dims.dp_shard}, memory parallel {dims.mp}", flush=True)
             if start:
                 print(f"resumed from {checkpoint_dir(cfg.dump_dir, start)}", flush=True)
+                if start >= cfg.steps:
+                    print(f"nothing to train: the run is complete ({cfg.steps} steps); raise `steps` or use "
+                          "another dump_dir", flush=True)
             elif cfg.checkpoint.init_from:
                 print(f"started from the weights of {cfg.checkpoint.init_from}", flush=True)
 
