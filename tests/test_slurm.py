@@ -103,6 +103,18 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one
     assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]
 
 
+def test_the_submitit_backend_runs_the_same_job(cluster, tmp_path):
+    dump = tmp_path / "submitit"
+    proc = launch(cluster, "lingua_mem.launch", *RUN, "backend=submitit", "steps=6", "data.batch_size=2",
+                  f"dump_dir={dump}")
+    job = submitted_job(proc)
+    assert wait_until(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
+    rows = metrics(dump)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[-1]["tokens"] == 6 * 2 * 2 * 64  # 2 tasks
+    assert (dump / "launch" / "submitit" / f"{job}_submission.sh").is_file()
+
+
 def test_a_two_point_sweep_completes_and_status_shows_both(cluster, tmp_path):
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(f"""\
