@@ -36,7 +36,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -172,10 +171,9 @@ class Checkpointer:
 
     def _state(self, with_optimizer: bool = True) -> tuple[dict, dict]:
         """({"model", "optim"} as DCP sees it, the same with the tensors the model uses)."""
-        options = StateDictOptions()
-        plain = {"model": get_model_state_dict(self.model, options=options)}
+        plain = {"model": get_model_state_dict(self.model)}
         if with_optimizer:
-            plain["optim"] = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+            plain["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
         seen = {"model": dict(plain["model"])}
         if with_optimizer:
             seen["optim"] = {**plain["optim"], "state": dict(plain["optim"]["state"])}

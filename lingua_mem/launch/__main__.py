@@ -25,21 +25,21 @@ def main(argv: list[str]) -> int:
         launch = slurm.load_launch_config(launch_items)
         cfg = load_config(train_items)
         launch.job_name = launch.job_name or cfg.name
-        if dry_run:  # nothing written, nothing submitted
-            dump_dir = Path(cfg.dump_dir).resolve()
-            print(slurm.render_script(launch, [dump_dir / "launch" / "config.yaml"], [dump_dir],
-                                      dump_dir / "launch" / "code", str(dump_dir / "logs" / "%j.log")))
+        dump_dir = Path(cfg.dump_dir).resolve()
+        config, code_dir = slurm.run_config_path(dump_dir), dump_dir / "launch" / "code"
+        script_path = dump_dir / "launch" / "job.sbatch"
+        log_pattern = str(dump_dir / "logs" / "%j.log")
+        script = slurm.render_script(launch, [config], [dump_dir], code_dir, log_pattern)
+        if dry_run:  # the script that would be submitted; nothing written, nothing submitted
+            print(script)
             return 0
         slurm.check_cluster(launch)
-        config, dump_dir = slurm.prepare_run(cfg)
-        code_dir = slurm.snapshot_code(dump_dir / "launch" / "code")
-        log_pattern = str(dump_dir / "logs" / "%j.log")
-        script_path = dump_dir / "launch" / "job.sbatch"
+        slurm.prepare_run(cfg)
+        slurm.snapshot_code(code_dir)
         if launch.backend == "submitit":
             job_id = slurm.submit_submitit(launch, config, dump_dir, code_dir)
             log = dump_dir / "launch" / "submitit" / f"{job_id}_0_log.out"
         else:
-            script = slurm.render_script(launch, [config], [dump_dir], code_dir, log_pattern)
             job_id = slurm.submit_sbatch(script, script_path)
             log = dump_dir / "logs" / f"{job_id}.log"
         slurm.write_job_record(dump_dir, job_id, script_path, log)

@@ -117,13 +117,18 @@ def snapshot_code(dest: Path) -> Path:
     return dest
 
 
+def run_config_path(dump_dir: Path) -> Path:
+    """Where the resolved config a job trains is written."""
+    return dump_dir / "launch" / "config.yaml"
+
+
 def prepare_run(cfg: TrainConfig) -> tuple[Path, Path]:
     """Create the dump dir and write the resolved config the job trains; (config path, dump dir)."""
     dump_dir = Path(cfg.dump_dir).resolve()
     cfg.dump_dir = str(dump_dir)
     (dump_dir / "launch").mkdir(parents=True, exist_ok=True)
     (dump_dir / "logs").mkdir(exist_ok=True)
-    config = dump_dir / "launch" / "config.yaml"
+    config = run_config_path(dump_dir)
     OmegaConf.save(OmegaConf.create(to_dict(cfg)), config)
     return config, dump_dir
 

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
 
         log_pattern = str(root / "logs" / "%A_%a.log")
         if dry_run:
-            print(slurm.render_script(launch, [root / p / "launch" / "config.yaml" for p, _ in configs],
+            print(slurm.render_script(launch, [slurm.run_config_path(root / p) for p, _ in configs],
                                       [root / p for p, _ in configs], root / "code", log_pattern,
                                       array=True))
             return 0
