@@ -5,18 +5,16 @@
 
 import sys
 
+from lingua_mem.cli import reports
 from lingua_mem.config import ConfigError, load_config
 
 
+@reports(ConfigError)
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(argv)
-        from lingua_mem.trainer import train
+    cfg = load_config(argv)  # before torch is imported: a bad key fails at once
+    from lingua_mem.trainer import train
 
-        train(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    train(cfg)
     return 0
 
 

@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lingua_mem.config import load_config  # noqa: E402
+from lingua_mem.config import load_config, model_args  # noqa: E402
 from lingua_mem.memory import ProductKeyMemory, ValueTable  # noqa: E402
-from lingua_mem.model.llama import FeedForward, memory_k_dim, memory_v_dim  # noqa: E402
+from lingua_mem.model.llama import FeedForward  # noqa: E402
 from lingua_mem.param_init import ParamInit  # noqa: E402
 
 SHAPES = {"debug": "configs/debug.yaml", "134m": "configs/memory_134m.yaml"}
@@ -37,8 +37,9 @@ def build(name: str, device: str):
     """Modules of one shape, initialised, on `device`: (ffn, memory, values, shape dict)."""
     path = SHAPES.get(name, name)
     cfg = load_config([f"config={ROOT / path if not Path(path).is_absolute() else path}"])
-    m, mem = cfg.model, cfg.memory
-    k_dim, v_dim = memory_k_dim(m, mem), memory_v_dim(m, mem)
+    m = model_args(cfg.model, cfg.memory)
+    mem = m.memory
+    k_dim, v_dim = mem.k_dim, mem.v_dim
     ffn = FeedForward(m.dim, m.ffn_hidden_dim)
     ffn.init_weights(ParamInit(0), m.init_std, m.init_std)
     pkm = ProductKeyMemory(m.dim, mem.n_keys, mem.heads, mem.knn, k_dim, v_dim, swilu=mem.swilu,

@@ -26,11 +26,11 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lingua_mem.config import DistributedConfig, load_config  # noqa: E402
-from lingua_mem.model import build_model  # noqa: E402
+from lingua_mem.config import DistributedConfig, load_config, model_args  # noqa: E402
+from lingua_mem.model.llama import build_model  # noqa: E402
 from lingua_mem.optim import build_optimizer, split_params  # noqa: E402
 from lingua_mem.parallel import init_distributed, parallelize  # noqa: E402
-from lingua_mem.trainer import train_step  # noqa: E402
+from lingua_mem.step import train_step  # noqa: E402
 
 
 def free_port() -> int:
@@ -48,10 +48,9 @@ def worker(rank, world, port, mp_size, args, out):
     dcfg = DistributedConfig(memory_parallel_size=mp_size)
     meshes = init_distributed(dcfg, "cpu")
     torch.manual_seed(0)
-    model = parallelize(build_model(cfg.model, cfg.memory), meshes, dcfg)
+    model = parallelize(build_model(model_args(cfg.model, cfg.memory)), meshes, dcfg)
     opt = build_optimizer(model, cfg.optim)
     dense, values = split_params(model)
-    group = meshes.memory.get_group("mp") if mp_size > 1 else None
     per_rank = args.global_batch // world
     gen = torch.Generator().manual_seed(rank)
     times = []
@@ -60,13 +59,13 @@ def worker(rank, world, port, mp_size, args, out):
         dist.barrier()
         t0 = time.perf_counter()
         train_step(model, opt, [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}], cfg.optim,
-                   dense, values, group)
+                   dense, values)
         dist.barrier()
         times.append(time.perf_counter() - t0)
     local = sum((t.weight.to_local() if hasattr(t.weight, "to_local") else t.weight).numel()
                 * t.weight.element_size() for t in model.values.values())
     if rank == 0:
-        full = cfg.memory.n_values * cfg.model.dim * 4
+        full = cfg.memory.n_keys**2 * cfg.model.dim * 4
         out.put({"mp": mp_size, "world": world, "step_ms": statistics.median(times[1:]) * 1e3,
                  "value_bytes_per_rank": local, "value_bytes_full": full, "fraction": local / full,
                  "tokens_per_s": args.global_batch * args.seq / statistics.median(times[1:])})

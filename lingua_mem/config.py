@@ -13,6 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lingua_mem.model.args import MemoryArgs, ModelArgs, llama_ffn_hidden_dim, validate_args
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line and names the key."""
@@ -33,22 +35,6 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
-
-    @property
-    def ffn_hidden_dim(self) -> int:
-        """Llama's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * math.ceil(hidden / self.multiple_of)
-
 
 @dataclass
 class MemoryConfig:
@@ -64,10 +50,6 @@ class MemoryConfig:
     swilu: bool = True  # Memory+ gated output; False: vanilla PKM
     qk_norm: bool = False  # RMSNorm on query halves and sub-keys
     query_batchnorm: bool = False  # BatchNorm on the query (Lample 2019)
-
-    @property
-    def n_values(self) -> int:
-        return self.n_keys**2
 
 
 @dataclass
@@ -128,7 +110,7 @@ class OptimConfig:
 @dataclass
 class DistributedConfig:
     device: str = "auto"  # auto | cpu | cuda
-    compute_dtype: str = "fp32"  # fp32 | bf16 (autocast on one process; FSDP param dtype on several)
+    compute_dtype: str = "fp32"  # fp32 | bf16: FSDP2's param dtype (one process too), fp32 reduce
     dp_replicate: int = 1  # replicas of the dense parameters (HSDP when dp_shard > 1 too)
     dp_shard: int = -1  # ranks the dense parameters are sharded over; -1: world / dp_replicate
     memory_parallel_size: int = 1  # consecutive ranks sharing the value tables by columns
@@ -199,29 +181,36 @@ def _check_choice(value: str, key: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, key, f"{value!r} is not one of {', '.join(choices)}")
 
 
-def validate_model(m: ModelConfig, mem: MemoryConfig) -> None:
-    """Impossible model/memory shapes, named by key (shared by train and stats)."""
-    for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
-        _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    _check(m.dim % m.n_heads == 0, "model.n_heads", f"{m.n_heads} does not divide model.dim={m.dim}")
-    _check(m.head_dim % 2 == 0, "model.n_heads", f"head dim {m.head_dim} must be even for RoPE")
-    _check(m.kv_heads > 0 and m.n_heads % m.kv_heads == 0, "model.n_kv_heads",
-           f"{m.kv_heads} does not divide model.n_heads={m.n_heads}")
-    for key in ("norm_eps", "rope_theta", "init_std"):
-        _check_positive_finite(getattr(m, key), f"model.{key}")
+def model_args(m: ModelConfig, mem: MemoryConfig) -> ModelArgs:
+    """The model's arguments from the YAML's `model` and `memory` sections; the defaults
+    left open there (n_kv_heads, k_dim, v_dim, the FFN width) are resolved here, once."""
+    return ModelArgs(
+        dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads if m.n_kv_heads is not None else m.n_heads,
+        vocab_size=m.vocab_size,
+        ffn_hidden_dim=llama_ffn_hidden_dim(m.dim, m.ffn_dim_multiplier, m.multiple_of),
+        norm_eps=m.norm_eps, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
+        tie_embeddings=m.tie_embeddings, init_std=m.init_std,
+        memory=MemoryArgs(
+            layers=tuple(mem.layers), n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn,
+            k_dim=mem.k_dim if mem.k_dim is not None else m.dim // 2,
+            v_dim=mem.v_dim if mem.v_dim is not None else m.dim,
+            shared_values=mem.shared_values, swilu=mem.swilu, qk_norm=mem.qk_norm,
+            query_batchnorm=mem.query_batchnorm))
+
+
+def validate_model(m: ModelConfig, mem: MemoryConfig) -> ModelArgs:
+    """The model's arguments, or ConfigError naming the key of an impossible shape
+    (shared by train, stats and export)."""
+    _check(m.multiple_of > 0, "model.multiple_of", "must be positive")
     if m.ffn_dim_multiplier is not None:
         _check_positive_finite(m.ffn_dim_multiplier, "model.ffn_dim_multiplier")
-    if not mem.layers:
-        return
-    for i in mem.layers:
-        _check(0 <= i < m.n_layers, "memory.layers", f"layer {i} outside 0..{m.n_layers - 1}")
-    _check(len(set(mem.layers)) == len(mem.layers), "memory.layers", "repeats a layer")
-    for key in ("n_keys", "heads", "knn"):
-        _check(getattr(mem, key) > 0, f"memory.{key}", "must be positive")
-    _check(mem.knn <= mem.n_keys, "memory.knn", f"{mem.knn} exceeds memory.n_keys={mem.n_keys}")
-    k_dim = mem.k_dim if mem.k_dim is not None else m.dim // 2
-    _check(k_dim > 0 and k_dim % 2 == 0, "memory.k_dim", f"{k_dim} must be positive and even")
-    _check(mem.v_dim is None or mem.v_dim > 0, "memory.v_dim", "must be positive")
+    args = model_args(m, mem)
+    try:
+        validate_args(args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return args
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -269,7 +258,7 @@ def validate(cfg: TrainConfig) -> None:
     mp = dist.memory_parallel_size
     _check(mp > 0, "distributed.memory_parallel_size", "must be positive")
     if cfg.memory.layers:
-        v_dim = cfg.memory.v_dim if cfg.memory.v_dim is not None else cfg.model.dim
+        v_dim = model_args(cfg.model, cfg.memory).memory.v_dim
         _check(v_dim % mp == 0, "distributed.memory_parallel_size", f"{mp} does not divide v_dim={v_dim}")
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
     _check_choice(dist.value_reduce_dtype, "distributed.value_reduce_dtype", ("fp32", "bf16"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
@@ -55,24 +54,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i + 1, total_steps, cfg))
 
 
-def clip_grads(params: list[nn.Parameter], max_norm: float, column_group=None) -> torch.Tensor:
+def clip_grads(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip to max_norm (0: measure only); returns the norm before clipping, as a
-    tensor (no host sync until it is read).
-
-    Sharded (DTensor) gradients count in full. `column_group`: the process group
-    over which the parameters are split by columns outside DTensor (memory
-    parallelism): their squared norms are summed over it.
-    """
+    tensor (no host sync until it is read). Sharded (DTensor) gradients count in full:
+    the norm of a DTensor is reduced over its mesh, whatever its placements."""
     with_grad = [p for p in params if p.grad is not None]
     if not with_grad:
         return torch.zeros(())
     norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    if column_group is not None:
-        squared = norm.pow(2)
-        dist.all_reduce(squared, group=column_group)
-        norm = squared.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
     return norm

@@ -5,7 +5,9 @@ materialised and initialised shard by shard, so no rank ever holds the full
 model. For the result not to depend on the layout, every tensor is defined as
 a whole: the i-th tensor initialised draws rows [k*R, (k+1)*R) of its full
 (global) shape from a generator seeded by (seed, i, k), and each rank draws
-only the row chunks its shard overlaps, then keeps its rows and columns.
+only the row chunks its shard overlaps, then keeps its block (its rows, and
+its columns when the tensor is split by columns too, as memory-parallel value
+tables are).
 One process, FSDP on 4 ranks and memory parallelism all get the same values
 (on the same device type).
 """
@@ -21,26 +23,15 @@ from torch.distributed.tensor import DTensor
 _CHUNK_ELEMENTS = 1 << 24  # at most 64 MiB of fp32 drawn at once
 
 
-def _shard_view(t: torch.Tensor, columns: tuple[int, int] | None):
-    """(local tensor, full shape, row offset, column offset) of a possibly sharded tensor.
-
-    `columns=(offset, total)` says the tensor is itself a column slice of a wider
-    tensor (a memory-parallel value table)."""
+def _shard_view(t: torch.Tensor) -> tuple[torch.Tensor, list[int], list[int]]:
+    """(local tensor, full shape, global offset of the local block) of a possibly sharded
+    tensor: a DTensor (FSDP2 rows, memory-parallel columns, both) or a plain one."""
     if isinstance(t, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-        local = t.to_local()
         _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
-        shape = list(t.shape)
-        if any(offset[1:]):
-            raise ValueError("only row (dim 0) sharding is supported by the initialiser")
-        row0 = offset[0] if offset else 0
-    else:
-        local, shape, row0 = t, list(t.shape), 0
-    col0 = 0
-    if columns is not None:
-        col0, shape[1] = columns
-    return local, shape, row0, col0
+        return t.to_local(), list(t.shape), list(offset)
+    return t, list(t.shape), [0] * t.dim()
 
 
 class ParamInit:
@@ -51,13 +42,16 @@ class ParamInit:
         self.count = 0
 
     @torch.no_grad()
-    def _fill(self, t: torch.Tensor, sample, columns: tuple[int, int] | None) -> None:
+    def _fill(self, t: torch.Tensor, sample) -> None:
         index, self.count = self.count, self.count + 1
-        local, shape, row0, col0 = _shard_view(t, columns)
+        local, shape, offset = _shard_view(t)
         if local.numel() == 0:
             return
         if not shape:  # a scalar
-            shape, local = [1], local.view(1)
+            shape, local, offset = [1], local.view(1), [0]
+        row0 = offset[0]
+        # this shard's block in the trailing dims (all of them, unless sharded there too)
+        trailing = tuple(slice(o, o + n) for o, n in zip(offset[1:], local.shape[1:], strict=True))
         row_elems = math.prod(shape[1:])
         rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(row_elems, 1))
         n_local = local.shape[0]
@@ -70,21 +64,17 @@ class ParamInit:
             chunk = torch.empty([stop - start, *shape[1:]], device=local.device, dtype=torch.float32)
             sample(chunk, gen)
             lo, hi = max(start, row0), min(stop, row0 + n_local)  # rows of this shard in the chunk
-            part = chunk[lo - start:hi - start]
-            if columns is not None:
-                part = part[:, col0:col0 + local.shape[1]]
-            local[lo - row0:hi - row0].copy_(part)
+            local[lo - row0:hi - row0].copy_(chunk[(slice(lo - start, hi - start), *trailing)])
 
-    def normal_(self, t: torch.Tensor, std: float, columns: tuple[int, int] | None = None) -> None:
-        self._fill(t, lambda x, g: nn.init.normal_(x, std=std, generator=g), columns)
+    def normal_(self, t: torch.Tensor, std: float) -> None:
+        self._fill(t, lambda x, g: nn.init.normal_(x, std=std, generator=g))
 
     def trunc_normal_(self, t: torch.Tensor, std: float) -> None:
         """Normal(0, std) truncated at +-3 std."""
-        self._fill(t, lambda x, g: nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=g),
-                   None)
+        self._fill(t, lambda x, g: nn.init.trunc_normal_(x, std=std, a=-3 * std, b=3 * std, generator=g))
 
     def uniform_(self, t: torch.Tensor, low: float, high: float) -> None:
-        self._fill(t, lambda x, g: nn.init.uniform_(x, low, high, generator=g), None)
+        self._fill(t, lambda x, g: nn.init.uniform_(x, low, high, generator=g))
 
     @staticmethod
     @torch.no_grad()

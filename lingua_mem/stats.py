@@ -16,13 +16,14 @@ import sys
 
 import torch.nn as nn
 
-from lingua_mem.config import ConfigError, TrainConfig, load_config
+from lingua_mem.cli import reports
+from lingua_mem.config import ConfigError, TrainConfig, load_config, model_args
 from lingua_mem.memory import ProductKeyMemory
-from lingua_mem.model import Transformer, build_model
+from lingua_mem.model.llama import Transformer, build_model
 
 
 def model_stats(model: Transformer, seq_len: int) -> dict:
-    cfg = model.cfg
+    args = model.args
     n_params = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     total = n_params(model)
     values = sum(n_params(t) for t in model.value_tables())
@@ -34,7 +35,7 @@ def model_stats(model: Transformer, seq_len: int) -> dict:
     if model.output is None:
         matmul += model.tok_embeddings.weight.numel()
     rows_read = sum(m.heads * m.knn * m.v_dim for m in memories)  # value elements per token
-    flops = 6 * matmul + 12 * cfg.n_layers * cfg.dim * seq_len + 6 * rows_read
+    flops = 6 * matmul + 12 * args.n_layers * args.dim * seq_len + 6 * rows_read
     return {
         "total_params": total,
         "memory_value_params": values,
@@ -42,22 +43,18 @@ def model_stats(model: Transformer, seq_len: int) -> dict:
         "active_params_per_token": total - values + rows_read,
         "flops_per_token": flops,
         "memory_layers": sorted(model.value_key),
-        "n_values": model.mem.n_values if memories else 0,  # rows per table
+        "n_values": args.memory.n_values if memories else 0,  # rows per table
         "seq_len": seq_len,
     }
 
 
 def config_stats(cfg: TrainConfig) -> dict:
-    return model_stats(build_model(cfg.model, cfg.memory, device="meta"), cfg.data.seq_len)
+    return model_stats(build_model(model_args(cfg.model, cfg.memory), device="meta"), cfg.data.seq_len)
 
 
+@reports(ConfigError)
 def main(argv: list[str]) -> int:
-    try:
-        cfg = load_config(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(config_stats(cfg)))
+    print(json.dumps(config_stats(load_config(argv))))
     return 0
 
 

@@ -1,13 +1,12 @@
-"""The training loop (one process: CPU or one GPU).
+"""The training loop, the same for one process and many (torchrun, srun).
 
-config -> tokenizer -> data loader -> model (meta -> parallelize -> device -> init_weights)
--> AdamW (dense + value groups) -> loop: micro-batches -> backward -> clip
-(dense and values apart, once per optimizer step) -> step -> metrics.
+config -> process group and meshes -> tokenizer -> data loader -> model (meta ->
+parallelize -> device -> init_weights) -> AdamW (dense + value groups) -> resume ->
+loop: train_step (micro-batches -> backward -> clip -> step) -> metrics -> checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from dataclasses import asdict
@@ -16,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from lingua_mem.checkpoint import Checkpointer, checkpoint_dir
-from lingua_mem.config import ConfigError, OptimConfig, TrainConfig, to_dict
+from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir
+from lingua_mem.config import ConfigError, TrainConfig, model_args, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops
-from lingua_mem.model import build_model
-from lingua_mem.optim import build_optimizer, build_scheduler, clip_grads, split_params
+from lingua_mem.model.llama import build_model
+from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.stats import model_stats
+from lingua_mem.step import train_step
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -45,54 +44,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(device: torch.device, compute_dtype: str):
-    if compute_dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # logits (B, T, V), targets (B, T) -> mean loss over tokens, in fp32
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, dense_params: list,
-               value_params: list, column_group=None, use_autocast: bool = False) -> tuple[torch.Tensor, ...]:
-    """One optimizer step over this rank's micro-batches ({"inputs", "targets"} on the device).
-
-    Gradients are reduced once, after the last micro-batch (FSDP), and clipped
-    once (dense and value tables apart). Returns tensors, read only when logged:
-    (mean loss of the micro-batches, dense grad norm, value grad norm).
-    """
-    device = micro_batches[0]["inputs"].device
-    loss_sum = torch.zeros((), device=device)
-    for i, batch in enumerate(micro_batches):
-        if hasattr(model, "set_requires_gradient_sync"):  # FSDP: sync on the last micro-batch only
-            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        with autocast(device, "bf16" if use_autocast else "fp32"):
-            logits = model(batch["inputs"])
-        loss = cross_entropy(logits, batch["targets"])
-        (loss / len(micro_batches)).backward()
-        loss_sum += loss.detach()
-    grad_norm = clip_grads(dense_params, optim.clip)
-    value_grad_norm = clip_grads(value_params, optim.value_clip, column_group)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum / len(micro_batches), grad_norm, value_grad_norm
-
-
 def train(cfg: TrainConfig) -> dict:
     """Train for cfg.steps optimizer steps; returns the last logged metrics (rank 0)."""
     device_type = resolve_device(cfg.distributed.device).type
-    meshes = init_distributed(cfg.distributed, device_type)  # a mesh that does not fit fails here
-    dims = meshes.dims
-    device = resolve_device(cfg.distributed.device, dims.local_rank)
-    is_main = dims.rank == 0
+    # a process group at every world size (one process: world 1, started here); a mesh
+    # that does not fit the world fails here, before anything is started
+    meshes = init_distributed(cfg.distributed, device_type)
+    device = resolve_device(cfg.distributed.device, meshes.dims.local_rank)
     try:
-        return _train(cfg, meshes, device, is_main)
+        return _train(cfg, meshes, device, meshes.dims.rank == 0)
     finally:
-        if dims.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        meshes.close()
 
 
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
@@ -103,15 +65,14 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
                           f"tokenizer's {tokenizer.n_words} tokens")
     if is_main:  # rank 0 first: it may generate the default corpus
         loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
-    if dims.distributed:
-        dist.barrier()
+    dist.barrier()
     if not is_main:
         loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
     seed_everything(cfg.seed)
 
     # built on meta and sharded before any weight exists; each rank then materialises
     # and initialises its own shards (to the values of the whole model, param_init.py)
-    model = build_model(cfg.model, cfg.memory, "meta")
+    model = build_model(model_args(cfg.model, cfg.memory), "meta")
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed)
     model.to_empty(device=device)
@@ -120,9 +81,6 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim)
     dense_params, value_params = split_params(model)
-    column_group = meshes.memory.get_group("mp") if dims.mp > 1 else None
-    # one process: autocast; several: FSDP's param dtype does the bf16 compute
-    use_autocast = cfg.distributed.compute_dtype == "bf16" and not dims.distributed
     peak = bf16_peak_flops(device) if cfg.distributed.compute_dtype == "bf16" else None
 
     # resume from the newest complete checkpoint of this dump_dir, or start from init_from's
@@ -143,7 +101,8 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
         if cfg.logging.console:
             print(f"model: {stats['total_params']:,} params ({stats['memory_value_params']:,} in value "
                   f"tables, memory at layers {stats['memory_layers']}), device {device}, "
-                  f"{dims.world_size} process(es): dp_replicate {dims.dp_replicate} x dp_shard "
+                  f"{dims.world_size} process(es) ({dist.get_backend_config()}): dp_replicate "
+                  f"{dims.dp_replicate} x dp_shard "
                   f"{dims.dp_shard}, memory parallel {dims.mp}", flush=True)
             if start:
                 print(f"resumed from {checkpoint_dir(cfg.dump_dir, start)}", flush=True)
@@ -163,9 +122,8 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
             micro_batches = [{k: batch[k].to(device, non_blocking=True) for k in ("inputs", "targets")}
                              for batch in (next(batches) for _ in range(cfg.optim.grad_accum))]
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            loss, grad_norm, value_grad_norm = train_step(
-                model, optimizer, micro_batches, cfg.optim, dense_params, value_params, column_group,
-                use_autocast)
+            loss, grad_norm, value_grad_norm = train_step(model, optimizer, micro_batches, cfg.optim,
+                                                          dense_params, value_params)
             scheduler.step()
             window_steps += 1
 
@@ -204,14 +162,16 @@ def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, devi
                  tokens_per_s, tokens_per_step) -> dict:
     """The logged row: losses and bad-line counts reduced over ranks, speed per rank and in all."""
     skipped = loader.skipped  # bad lines, per source
-    counts = torch.tensor([loss.item(), *skipped.values()], dtype=torch.float64)
-    if dims.distributed:  # the mean loss and the total skipped over all ranks
-        dist.all_reduce(counts)
+    # the mean loss and the total skipped over all ranks, reduced on the training device
+    counts = torch.cat([loss.detach().double().view(1),
+                        torch.tensor(list(skipped.values()), dtype=torch.float64, device=device)])
+    dist.all_reduce(counts)
+    counts = counts.tolist()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     row = {
         "step": step,
-        "loss": counts[0].item() / dims.world_size,
+        "loss": counts[0] / dims.world_size,
         "lr": lrs["dense"],
         "value_lr": lrs.get("values", 0.0),
         "grad_norm": grad_norm.item(),
@@ -225,6 +185,6 @@ def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, devi
         row["mfu"] = stats["flops_per_token"] * tokens_per_s / peak
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    for name, count in zip(skipped, counts[1:].tolist(), strict=True):
+    for name, count in zip(skipped, counts[1:], strict=True):
         row[f"data/skipped/{name}"] = int(count)
     return row

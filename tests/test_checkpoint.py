@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from lingua_mem.checkpoint import MANIFEST, complete_checkpoints, verify
-from lingua_mem.config import ConfigError, load_config
-from lingua_mem.model import build_model
+from lingua_mem.checkpoint.checkpointer import MANIFEST, complete_checkpoints, verify
+from lingua_mem.config import ConfigError, load_config, model_args
+from lingua_mem.model.llama import build_model
 from lingua_mem.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,8 +73,8 @@ def model_state(ckpt: Path, tmp_path: Path) -> dict:
 
 def first_shape_difference(a: list[str], b: list[str]) -> tuple[str, tuple, tuple]:
     """(name, shape in a, shape in b) of the first parameter, in model order, whose shape differs."""
-    sa = build_model(load_config(a).model, load_config(a).memory, "meta").state_dict()
-    sb = build_model(load_config(b).model, load_config(b).memory, "meta").state_dict()
+    sa = build_model(model_args(load_config(a).model, load_config(a).memory), "meta").state_dict()
+    sb = build_model(model_args(load_config(b).model, load_config(b).memory), "meta").state_dict()
     return next((k, tuple(sa[k].shape), tuple(sb[k].shape)) for k in sa if sa[k].shape != sb[k].shape)
 
 

@@ -1,12 +1,13 @@
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from lingua_mem.config import MemoryConfig, ModelConfig
+from lingua_mem.config import MemoryConfig, ModelConfig, model_args
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.memory import ProductKeyMemory, ValueTable, product_topk
-from lingua_mem.model import FeedForward, build_model
+from lingua_mem.model.llama import FeedForward, build_model
 from lingua_mem.param_init import ParamInit
 
 
@@ -80,11 +81,11 @@ def test_embedding_bag_gradcheck():
 def small_cfg(**mem):
     model = ModelConfig(dim=64, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=32)
     memory = MemoryConfig(layers=[1, 3], n_keys=8, heads=2, knn=4, **mem)
-    return model, memory
+    return model_args(model, memory)
 
 
 def test_memory_layers_at_configured_ids_only():
-    model = build_model(*small_cfg())
+    model = build_model(small_cfg())
     kinds = [type(b.feed_forward) for b in model.layers]
     assert kinds == [FeedForward, ProductKeyMemory, FeedForward, ProductKeyMemory, FeedForward]
     assert list(model.values.keys()) == ["shared"]
@@ -92,7 +93,7 @@ def test_memory_layers_at_configured_ids_only():
 
 
 def test_per_layer_tables():
-    model = build_model(*small_cfg(shared_values=False, v_dim=32))
+    model = build_model(small_cfg(shared_values=False, v_dim=32))
     assert sorted(model.values.keys()) == ["layer1", "layer3"]
     assert model.values["layer1"].weight.shape == (64, 32)
 
@@ -102,7 +103,7 @@ def test_per_layer_tables():
 ])
 def test_state_dict_round_trip_gives_same_logits(options):
     torch.manual_seed(0)
-    model = build_model(*small_cfg(**options))
+    model = build_model(small_cfg(**options))
     tokens = torch.randint(0, 97, (2, 16))
     model.train()
     model(tokens).sum().backward()  # BatchNorm running stats move; state must carry them
@@ -112,7 +113,7 @@ def test_state_dict_round_trip_gives_same_logits(options):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert sum(k.endswith(".weight") and "values." in k for k in state) == len(model.values)
 
-    fresh = build_model(*small_cfg(**options), seed=123)  # other weights
+    fresh = build_model(small_cfg(**options), seed=123)  # other weights
     fresh.eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(tokens), expected)
@@ -122,7 +123,7 @@ def test_state_dict_round_trip_gives_same_logits(options):
 
 
 def test_shared_table_is_one_parameter_receiving_both_layers_gradients():
-    model = build_model(*small_cfg())
+    model = build_model(small_cfg())
     table = model.values["shared"].weight
     assert sum(p is table for p in model.parameters()) == 1
     tokens = torch.randint(0, 97, (2, 16))
@@ -139,9 +140,9 @@ def test_shared_table_is_one_parameter_receiving_both_layers_gradients():
 
 
 def test_init_weights_defines_every_parameter_and_buffer():
-    model, memory = small_cfg(query_batchnorm=True, qk_norm=True)
+    args = small_cfg(query_batchnorm=True, qk_norm=True)
     for fill in (float("nan"), 7.0):  # whatever memory to_empty hands out
-        m = build_model(model, memory, device="meta")
+        m = build_model(args, device="meta")
         m.to_empty(device="cpu")
         floats = [t for t in itertools.chain(m.parameters(), m.buffers()) if t.is_floating_point()]
         for t in floats:
@@ -232,12 +233,11 @@ def test_rope_attention_depends_only_on_relative_position():
 
 
 def test_gqa_equals_attention_with_repeated_kv_heads():
-    from lingua_mem.model import Attention
-    from lingua_mem.model.llama import rope_tables
+    from lingua_mem.model.llama import Attention, rope_tables
 
     torch.manual_seed(0)
-    gqa_cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2)
-    mha_cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=4)
+    gqa_cfg = model_args(ModelConfig(dim=32, n_heads=4, n_kv_heads=2), MemoryConfig())
+    mha_cfg = model_args(ModelConfig(dim=32, n_heads=4, n_kv_heads=4), MemoryConfig())
     gqa, mha = Attention(gqa_cfg), Attention(mha_cfg)
     gqa.init_weights(ParamInit(0), 0.1, 0.1)
     with torch.no_grad():
@@ -259,9 +259,7 @@ def test_tied_embeddings_share_one_matrix():
     from lingua_mem.config import OptimConfig
     from lingua_mem.optim import build_optimizer
 
-    model_cfg, memory = small_cfg()
-    model_cfg.tie_embeddings = True
-    model = build_model(model_cfg, memory)
+    model = build_model(dataclasses.replace(small_cfg(), tie_embeddings=True))
     assert model.output is None
     tokens = torch.randint(0, 97, (2, 8))
     with torch.no_grad():

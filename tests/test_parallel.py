@@ -12,14 +12,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from lingua_mem import param_init
-from lingua_mem.config import ConfigError, DistributedConfig, MemoryConfig, ModelConfig, OptimConfig
-from lingua_mem.model import build_model
+from lingua_mem.config import (
+    ConfigError,
+    DistributedConfig,
+    MemoryConfig,
+    ModelConfig,
+    OptimConfig,
+    model_args,
+)
+from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import init_distributed, parallelize, resolve_dims
-from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
-from lingua_mem.trainer import train_step
+from lingua_mem.step import train_step
 
 MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 MEMORY = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16)
@@ -33,26 +40,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step(model, optimizer, tokens, column_group=None, micro=1) -> torch.Tensor:
+def step(model, optimizer, tokens, micro=1) -> torch.Tensor:
     """The trainer's optimizer step on `tokens` (B, SEQ + 1), split into `micro` micro-batches."""
     batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens.chunk(micro)]
     dense, values = split_params(model)
-    loss, _, _ = train_step(model, optimizer, batches, OPTIM, dense, values, column_group)
+    loss, _, _ = train_step(model, optimizer, batches, OPTIM, dense, values)
     return loss
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
-    """Every parameter in full: DTensors gathered, memory-parallel columns concatenated."""
+    """Every parameter in full (DTensors gathered, memory-parallel columns included)."""
     out = {}
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "")  # activation checkpointing wrapper
         out[name] = p.full_tensor() if hasattr(p, "full_tensor") else p.detach()
-    for key, table in model.values.items():
-        if isinstance(table, MemoryParallelValueTable):
-            cols = out[f"values.{key}.weight"].contiguous()
-            parts = [torch.empty_like(cols) for _ in range(table.mp)]
-            dist.all_gather(parts, cols, group=table.group)
-            out[f"values.{key}.weight"] = torch.cat(parts, dim=1)
     return out
 
 
@@ -63,10 +64,10 @@ def worker(rank, world, port, layout, results):
     torch.manual_seed(0)
     batch = torch.randint(0, MODEL.vocab_size, (world * PER_RANK_BATCH, SEQ + 1))
     tokens = [batch] * STEPS  # one batch, so the loss must fall
-    reference = build_model(MODEL, MEMORY, seed=5)
+    reference = build_model(model_args(MODEL, MEMORY), seed=5)
     layout = dict(layout)
     materialised = layout.pop("materialised", False)
-    model = copy.deepcopy(reference) if materialised else build_model(MODEL, MEMORY, "meta")
+    model = copy.deepcopy(reference) if materialised else build_model(model_args(MODEL, MEMORY), "meta")
 
     ref_opt = build_optimizer(reference, OPTIM)
     ref_losses = [step(reference, ref_opt, t).item() for t in tokens]
@@ -79,11 +80,10 @@ def worker(rank, world, port, layout, results):
         model.to_empty(device="cpu")
         model.init_weights(seed=5)
     opt = build_optimizer(model, OPTIM)
-    column_group = meshes.memory.get_group("mp") if meshes.dims.mp > 1 else None
     rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
     losses = []
     for t in tokens:
-        loss = step(model, opt, t[rows], column_group, micro)
+        loss = step(model, opt, t[rows], micro)
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
     got = full_state(model)
@@ -99,6 +99,7 @@ def worker(rank, world, port, layout, results):
 
 
 LAYOUTS = [
+    (1, {}),  # one process: a world-1 group and FSDP2 at degree 1, as the trainer runs it
     (2, {"dp_replicate": 2, "dp_shard": 1}),
     (2, {"dp_shard": 2}),
     (2, {"memory_parallel_size": 2}),
@@ -132,8 +133,61 @@ def test_parallel_training_equals_single_process(world, layout):
         # compiled kernels round differently from the eager reference (~1e-7 per gradient),
         # which Adam's normalised update magnifies over the steps
         assert param_err < (5e-5 if layout.get("compile") else 1e-5)
-    n_values = MEMORY.n_values * MODEL.dim  # one shared table
+    n_values = MEMORY.n_keys**2 * MODEL.dim  # one shared table
     assert local_values == n_values // world  # 1/world of the table on each rank
+
+
+def bf16_worker(rank, world, port, results):
+    """Three bf16 steps of the parallelized model (FSDP2's bf16 params, fp32 reduce) on one
+    global batch of 4 sequences split over `world` ranks; rank 0 puts the mean losses."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.manual_seed(0)
+    batch = torch.randint(0, MODEL.vocab_size, (4, SEQ + 1))
+    cfg = DistributedConfig(compute_dtype="bf16", dp_shard=world)
+    meshes = init_distributed(cfg, "cpu")
+    model = parallelize(build_model(model_args(MODEL, MEMORY), "meta"), meshes, cfg)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=5)
+    opt = build_optimizer(model, OPTIM)
+    rows = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    losses = []
+    for _ in range(STEPS):
+        loss = step(model, opt, batch[rows])
+        dist.all_reduce(loss)
+        losses.append(loss.item() / world)
+    if rank == 0:
+        results.put(losses)
+    meshes.close()
+
+
+def test_bf16_on_one_process_equals_two_processes():
+    """One precision mechanism for every world size: the same bf16 losses on 1 and 2 ranks."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    losses = {}
+    for world in (1, 2):
+        mp.start_processes(bf16_worker, args=(world, free_port(), results), nprocs=world,
+                           start_method="spawn", join=True)
+        losses[world] = results.get(timeout=5)
+    assert losses[2] == pytest.approx(losses[1], rel=5e-3)  # bf16 tolerance
+    assert losses[1][-1] < losses[1][0]  # it trained
+
+    torch.manual_seed(0)
+    batch = torch.randint(0, MODEL.vocab_size, (4, SEQ + 1))
+    fp32 = build_model(model_args(MODEL, MEMORY), seed=5)
+    with torch.no_grad():
+        first = torch.nn.functional.cross_entropy(fp32(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+    assert losses[1][0] == pytest.approx(first.item(), rel=2e-2)
+    assert losses[1][0] != pytest.approx(first.item(), rel=1e-6)  # really computed in bf16
+
+
+def test_the_default_group_serves_both_devices_on_a_gpu():
+    from lingua_mem.parallel.mesh import backend_for
+
+    # on a GPU the CPU collectives (object collectives, barriers, CPU tensors) go to gloo
+    assert backend_for("cuda") == "cuda:nccl,cpu:gloo"
+    assert backend_for("cpu") == "cpu:gloo"
 
 
 def test_mesh_that_does_not_fit_names_the_key():
@@ -164,6 +218,7 @@ def test_torchrun_trains_the_debug_model_with_memory_parallelism(tmp_path):
     assert rows[-1]["tokens"] == 4 * 2 * 4 * 64  # steps x ranks x batch x seq
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert "memory parallel 2" in proc.stdout
+    assert "2 process(es) (cpu:gloo)" in proc.stdout  # the backend string names the device
 
 
 def test_train_py_rejects_a_mesh_that_does_not_fit(tmp_path):
@@ -185,20 +240,27 @@ def test_train_py_rejects_a_mesh_that_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_activation_checkpointing_gives_the_same_gradients(mode):
-    from lingua_mem.parallel import Meshes
-
+    """On one process, as the trainer runs it: a world-1 group and FSDP2 at degree 1 (whose
+    hooks run inside the checkpointed memory blocks, for the value table)."""
     torch.manual_seed(0)
-    model = build_model(MODEL, MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16, qk_norm=True))
+    model = build_model(model_args(MODEL, MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16,
+                                                qk_norm=True)))
     checkpointed = copy.deepcopy(model)
-    one_process = Meshes(resolve_dims(DistributedConfig(), world_size=1))
-    parallelize(checkpointed, one_process, DistributedConfig(activation_checkpointing=mode))
-    assert type(checkpointed.layers[0]).__name__ == "CheckpointWrapper"
-    assert list(checkpointed.state_dict()) == list(model.state_dict())  # checkpoints stay loadable
-    tokens = torch.randint(0, MODEL.vocab_size, (2, SEQ))
-    for m in (model, checkpointed):
-        torch.nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten()).backward()
-    for (name, a), b in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
-        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    cfg = DistributedConfig(activation_checkpointing=mode)
+    meshes = init_distributed(cfg, "cpu")
+    try:
+        parallelize(checkpointed, meshes, cfg)
+        assert isinstance(checkpointed.layers[0], CheckpointWrapper)
+        assert list(checkpointed.state_dict()) == list(model.state_dict())  # checkpoints stay loadable
+        tokens = torch.randint(0, MODEL.vocab_size, (2, SEQ))
+        for _ in range(2):  # the second step runs FSDP2's hooks from their steady state
+            for m in (model, checkpointed):
+                m.zero_grad()
+                torch.nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten()).backward()
+            for (name, a), b in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
+                torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=0, atol=0, msg=name)
+    finally:
+        meshes.close()
 
 
 def test_activation_checkpointing_refuses_query_batchnorm():
@@ -210,9 +272,8 @@ def test_activation_checkpointing_refuses_query_batchnorm():
 
 
 def test_compile_without_a_cpu_compiler_is_refused(monkeypatch):
-    from lingua_mem.parallel import Meshes
+    from lingua_mem.parallel.parallelize import apply_compile
 
     monkeypatch.setenv("CXX", "no-such-compiler")
-    one_process = Meshes(resolve_dims(DistributedConfig(), world_size=1))
     with pytest.raises(ConfigError, match="distributed.compile: .*C\\+\\+ compiler"):
-        parallelize(build_model(MODEL, MEMORY, "meta"), one_process, DistributedConfig(compile=True))
+        apply_compile(build_model(model_args(MODEL, MEMORY), "meta"), "cpu")

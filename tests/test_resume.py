@@ -15,7 +15,7 @@ import pytest
 from test_parallel import free_port
 from wandb_runs import read_run
 
-from lingua_mem.checkpoint import complete_checkpoints
+from lingua_mem.checkpoint.checkpointer import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["config=configs/debug.yaml", "steps=14", "log_every=1", "checkpoint.every=4",
@@ -143,12 +143,12 @@ def reshard_worker(rank, world, port, layout, dump, results):
     import torch.distributed as dist
     from test_parallel import MEMORY, MODEL, OPTIM, SEQ
 
-    from lingua_mem.checkpoint import Checkpointer
-    from lingua_mem.config import CheckpointConfig, DistributedConfig, to_dict
-    from lingua_mem.model import build_model
+    from lingua_mem.checkpoint.checkpointer import Checkpointer
+    from lingua_mem.config import CheckpointConfig, DistributedConfig, model_args, to_dict
+    from lingua_mem.model.llama import build_model
     from lingua_mem.optim import build_optimizer, split_params
     from lingua_mem.parallel import init_distributed, parallelize
-    from lingua_mem.trainer import train_step
+    from lingua_mem.step import train_step
 
     if world > 1:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
@@ -156,12 +156,11 @@ def reshard_worker(rank, world, port, layout, dump, results):
     saving = dump is None
     cfg = DistributedConfig(**layout)
     meshes = init_distributed(cfg, "cpu")
-    model = parallelize(build_model(MODEL, MEMORY, "meta"), meshes, cfg)
+    model = parallelize(build_model(model_args(MODEL, MEMORY), "meta"), meshes, cfg)
     model.to_empty(device="cpu")
     model.init_weights(seed=3 if saving else 99)  # the loaders start from other weights
     optimizer = build_optimizer(model, OPTIM)
     dense, values = split_params(model)
-    column_group = meshes.memory.get_group("mp") if meshes.dims.mp > 1 else None
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, MODEL.vocab_size, (8, SEQ + 1), generator=gen) for _ in range(2)]
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
@@ -169,7 +168,7 @@ def reshard_worker(rank, world, port, layout, dump, results):
     def step(tokens):
         t = tokens[rows]
         loss, _, _ = train_step(model, optimizer, [{"inputs": t[:, :-1], "targets": t[:, 1:]}], OPTIM,
-                                dense, values, column_group)
+                                dense, values)
         if world > 1:
             dist.all_reduce(loss)
         return loss.item() / world
@@ -187,9 +186,8 @@ def reshard_worker(rank, world, port, layout, dump, results):
     second_loss = step(batches[1])
     if rank == 0:  # numpy, not tensors: their sender exits
         results["out"].put((logits.numpy(), second_loss, batches[1][:2, :-1].numpy()))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.barrier()
+    meshes.close()
 
 
 def test_a_4_process_checkpoint_loads_into_2_processes_and_1(tmp_path):
@@ -217,7 +215,7 @@ def test_a_4_process_checkpoint_loads_into_2_processes_and_1(tmp_path):
         assert loss == pytest.approx(saved_loss, rel=1e-5)  # optimizer state resharded too
 
     # and the export: full weights on one process without torch.distributed
-    from lingua_mem.export import consolidate, load_consolidated
+    from lingua_mem.checkpoint.consolidate import consolidate, load_consolidated
 
     consolidate(tmp_path / "checkpoints" / "0000000001", tmp_path / "export")
     with torch.no_grad():

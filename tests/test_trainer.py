@@ -6,10 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from wandb_runs import read_run
 
-from lingua_mem.config import OptimConfig, load_config
-from lingua_mem.model import build_model
+from lingua_mem.checkpoint.checkpointer import complete_checkpoints
+from lingua_mem.config import OptimConfig, load_config, model_args
+from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, clip_grads, lr_factor
 from lingua_mem.trainer import train
 
@@ -70,11 +72,31 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     assert la != lc
 
 
-def test_bf16_autocast_trains(tmp_path):
+def test_bf16_trains(tmp_path):  # FSDP2's bf16 params, on one process as on many
     fp32 = train(tiny(tmp_path / "fp32", "steps=1"))
     bf16 = train(tiny(tmp_path / "bf16", "steps=1", "distributed.compute_dtype=bf16"))
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=2e-2)
     assert bf16["loss"] != fp32["loss"]  # really ran in bf16
+
+
+def test_one_process_starts_a_world_1_group_and_ends_it(tmp_path):
+    assert not dist.is_initialized()
+    train(tiny(tmp_path, "steps=2"))
+    assert not dist.is_initialized()
+
+
+def test_the_trainer_runs_in_a_callers_group_whose_backend_string_names_the_device(tmp_path):
+    """The whole loop (logging, the checkpoint votes, DCP, async saves) in a default group of
+    "device:backend" form, as on a GPU ("cuda:nccl,cpu:gloo"); the caller's group stays open."""
+    dist.init_process_group("cpu:gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        last = train(tiny(tmp_path, "steps=4", "log_every=2", "checkpoint.every=2",
+                          "checkpoint.async_save=true"))
+        assert dist.is_initialized() and dist.get_backend_config() == "cpu:gloo"
+    finally:
+        dist.destroy_process_group()
+    assert last["step"] == 4 and math.isfinite(last["loss"])
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["0000000002", "0000000004"]
 
 
 def test_value_table_lr_and_schedule_reach_the_optimizer(tmp_path):
@@ -89,7 +111,7 @@ def test_value_table_lr_and_schedule_reach_the_optimizer(tmp_path):
 
 def test_optimizer_groups_hold_every_parameter_once():
     cfg = load_config(["config=configs/debug.yaml", *TINY, "optim.value_weight_decay=0.3"])
-    model = build_model(cfg.model, cfg.memory)
+    model = build_model(model_args(cfg.model, cfg.memory))
     opt = build_optimizer(model, cfg.optim)
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"dense", "dense_no_decay", "values"}
@@ -142,18 +164,18 @@ def test_wandb_offline_gets_what_metrics_jsonl_gets(tmp_path):
 def test_rebuilt_model_in_fresh_process_gives_same_logits(tmp_path):
     cfg = tiny(tmp_path)
     torch.manual_seed(3)
-    model = build_model(cfg.model, cfg.memory)
+    model = build_model(model_args(cfg.model, cfg.memory))
     tokens = torch.randint(0, 258, (2, 16))
     with torch.no_grad():
         logits = model(tokens)
     torch.save({"state": model.state_dict(), "tokens": tokens, "logits": logits}, tmp_path / "m.pt")
     script = f"""
 import torch
-from lingua_mem.config import load_config
-from lingua_mem.model import build_model
+from lingua_mem.config import load_config, model_args
+from lingua_mem.model.llama import build_model
 cfg = load_config({["config=configs/debug.yaml", f"dump_dir={tmp_path}", *TINY]!r})
 saved = torch.load({str(tmp_path / "m.pt")!r})
-model = build_model(cfg.model, cfg.memory)
+model = build_model(model_args(cfg.model, cfg.memory))
 model.load_state_dict(saved["state"], strict=True)
 with torch.no_grad():
     assert torch.equal(model(saved["tokens"]), saved["logits"])

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from lingua_mem.cli import fail
 from lingua_mem.data.sources import (
     FORMATS,
     READERS,
@@ -349,8 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = prepare(args.input, args.out, args.chunks, args.val_docs, args.seed, args.text_field,
                           args.format, args.split, args.bucket_mb, args.overwrite)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(json.dumps({"out": args.out, **summary, "seconds": round(time.perf_counter() - start, 2)}))
     return 0
 

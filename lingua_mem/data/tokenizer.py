@@ -269,6 +269,7 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, out: str, text_field
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lingua_mem.cli import fail
     from lingua_mem.data.prepare import InputError
 
     parser = argparse.ArgumentParser(prog="python -m lingua_mem.data.tokenizer",
@@ -284,18 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="train on the first this many documents (bounds memory)")
     args = parser.parse_args(argv)
     if args.vocab_size <= 0 or args.max_docs <= 0:
-        print("error: --vocab-size and --max-docs must be positive", file=sys.stderr)
-        return 2
+        return fail("--vocab-size and --max-docs must be positive")
     try:
         summary = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field,
                                       args.max_docs)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except RuntimeError as exc:  # sentencepiece: e.g. a vocab size the corpus cannot fill
         why = (str(exc).strip().splitlines() or ["RuntimeError"])[-1]
-        print(f"error: sentencepiece training failed: {why}", file=sys.stderr)
-        return 1
+        return fail(f"sentencepiece training failed: {why}", code=1)
     print(json.dumps(summary))
     return 0
 

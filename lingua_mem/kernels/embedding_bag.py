@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# the ops of this kernel whose outputs selective activation checkpointing keeps
+SAVED_OPS = frozenset({torch.ops.aten._embedding_bag.default})
+
 
 def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """PyTorch path, any device.

@@ -14,38 +14,36 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lingua_mem.cli import reports
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.launch import slurm
 
 
+@reports(ConfigError)
 def main(argv: list[str]) -> int:
     dry_run = "--dry-run" in argv
     launch_items, train_items = slurm.split_args([a for a in argv if a != "--dry-run"])
-    try:
-        launch = slurm.load_launch_config(launch_items)
-        cfg = load_config(train_items)
-        launch.job_name = launch.job_name or cfg.name
-        dump_dir = Path(cfg.dump_dir).resolve()
-        config, code_dir = slurm.run_config_path(dump_dir), dump_dir / "launch" / "code"
-        script_path = dump_dir / "launch" / "job.sbatch"
-        log_pattern = str(dump_dir / "logs" / "%j.log")
-        script = slurm.render_script(launch, [config], [dump_dir], code_dir, log_pattern)
-        if dry_run:  # the script that would be submitted; nothing written, nothing submitted
-            print(script)
-            return 0
-        slurm.check_cluster(launch)
-        slurm.prepare_run(cfg)
-        slurm.snapshot_code(code_dir)
-        if launch.backend == "submitit":
-            job_id = slurm.submit_submitit(launch, config, dump_dir, code_dir)
-            log = dump_dir / "launch" / "submitit" / f"{job_id}_0_log.out"
-        else:
-            job_id = slurm.submit_sbatch(script, script_path)
-            log = dump_dir / "logs" / f"{job_id}.log"
-        slurm.write_job_record(dump_dir, job_id, script_path, log)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    launch = slurm.load_launch_config(launch_items)
+    cfg = load_config(train_items)
+    launch.job_name = launch.job_name or cfg.name
+    dump_dir = Path(cfg.dump_dir).resolve()
+    config, code_dir = slurm.run_config_path(dump_dir), dump_dir / "launch" / "code"
+    script_path = dump_dir / "launch" / "job.sbatch"
+    log_pattern = str(dump_dir / "logs" / "%j.log")
+    script = slurm.render_script(launch, [config], [dump_dir], code_dir, log_pattern)
+    if dry_run:  # the script that would be submitted; nothing written, nothing submitted
+        print(script)
+        return 0
+    slurm.check_cluster(launch)
+    slurm.prepare_run(cfg)
+    slurm.snapshot_code(code_dir)
+    if launch.backend == "submitit":
+        job_id = slurm.submit_submitit(launch, config, dump_dir, code_dir)
+        log = dump_dir / "launch" / "submitit" / f"{job_id}_0_log.out"
+    else:
+        job_id = slurm.submit_sbatch(script, script_path)
+        log = dump_dir / "logs" / f"{job_id}.log"
+    slurm.write_job_record(dump_dir, job_id, script_path, log)
     print(f"submitted job {job_id}: {cfg.name}, {launch.nodes} node(s) x {launch.tasks_per_node} task(s)\n"
           f"  dump dir {dump_dir}\n  log {log}")
     return 0

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lingua_mem.cli import fail
+
 
 def slurm_state(job: str) -> str | None:
     """PENDING, RUNNING, COMPLETED, FAILED ... while SLURM still knows the job; else None."""
@@ -61,8 +63,7 @@ def main(argv: list[str]) -> int:
     try:
         rows = rows_of(Path(argv[0]))
     except (FileNotFoundError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     cols = ["point", "job", "status", "last_step", "last_loss"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lingua_mem.cli import fail
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.launch import slurm
 
@@ -96,8 +97,7 @@ def main(argv: list[str]) -> int:
                                      log_pattern, array=True)
         job_id = slurm.submit_sbatch(script, root / "sweep.sbatch")
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     record = {"name": name, "job_id": job_id, "points": [
         {"name": p, "dump_dir": str(d), "job": f"{job_id}_{i}",
          "log": str(root / "logs" / f"{job_id}_{i}.log")}

@@ -13,9 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lingua_mem import kernels
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.memory.product_topk import product_topk
 from lingua_mem.param_init import ParamInit
+
+# ops of a memory layer whose outputs selective activation checkpointing keeps: the
+# product-key search's top-k and the value kernels'
+SAVED_OPS = frozenset({torch.ops.aten.topk.default}) | kernels.SAVED_OPS
 
 
 class ValueTable(nn.Module):
@@ -81,13 +86,14 @@ class ProductKeyMemory(nn.Module):
         if self.query_bn is not None:
             q = self.query_bn(q)
         q = q.view(n, self.heads, 2, self.half)  # (N, heads, 2, half)
-        # the key search runs in fp32 even under bf16 autocast: bf16 scores tie and
-        # pick different slots (3% of them at 134m shapes)
+        # the key search runs in fp32 whatever the compute dtype (FSDP2's bf16 parameters,
+        # or autocast): bf16 scores tie and pick different slots (3% of them at 134m shapes)
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = torch.promote_types(self.keys.dtype, torch.float32)
             q, keys = q.to(dtype), self.keys.to(dtype)  # keys: (heads, 2, n_keys, half)
-            if self.q_norm is not None:
-                q, keys = self.q_norm(q), self.k_norm(keys)
+            if self.q_norm is not None:  # their weights upcast too
+                q = F.rms_norm(q, (self.half,), self.q_norm.weight.to(dtype), self.q_norm.eps)
+                keys = F.rms_norm(keys, (self.half,), self.k_norm.weight.to(dtype), self.k_norm.eps)
                 q = q * self.half**-0.5  # keep scores O(1), as attention scales q.k
             s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
             scores, indices = product_topk(s[:, :, 0], s[:, :, 1], self.knn)  # (N, heads, knn)

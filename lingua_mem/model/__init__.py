@@ -1,3 +1,1 @@
-from lingua_mem.model.llama import Attention, Block, FeedForward, Transformer, build_model
-
-__all__ = ["Attention", "Block", "FeedForward", "Transformer", "build_model"]
+"""The model: plain PyTorch (llama.py) built from its own arguments (args.py)."""

@@ -12,9 +12,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lingua_mem.config import MemoryConfig, ModelConfig
 from lingua_mem.memory import ProductKeyMemory, ValueTable
+from lingua_mem.memory import layer as memory_layer
+from lingua_mem.model.args import ModelArgs
 from lingua_mem.param_init import ParamInit
+
+# ops whose outputs selective activation checkpointing keeps (everything else is
+# recomputed): this model's matmuls and attention, and what the memory search and the
+# kernels declare for themselves (memory.layer.SAVED_OPS)
+ACTIVATION_SAVED_OPS = frozenset({
+    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}) | memory_layer.SAVED_OPS
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,13 +47,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     """Causal grouped-query attention with RoPE through scaled_dot_product_attention."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.n_heads, self.kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     @torch.no_grad()
     def init_weights(self, init: ParamInit, std: float, out_std: float) -> None:
@@ -80,19 +92,20 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + ffn_or_memory(norm(h))."""
 
-    def __init__(self, layer_id: int, cfg: ModelConfig, mem: MemoryConfig):
+    def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
+        mem = args.memory
         self.layer_id = layer_id
-        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         if layer_id in mem.layers:
             self.feed_forward = ProductKeyMemory(
-                cfg.dim, mem.n_keys, mem.heads, mem.knn, memory_k_dim(cfg, mem), memory_v_dim(cfg, mem),
+                args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim,
                 swilu=mem.swilu, qk_norm=mem.qk_norm, query_batchnorm=mem.query_batchnorm,
-                norm_eps=cfg.norm_eps)
+                norm_eps=args.norm_eps)
         else:
-            self.feed_forward = FeedForward(cfg.dim, cfg.ffn_hidden_dim)
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
     @property
     def is_memory(self) -> bool:
@@ -116,14 +129,6 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def memory_k_dim(cfg: ModelConfig, mem: MemoryConfig) -> int:
-    return mem.k_dim if mem.k_dim is not None else cfg.dim // 2
-
-
-def memory_v_dim(cfg: ModelConfig, mem: MemoryConfig) -> int:
-    return mem.v_dim if mem.v_dim is not None else cfg.dim
-
-
 class Transformer(nn.Module):
     """tokens (B, T) -> logits (B, T, vocab).
 
@@ -131,33 +136,33 @@ class Transformer(nn.Module):
     layer when not shared) and hands each memory block its table at call time.
     """
 
-    def __init__(self, cfg: ModelConfig, mem: MemoryConfig):
+    def __init__(self, args: ModelArgs):
         super().__init__()
-        self.cfg, self.mem = cfg, mem
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(i, cfg, mem) for i in range(cfg.n_layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        v_dim = memory_v_dim(cfg, mem)
+        self.args = args
+        mem = args.memory
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         if mem.layers and mem.shared_values:
             self.value_key = {i: "shared" for i in mem.layers}
         else:
             self.value_key = {i: f"layer{i}" for i in mem.layers}
-        self.values = nn.ModuleDict({k: ValueTable(mem.n_values, v_dim)
+        self.values = nn.ModuleDict({k: ValueTable(mem.n_values, mem.v_dim)
                                      for k in sorted(set(self.value_key.values()))})
-        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Give every parameter and buffer a defined value (after to_empty), a function
         of `seed` alone: the same whether the model is whole or sharded (param_init.py)."""
         init = ParamInit(seed)
-        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-stream writers
+        std = self.args.init_std
+        out_std = std / math.sqrt(2 * self.args.n_layers)  # residual-stream writers
         init.normal_(self.tok_embeddings.weight, std=std)
         for block in self.layers:
             block.init_weights(init, std, out_std)
@@ -183,11 +188,11 @@ class Transformer(nn.Module):
         return self.output(h)
 
 
-def build_model(cfg: ModelConfig, mem: MemoryConfig, device: torch.device | str = "cpu",
-                init: bool = True, seed: int = 0) -> Transformer:
+def build_model(args: ModelArgs, device: torch.device | str = "cpu", init: bool = True,
+                seed: int = 0) -> Transformer:
     """Build on the meta device, materialise on `device`, then init_weights(seed)."""
     with torch.device("meta"):
-        model = Transformer(cfg, mem)
+        model = Transformer(args)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)

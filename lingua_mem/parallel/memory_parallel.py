@@ -13,6 +13,11 @@ reduce-scattered back to their tokens' ranks. The local columns' gradient holds
 the contributions of all `mp` ranks' tokens, so it is scaled by 1/mp: after
 FSDP averages it over the mp_replicate ranks it equals the data-parallel mean,
 like every other parameter's.
+
+The table's weight is a DTensor of the whole table (columns Shard(1) over "mp", rows
+Shard(0) over "mp_replicate" once FSDP2 has sharded it): initialisation, clipping and
+checkpoints treat it as any other sharded parameter, and `to_local()` happens in the
+forward below only.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from lingua_mem.kernels import embedding_bag
-from lingua_mem.param_init import ParamInit
+from lingua_mem.kernels.embedding_bag import embedding_bag
+from lingua_mem.memory.layer import ValueTable
 
 # newer torch releases renamed the flat-tensor collectives; older ones only have the old names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -80,40 +85,28 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-class MemoryParallelValueTable(nn.Module):
-    """Drop-in for ValueTable: holds its rank's column slice (n_values, v_dim / mp)."""
+class MemoryParallelValueTable(ValueTable):
+    """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, its
+    columns split (`Shard(1)`) over the 1-D memory-parallel mesh `mp_mesh`. FSDP2 later
+    shards its rows over the other ranks (mp_replicate), making it (Shard(0), Shard(1))
+    on the memory mesh. Initialisation and checkpoints see it as any sharded parameter;
+    only forward looks at the local columns."""
 
-    def __init__(self, n_values: int, v_dim: int, mesh: DeviceMesh, weight: torch.Tensor | None = None):
-        super().__init__()
-        self.mesh = mesh  # the memory mesh (mp_replicate, mp)
-        group = mesh.get_group("mp")
-        self.group, self.mp, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
-        self.n_values = n_values
-        self.v_dim, self.cols = v_dim, v_dim // self.mp
-        if weight is None or weight.is_meta:  # materialised and initialised later
-            self.weight = nn.Parameter(torch.empty(n_values, self.cols, device="meta"))
-        else:  # the full table's columns of this rank
-            start = self.rank * self.cols
-            self.weight = nn.Parameter(weight.detach()[:, start:start + self.cols].clone())
-
-    def whole_table_view(self, local: torch.Tensor) -> DTensor:
-        """This rank's block of a table-shaped tensor (the weight, or an optimizer moment)
-        as a DTensor of the whole (n_values, v_dim) table: rows sharded over mp_replicate
-        (FSDP's split), columns over mp. Shares storage with `local`; checkpoints use it."""
-        if isinstance(local, DTensor):
-            local = local.to_local()
-        return DTensor.from_local(local, self.mesh, [Shard(0), Shard(1)], run_check=False,
-                                  shape=torch.Size((self.n_values, self.v_dim)), stride=(self.v_dim, 1))
-
-    def init_weights(self, init: ParamInit) -> None:
-        # this rank's columns of the table an unsharded ValueTable would hold
-        init.normal_(self.weight, std=self.v_dim**-0.5, columns=(self.rank * self.cols, self.v_dim))
+    def __init__(self, table: ValueTable, mp_mesh: DeviceMesh):
+        nn.Module.__init__(self)  # not ValueTable.__init__: the weight is built from `table`'s
+        self.group, self.mp = mp_mesh.get_group(), mp_mesh.size()
+        n_values, self.v_dim = table.weight.shape
+        self.cols = self.v_dim // self.mp
+        start = mp_mesh.get_local_rank() * self.cols
+        local = table.weight.detach()[:, start:start + self.cols].clone()  # meta stays meta
+        self.weight = nn.Parameter(DTensor.from_local(local, mp_mesh, [Shard(1)], run_check=False,
+                                                      shape=table.weight.shape, stride=(self.v_dim, 1)))
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         n = indices.shape[0]  # this rank's tokens
         all_indices = _all_gather_rows(indices, self.group)  # (mp*N, M), no gradient
         all_weights = _AllGatherRows.apply(weights, self.group)  # (mp*N, M)
-        table = _ScaleGrad.apply(self.weight, 1.0 / self.mp)  # (n_values, v_dim/mp)
+        table = _ScaleGrad.apply(self.weight.to_local(), 1.0 / self.mp)  # (n_values, v_dim/mp)
         part = embedding_bag(all_indices, all_weights, table)  # (mp*N, v_dim/mp)
         mine = _AllToAllRows.apply(part, self.group)  # (mp*N, v_dim/mp): block c = columns of rank c
         return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)

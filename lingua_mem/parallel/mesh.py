@@ -1,11 +1,17 @@
 """Process groups: the dense parameters' data-parallel mesh and the memory-parallel view.
 
-All ranks are data-parallel ranks (each reads its own share of the data). Over
-the same ranks there are two meshes:
+Every run has a process group, one process included (the trainer starts a world-1
+group itself when no launcher did), so one process and N processes run the same
+code. All ranks are data-parallel ranks (each reads its own share of the data).
+Over the same ranks there are two meshes:
   dense   (dp_replicate, dp_shard): FSDP2 of the dense parameters; HSDP when both > 1
   memory  (mp_replicate, mp): groups of `mp` consecutive ranks share the value
           tables by columns (dim "mp"); the ranks holding the same columns in
           different groups shard those columns' rows with FSDP2 (dim "mp_replicate")
+
+The default group serves both devices on a GPU (`cuda:nccl,cpu:gloo`): tensor
+collectives run on the GPU with NCCL, object collectives and barriers (checkpoint
+votes, DCP's planning) on the CPU with gloo. On CPU it is `cpu:gloo`.
 """
 
 from __future__ import annotations
@@ -31,15 +37,32 @@ class ParallelDims:
 
     @property
     def distributed(self) -> bool:
+        """More than one process (the process group itself exists at every size)."""
         return self.world_size > 1
 
 
 @dataclass
 class Meshes:
     dims: ParallelDims
-    device_type: str = "cpu"  # cpu | cuda
-    dense: DeviceMesh | None = None  # ("dp_replicate", "dp_shard")
-    memory: DeviceMesh | None = None  # ("mp_replicate", "mp")
+    device_type: str  # cpu | cuda
+    dense: DeviceMesh  # ("dp_replicate", "dp_shard")
+    memory: DeviceMesh  # ("mp_replicate", "mp")
+    owns_process_group: bool = False  # started here (not by the caller): destroy it at the end
+
+    @property
+    def dense_fsdp(self) -> DeviceMesh:
+        """The mesh FSDP2 shards the dense parameters over: 2-D (HSDP) when replicated, else 1-D."""
+        return self.dense if self.dims.dp_replicate > 1 else self.dense["dp_shard"]
+
+    def close(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def backend_for(device_type: str) -> str:
+    """The default group's backend string: the training device's backend, and gloo for the
+    CPU collectives (object collectives, barriers, CPU tensors) on a GPU."""
+    return "cuda:nccl,cpu:gloo" if device_type == "cuda" else "cpu:gloo"
 
 
 def launch_env() -> tuple[int, int, int]:
@@ -65,17 +88,33 @@ def resolve_dims(cfg: DistributedConfig, world_size: int, rank: int = 0, local_r
 
 
 def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
-    """Start the process group (nccl on GPU, gloo on CPU) and build the meshes; one process: none."""
-    rank, world_size, local_rank = launch_env()
-    dims = resolve_dims(cfg, world_size, rank, local_rank)
-    if not dims.distributed:
-        return Meshes(dims, device_type)
+    """Start the process group (unless the caller did) and build the meshes.
+
+    Launched by torchrun or srun: the env:// rendezvous. One process with no launcher:
+    a world-1 group on an in-process store (no port, nothing to clean up but the group)."""
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = launch_env()[2]
+    else:
+        rank, world_size, local_rank = launch_env()
+    dims = resolve_dims(cfg, world_size, rank, local_rank)  # a mesh that does not fit fails first
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = backend_for(device_type)
+        device_id = torch.device("cuda", local_rank) if device_type == "cuda" else None
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device_id)
+        else:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, device_id=device_id)
+        if device_type == "cpu":
+            # torch leaves a "cpu:gloo" group without a default backend once any plugin backend
+            # is registered (FSDP's import registers "fake"), and then warns on destroy
+            dist.group.WORLD._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
     dense = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard),
                              mesh_dim_names=("dp_replicate", "dp_shard"))
     memory = init_device_mesh(device_type, (world_size // dims.mp, dims.mp),
                               mesh_dim_names=("mp_replicate", "mp"))
-    return Meshes(dims, device_type, dense, memory)
+    return Meshes(dims, device_type, dense, memory, owns_process_group=owns)

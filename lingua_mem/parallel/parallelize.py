@@ -5,42 +5,66 @@ from __future__ import annotations
 
 import os
 import shutil
-from functools import partial
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    _CachedTorchDispatchMode,
+    _CachingTorchDispatchMode,
+    create_selective_checkpoint_contexts,
+)
 
 from lingua_mem.config import ConfigError, DistributedConfig
-from lingua_mem.model import Transformer
+from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer
 from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
 from lingua_mem.parallel.mesh import Meshes
 
-# ops whose outputs selective checkpointing keeps; everything else is recomputed
-_SAVED_OPS = {
-    torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-    torch.ops.aten.topk.default, torch.ops.aten._embedding_bag.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}
-
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in ACTIVATION_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# A value table is an FSDP2 unit called from inside a checkpointed block, and FSDP2's
+# profiler annotations (record_function ops) are not repeated identically when the block
+# is recomputed (the table's root pre-forward runs only then). Selective checkpointing
+# replays ops by count, so these two modes let the annotations through unrecorded, as
+# newer PyTorch does itself.
+_PROFILER_OPS = {torch.ops.profiler._record_function_enter_new.default,
+                 torch.ops.profiler._record_function_exit._RecordFunction}
+
+
+class _CachingSkipProfiler(_CachingTorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _PROFILER_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _CachedSkipProfiler(_CachedTorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _PROFILER_OPS:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _selective_contexts():
+    caching, cached = create_selective_checkpoint_contexts(_selective_policy)
+    caching.__class__, cached.__class__ = _CachingSkipProfiler, _CachedSkipProfiler  # same state
+    return caching, cached
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     """Wrap every block: `full` recomputes the whole block in backward, `selective`
-    keeps the outputs of matmuls, attention, top-k and the value bag."""
+    keeps the outputs of the ops the model declares (ACTIVATION_SAVED_OPS: matmuls,
+    attention, top-k, the value bag)."""
     if mode == "none":
         return
     for i, block in enumerate(model.layers):
         context = {}
         if mode == "selective":
-            context = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)}
+            context = {"context_fn": _selective_contexts}
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **context)
 
 
@@ -56,37 +80,33 @@ def apply_compile(model: Transformer, device_type: str) -> None:
 
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> Transformer:
-    """Activation checkpointing, then (several processes) memory parallelism and FSDP2 /
-    HSDP, applied to `model` in place; returns it. A model on the meta device is
+    """Activation checkpointing, compile, memory parallelism and FSDP2 / HSDP, applied to
+    `model` in place at every world size (one process: FSDP2 at degree 1, so one and N
+    processes share one precision mechanism); returns it. A model on the meta device is
     sharded without ever being whole: then `to_empty` and `init_weights` (each rank
     initialises its shards to the values the whole model would have); materialised
     weights are kept."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model, meshes.device_type)
-    if not meshes.dims.distributed:
-        return model
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
     dense_policy = MixedPrecisionPolicy(param_dtype=dense_dtype, reduce_dtype=torch.float32)
     table_reduce = torch.bfloat16 if cfg.value_reduce_dtype == "bf16" else torch.float32
     table_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=table_reduce)
 
-    # value tables: columns over the mp group (when mp > 1), rows over all the other
-    # ranks (FSDP on mp_replicate, which spans the whole world when mp == 1), so each
+    # value tables: columns over the mp group (a DTensor, when mp > 1), rows over all the
+    # other ranks (FSDP2 on mp_replicate, which spans the whole world when mp == 1), so each
     # rank holds 1/world of every table whatever the dense layout (HSDP included)
     if meshes.dims.mp > 1:
         for key, table in list(model.values.items()):
-            n_values, v_dim = table.weight.shape
-            model.values[key] = MemoryParallelValueTable(n_values, v_dim, meshes.memory, table.weight)
-    rows_mesh = meshes.memory["mp_replicate"]
-    unsharded_tables = set()  # columns no other rank shares rows of (world == mp)
+            model.values[key] = MemoryParallelValueTable(table, meshes.memory["mp"])
+    # a table is read by every memory layer of a step: gathered once, kept until backward ends
     for table in model.values.values():
-        if rows_mesh.size() > 1:
-            fully_shard(table, mesh=rows_mesh, mp_policy=table_policy)
-        else:
-            unsharded_tables.add(table.weight)
+        fully_shard(table, mesh=meshes.memory["mp_replicate"], mp_policy=table_policy,
+                    reshard_after_forward=False)
 
+    dense_mesh = meshes.dense_fsdp
     for block in model.layers:
-        fully_shard(block, mesh=meshes.dense, mp_policy=dense_policy)
-    fully_shard(model, mesh=meshes.dense, mp_policy=dense_policy, ignored_params=unsharded_tables or None)
+        fully_shard(block, mesh=dense_mesh, mp_policy=dense_policy)
+    fully_shard(model, mesh=dense_mesh, mp_policy=dense_policy)
     return model

@@ -17,9 +17,16 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from lingua_mem.config import ConfigError, DistributedConfig, MemoryConfig, ModelConfig, TrainConfig
-from lingua_mem.export import consolidate, load_consolidated, main
-from lingua_mem.model import build_model
+from lingua_mem.checkpoint.consolidate import consolidate, load_consolidated, main
+from lingua_mem.config import (
+    ConfigError,
+    DistributedConfig,
+    MemoryConfig,
+    ModelConfig,
+    TrainConfig,
+    model_args,
+)
+from lingua_mem.model.llama import build_model
 from lingua_mem.parallel import init_distributed, parallelize
 
 # DCP warns on every save without a process group that it assumes a single process
@@ -38,7 +45,7 @@ def write_config(path, model=MODEL, memory=MEMORY) -> None:
 
 def trained_model() -> torch.nn.Module:
     """A model moved off its init by two SGD steps (BatchNorm running stats updated too)."""
-    model = build_model(MODEL, MEMORY, seed=3)
+    model = build_model(model_args(MODEL, MEMORY), seed=3)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     for _ in range(2):
         logits = model(TOKENS[:, :-1])
@@ -59,11 +66,13 @@ def test_consolidate_round_trip_gives_the_same_logits(tmp_path):
     with safe_open(str(weights), framework="pt") as f:
         assert sorted(f.keys()) == sorted(model.state_dict())
         table = f.get_tensor("values.shared.weight")
-    assert table.shape == (MEMORY.n_values, MODEL.dim)
+    assert table.shape == (MEMORY.n_keys**2, MODEL.dim)
     assert torch.equal(table, model.values.shared.weight.detach())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["format"] == "lingua_mem" and config["step"] == 42
-    assert config["model"]["n_kv_heads"] == 2 and config["memory"]["layers"] == [0, 2]
+    # the model's own arguments, every default resolved (v_dim = dim, the FFN width)
+    assert config["model"]["n_kv_heads"] == 2 and config["model"]["memory"]["layers"] == [0, 2]
+    assert config["model"]["memory"]["v_dim"] == MODEL.dim and config["model"]["ffn_hidden_dim"] == 256
 
     loaded = load_consolidated(tmp_path / "out")
     assert not loaded.training
@@ -72,9 +81,21 @@ def test_consolidate_round_trip_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(TOKENS), model(TOKENS), rtol=0, atol=0)
 
+    # a config.json that does not describe a model names the key
+    config_file = tmp_path / "out" / "config.json"
+    for edit, key in ((lambda c: c["model"].pop("dim"), "model.dim: missing"),
+                      (lambda c: c["model"]["memory"].update(colour=1),
+                       "memory.colour: not a model argument"),
+                      (lambda c: c["model"].update(n_kv_heads=3), "model.n_kv_heads: 3 does not divide")):
+        bad = json.loads(json.dumps(config))
+        edit(bad)
+        config_file.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=re.escape(f"{config_file}: {key}")):
+            load_consolidated(tmp_path / "out")
+
 
 def test_cli_prints_one_line_and_returns_0(tmp_path, capsys):
-    model = build_model(MODEL, MEMORY, seed=0)
+    model = build_model(model_args(MODEL, MEMORY), seed=0)
     ckpt = tmp_path / "ckpt"
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
     write_config(ckpt)
@@ -89,7 +110,7 @@ def test_cli_prints_one_line_and_returns_0(tmp_path, capsys):
 
 def test_public_command_consolidates(tmp_path):
     ckpt = tmp_path / "checkpoints" / "0000000007"
-    dcp.save({"model": build_model(MODEL, MEMORY).state_dict()}, checkpoint_id=str(ckpt))
+    dcp.save({"model": build_model(model_args(MODEL, MEMORY)).state_dict()}, checkpoint_id=str(ckpt))
     write_config(ckpt)
     cmd = ["-m", "lingua_mem.checkpoint", "consolidate", str(ckpt), "--out", str(tmp_path / "o")]
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -111,7 +132,7 @@ def save_sharded(rank, world, port, path):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = DistributedConfig(dp_shard=2)
     meshes = init_distributed(cfg, "cpu")
-    model = build_model(MODEL, MEMORY, "meta")
+    model = build_model(model_args(MODEL, MEMORY), "meta")
     parallelize(model, meshes, cfg)
     model.to_empty(device="cpu")
     model.init_weights(seed=7)
@@ -130,7 +151,7 @@ def test_consolidate_a_checkpoint_saved_by_two_fsdp_ranks(tmp_path):
     write_config(ckpt)
     consolidate(ckpt, tmp_path / "out")
     loaded = load_consolidated(tmp_path / "out")
-    reference = build_model(MODEL, MEMORY, seed=7).eval()  # the same init, never sharded
+    reference = build_model(model_args(MODEL, MEMORY), seed=7).eval()  # the same init, never sharded
     for name, t in reference.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[name], t, rtol=0, atol=0, msg=name)
     with torch.no_grad():
@@ -143,7 +164,7 @@ def test_errors_name_the_path_or_key(tmp_path):
         consolidate(missing, tmp_path / "out")
 
     ckpt = tmp_path / "ckpt"
-    dcp.save({"model": build_model(MODEL, MEMORY).state_dict()}, checkpoint_id=str(ckpt))
+    dcp.save({"model": build_model(model_args(MODEL, MEMORY)).state_dict()}, checkpoint_id=str(ckpt))
     with pytest.raises(ValueError, match=re.escape(f"{ckpt / 'config.yaml'}: missing")):
         consolidate(ckpt, tmp_path / "out")
 
@@ -172,7 +193,7 @@ def test_errors_name_the_path_or_key(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing written on any error
 
     ckpt = tmp_path / "ckpt2"  # a good checkpoint, but the output path is a file
-    dcp.save({"model": build_model(MODEL, MEMORY).state_dict()}, checkpoint_id=str(ckpt))
+    dcp.save({"model": build_model(model_args(MODEL, MEMORY)).state_dict()}, checkpoint_id=str(ckpt))
     write_config(ckpt)
     (tmp_path / "file").write_text("")
     shard = next(ckpt.glob("*.distcp"))

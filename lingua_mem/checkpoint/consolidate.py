@@ -26,10 +26,11 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from lingua_mem.checkpoint import check_model_shapes, quiet_single_process
-from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, to_dict, validate_model
-from lingua_mem.model import Transformer, build_model
-from lingua_mem.model.llama import rope_tables
+from lingua_mem.checkpoint.checkpointer import check_model_shapes, quiet_single_process
+from lingua_mem.cli import fail
+from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, validate_model
+from lingua_mem.model.args import ModelArgs, validate_args
+from lingua_mem.model.llama import Transformer, build_model, rope_tables
 
 FORMAT = "lingua_mem"
 
@@ -39,9 +40,9 @@ def _first_line(exc: Exception) -> str:
     return f"{type(exc).__name__}: {msg.splitlines()[0][:300]}" if msg else type(exc).__name__
 
 
-def _model_configs(raw, where: Path) -> tuple[ModelConfig, MemoryConfig]:
-    """ModelConfig and MemoryConfig from the "model" and "memory" entries of a saved config,
-    type-checked by OmegaConf and validated; the rest of a training config is ignored."""
+def _training_model_args(raw, where: Path) -> ModelArgs:
+    """The model's arguments from the "model" and "memory" sections of a training run's
+    config.yaml, type-checked by OmegaConf and validated; the rest is ignored."""
     parts = []
     for section, schema in (("model", ModelConfig), ("memory", MemoryConfig)):
         try:
@@ -50,12 +51,10 @@ def _model_configs(raw, where: Path) -> tuple[ModelConfig, MemoryConfig]:
         except OmegaConfBaseException as exc:
             key = f"{section}.{exc.full_key}" if getattr(exc, "full_key", None) else section
             raise ConfigError(f"{where}: {key}: {str(exc).strip().splitlines()[0]}") from None
-    model, memory = parts
     try:
-        validate_model(model, memory)
+        return validate_model(*parts)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    return model, memory
 
 
 def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
@@ -72,10 +71,10 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         raw = OmegaConf.load(config_file)
     except Exception as exc:  # YAML syntax and the like
         raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
-    model_cfg, memory_cfg = _model_configs(raw, config_file)
+    args = _training_model_args(raw, config_file)
 
     # the model on meta gives every state-dict entry's FQN, full shape and dtype (no memory used)
-    meta_sd = build_model(model_cfg, memory_cfg, "meta").state_dict()
+    meta_sd = build_model(args, "meta").state_dict()
     check_model_shapes(path, {name: tuple(t.shape) for name, t in meta_sd.items()})
 
     # full-shaped CPU tensors; DCP fills them from however many shards wrote them. Only the
@@ -93,7 +92,7 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
 
     weights = out / "model.safetensors"
     step = int(path.name) if path.name.isdigit() else None  # checkpoints/<step, 10 digits>/
-    config = {"model": to_dict(model_cfg), "memory": to_dict(memory_cfg), "format": FORMAT, "step": step}
+    config = {"format": FORMAT, "step": step, "model": args.to_dict()}
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in sd.items()}, str(weights), metadata={"format": "pt"})
@@ -116,13 +115,19 @@ def load_consolidated(directory: str | Path, device: torch.device | str = "cpu")
         raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"{config_file}: not a {FORMAT} config (no \"format\": \"{FORMAT}\")")
-    model_cfg, memory_cfg = _model_configs(OmegaConf.create(raw), config_file)
+    try:
+        args = ModelArgs.from_dict(raw.get("model"))
+        validate_args(args)
+    except ValueError as exc:  # names the key
+        raise ValueError(f"{config_file}: {exc}") from None
+    except TypeError as exc:  # a value of the wrong type
+        raise ValueError(f"{config_file}: model: {_first_line(exc)}") from None
 
     # build on meta, then take the loaded tensors as the parameters (no second copy in memory)
-    model = build_model(model_cfg, memory_cfg, "meta")
+    model = build_model(args, "meta")
     model.load_state_dict(load_file(str(weights), device=str(device)), strict=True, assign=True)
     # the rope tables are non-persistent buffers (not in the file): compute them here
-    cos, sin = rope_tables(model_cfg.head_dim, model_cfg.max_seq_len, model_cfg.rope_theta)
+    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
     model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
     return model.eval()
 
@@ -142,8 +147,7 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
         weights = consolidate(args.checkpoint, args.out)
     except ValueError as exc:  # ConfigError included
-        print(f"error: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}", file=sys.stderr)
-        return 2
+        return fail(exc)
     with safe_open(str(weights), framework="pt") as f:  # the header only
         n = len(f.keys())
     size = weights.stat().st_size / 1e9

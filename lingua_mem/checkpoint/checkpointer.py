@@ -10,8 +10,6 @@ commit, retention, async save, resume with fallback, and init_from.
     manifest.json           size and CRC32 of every file above; written last
   0000000300.tmp/           being written; renamed to 0000000300/ by rank 0 once every rank is done
   0000000100.corrupt/       failed to load; set aside (kept) by the resume that fell back
-
-    python -m lingua_mem.checkpoint consolidate <checkpoint dir> --out DIR
 """
 
 from __future__ import annotations
@@ -43,7 +41,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lingua_mem.config import CheckpointConfig, ConfigError
-from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
 
 MANIFEST = "manifest.json"
 
@@ -147,9 +144,8 @@ def _agree(error: str | None, distributed: bool) -> str | None:
 class Checkpointer:
     """Saves and loads one training run's checkpoints (on every rank, collectively).
 
-    `model` may be parallelized: FSDP2 parameters are DTensors already; memory-parallel
-    value tables are presented to DCP as DTensors of the whole table, so a checkpoint
-    holds global shapes and loads into any layout (4 ranks -> 2 -> 1)."""
+    `model` is parallelized: its sharded parameters (FSDP2, memory-parallel value tables)
+    are DTensors of global shape, so a checkpoint loads into any layout (4 ranks -> 2 -> 1)."""
 
     def __init__(self, cfg: CheckpointConfig, dump_dir: str | Path, model, optimizer, scheduler=None,
                  loader=None, run_config: dict | None = None, layout: dict | None = None):
@@ -169,24 +165,13 @@ class Checkpointer:
 
     # ---- state dicts -----------------------------------------------------------------
 
-    def _state(self, with_optimizer: bool = True) -> tuple[dict, dict]:
-        """({"model", "optim"} as DCP sees it, the same with the tensors the model uses)."""
-        plain = {"model": get_model_state_dict(self.model)}
+    def _state(self, with_optimizer: bool = True) -> dict:
+        """{"model", "optim"} as DCP sees it: sharded parameters (FSDP2, memory-parallel
+        tables) are DTensors of global shape, so any layout can load them."""
+        state = {"model": get_model_state_dict(self.model)}
         if with_optimizer:
-            plain["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
-        seen = {"model": dict(plain["model"])}
-        if with_optimizer:
-            seen["optim"] = {**plain["optim"], "state": dict(plain["optim"]["state"])}
-        for key, table in self.model.values.items():
-            if not isinstance(table, MemoryParallelValueTable):
-                continue
-            fqn = f"values.{key}.weight"
-            seen["model"][fqn] = table.whole_table_view(plain["model"][fqn])
-            if with_optimizer and fqn in plain["optim"]["state"]:
-                seen["optim"]["state"][fqn] = {
-                    k: table.whole_table_view(v) if torch.is_tensor(v) and v.dim() == 2 else v
-                    for k, v in plain["optim"]["state"][fqn].items()}
-        return seen, plain
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        return state
 
     # ---- save --------------------------------------------------------------------------
 
@@ -209,7 +194,7 @@ class Checkpointer:
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                     "rng": _rng_state()},
                    tmp / f"train_state_{self.rank:05d}.pt")
-        state, _ = self._state()
+        state = self._state()
         if self.cfg.async_save and not block:
             with quiet_single_process():
                 future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
@@ -288,19 +273,19 @@ class Checkpointer:
             error = str(exc)
         if (error := _agree(error, self.distributed)) is not None:
             raise CheckpointError(error)
-        seen, plain = self._state(with_optimizer=with_train_state)
-        check_model_shapes(path, {name: tuple(t.shape) for name, t in seen["model"].items()})
+        state = self._state(with_optimizer=with_train_state)
+        check_model_shapes(path, {name: tuple(t.shape) for name, t in state["model"].items()})
         try:
             with quiet_single_process():
-                dcp.load(seen, checkpoint_id=str(path), no_dist=not self.distributed,
+                dcp.load(state, checkpoint_id=str(path), no_dist=not self.distributed,
                          planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise CheckpointError(f"{path}: DCP load failed ({type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300]})") from None
-        set_model_state_dict(self.model, plain["model"])
+        set_model_state_dict(self.model, state["model"])
         if not with_train_state:
             return None
-        set_optimizer_state_dict(self.model, self.optimizer, plain["optim"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         same_layout = json.loads((path / "meta.json").read_text())["world_size"] == self.world
         state_file = path / f"train_state_{self.rank if same_layout else 0:05d}.pt"
         try:
@@ -355,17 +340,3 @@ class Checkpointer:
             self._load(path, with_train_state=False)
         except (CheckpointError, ConfigError) as exc:  # ConfigError: a different model shape
             raise ConfigError(f"checkpoint.init_from: {exc}") from None
-
-
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "consolidate":
-        print("usage: python -m lingua_mem.checkpoint consolidate <checkpoint dir> --out DIR",
-              file=sys.stderr)
-        return 2
-    from lingua_mem.export import main as export_main
-
-    return export_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,123 @@
+"""The model's own arguments: every dimension resolved, nothing about training.
+
+A Transformer is built from a ModelArgs alone, so evaluation and export need no
+training config. `lingua_mem.config.model_args` maps the YAML's `model` and
+`memory` sections onto it (where the defaults such as k_dim = dim / 2 are applied).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+
+def llama_ffn_hidden_dim(dim: int, multiplier: float | None, multiple_of: int) -> int:
+    """Llama's rule: 2/3 of 4*dim, scaled by `multiplier`, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if multiplier is not None:
+        hidden = int(multiplier * hidden)
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+@dataclass(frozen=True)
+class MemoryArgs:
+    """Product-key memory (Memory+) replacing the FFN at `layers` (empty: a dense model)."""
+
+    layers: tuple[int, ...] = ()
+    n_keys: int = 1024  # sub-keys per half; n_keys**2 values
+    heads: int = 4
+    knn: int = 32  # top-k per head
+    k_dim: int = 128  # query / key dim of one head (two halves of k_dim / 2)
+    v_dim: int = 256  # value dim
+    shared_values: bool = True  # one value table for all memory layers
+    swilu: bool = True  # Memory+ gated output; False: vanilla PKM
+    qk_norm: bool = False
+    query_batchnorm: bool = False
+
+    @property
+    def n_values(self) -> int:
+        return self.n_keys**2
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    ffn_hidden_dim: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    memory: MemoryArgs = field(default_factory=MemoryArgs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values (tuples as lists)."""
+        out = asdict(self)
+        out["memory"]["layers"] = list(self.memory.layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelArgs:
+        """The inverse of to_dict; ValueError (one line) naming a missing or unknown key as
+        the YAML spells it (model.<x>, memory.<x>)."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"model: must be a mapping, not {type(raw).__name__}")
+        memory = raw.get("memory", {})
+        if not isinstance(memory, dict):
+            raise ValueError(f"memory: must be a mapping, not {type(memory).__name__}")
+        _check_keys(raw, cls, "model.")
+        _check_keys(memory, MemoryArgs, "memory.")
+        memory = MemoryArgs(**{**memory, "layers": tuple(memory.get("layers", ()))})
+        return cls(**{**raw, "memory": memory})
+
+
+def _check_keys(raw: dict, schema, prefix: str) -> None:
+    names = {f.name for f in fields(schema)}
+    required = {f.name for f in fields(schema) if f.default is MISSING and f.default_factory is MISSING}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: not a model argument")
+    missing = sorted(required - set(raw))
+    if missing:
+        raise ValueError(f"{prefix}{missing[0]}: missing")
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {why}")
+
+
+def validate_args(args: ModelArgs) -> None:
+    """ValueError (one line, naming the key as the YAML spells it: model.<x>, memory.<x>)
+    for a shape no model can have."""
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "ffn_hidden_dim"):
+        _check(isinstance(getattr(args, key), int) and getattr(args, key) > 0, f"model.{key}",
+               "must be a positive integer")
+    _check(args.dim % args.n_heads == 0, "model.n_heads",
+           f"{args.n_heads} does not divide model.dim={args.dim}")
+    _check(args.head_dim % 2 == 0, "model.n_heads", f"head dim {args.head_dim} must be even for RoPE")
+    _check(args.n_kv_heads > 0 and args.n_heads % args.n_kv_heads == 0, "model.n_kv_heads",
+           f"{args.n_kv_heads} does not divide model.n_heads={args.n_heads}")
+    for key in ("norm_eps", "rope_theta", "init_std"):
+        value = getattr(args, key)
+        _check(math.isfinite(value) and value > 0, f"model.{key}",
+               f"{value} must be a positive finite number")
+    mem = args.memory
+    if not mem.layers:
+        return
+    for i in mem.layers:
+        _check(0 <= i < args.n_layers, "memory.layers", f"layer {i} outside 0..{args.n_layers - 1}")
+    _check(len(set(mem.layers)) == len(mem.layers), "memory.layers", "repeats a layer")
+    for key in ("n_keys", "heads", "knn"):
+        _check(getattr(mem, key) > 0, f"memory.{key}", "must be positive")
+    _check(mem.knn <= mem.n_keys, "memory.knn", f"{mem.knn} exceeds memory.n_keys={mem.n_keys}")
+    _check(mem.k_dim > 0 and mem.k_dim % 2 == 0, "memory.k_dim", f"{mem.k_dim} must be positive and even")
+    _check(mem.v_dim > 0, "memory.v_dim", "must be positive")
