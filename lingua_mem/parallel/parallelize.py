@@ -35,18 +35,19 @@ _PROFILER_OPS = {torch.ops.profiler._record_function_enter_new.default,
                  torch.ops.profiler._record_function_exit._RecordFunction}
 
 
-class _CachingSkipProfiler(_CachingTorchDispatchMode):
+class _PassProfilerOps:
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _PROFILER_OPS:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-class _CachedSkipProfiler(_CachedTorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _PROFILER_OPS:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+class _CachingSkipProfiler(_PassProfilerOps, _CachingTorchDispatchMode):
+    """Selective checkpointing's forward mode, the profiler ops passed through."""
+
+
+class _CachedSkipProfiler(_PassProfilerOps, _CachedTorchDispatchMode):
+    """Its recompute mode, likewise."""
 
 
 def _selective_contexts():
