@@ -26,6 +26,7 @@ from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
+from lingua_mem.run_dir import RunLock, check_writable
 from lingua_mem.stats import model_stats
 from lingua_mem.step import train_step
 
@@ -52,9 +53,32 @@ def train(cfg: TrainConfig) -> dict:
     meshes = init_distributed(cfg.distributed, device_type)
     device = resolve_device(cfg.distributed.device, meshes.dims.local_rank)
     try:
-        return _train(cfg, meshes, device, meshes.dims.rank == 0)
+        lock = own_dump_dir(cfg.dump_dir, meshes.dims.rank == 0)  # before any work
+        try:
+            return _train(cfg, meshes, device, meshes.dims.rank == 0)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
         meshes.close()
+
+
+def own_dump_dir(dump_dir: str, is_main: bool) -> RunLock | None:
+    """Rank 0 checks that dump_dir is writable and takes its lock; every rank gets the same
+    answer (ConfigError naming the path, or the lock's live holder). Rank 0's lock, or None."""
+    lock, error = None, None
+    if is_main:
+        try:
+            check_writable(dump_dir)
+            lock = RunLock(dump_dir)
+            lock.acquire()
+        except ConfigError as exc:
+            error = str(exc)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise ConfigError(box[0])
+    return lock
 
 
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
