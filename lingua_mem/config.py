@@ -105,6 +105,9 @@ class OptimConfig:
     value_lr: float = 1e-3  # value tables' own peak lr
     value_weight_decay: float = 0.0
     value_clip: float = 1.0  # max grad norm of the value tables (0: off)
+    # a step whose gradient norm is not finite makes no update and is counted (skipped_steps)
+    # instead of stopping the run; costs one host sync per step
+    skip_nonfinite: bool = False
 
 
 @dataclass

@@ -5,8 +5,12 @@ parallelized (FSDP2 at every degree), so precision and gradient reduction are FS
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from lingua_mem.config import OptimConfig
 from lingua_mem.optim import clip_grads
@@ -22,13 +26,26 @@ def forward_loss(model, batch: dict) -> torch.Tensor:
     return cross_entropy(model(batch["inputs"]), batch["targets"])
 
 
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm, weight or optimizer state; the message names the step."""
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # mean loss of this rank's micro-batches
+    grad_norm: torch.Tensor  # of the dense parameters, before clipping
+    value_grad_norm: torch.Tensor  # of the value tables
+    finite: torch.Tensor  # bool: loss and both norms finite (read on the device, not here)
+    skipped: bool  # optim.skip_nonfinite and not finite: no update was made
+
+
 def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, dense_params: list,
-               value_params: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               value_params: list) -> StepResult:
     """One optimizer step over this rank's micro-batches ({"inputs", "targets"} on the device).
 
     Gradients are reduced once, after the last micro-batch (FSDP2), and clipped once
-    (dense and value tables apart). Returns tensors, read only when logged: (mean loss
-    of the micro-batches, dense grad norm, value grad norm).
+    (dense and value tables apart). The returned tensors are read only when logged; with
+    `optim.skip_nonfinite` a step whose gradient norm is not finite makes no update (that
+    costs one host sync per step: the norms are global, so every rank skips alike).
     """
     loss_sum = torch.zeros((), device=micro_batches[0]["inputs"].device)
     for i, batch in enumerate(micro_batches):
@@ -39,6 +56,25 @@ def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, 
         loss_sum += loss.detach()
     grad_norm = clip_grads(dense_params, optim.clip)
     value_grad_norm = clip_grads(value_params, optim.value_clip)
-    optimizer.step()
+    loss = loss_sum / len(micro_batches)
+    finite = loss.isfinite() & grad_norm.isfinite() & value_grad_norm.isfinite()
+    skipped = optim.skip_nonfinite and not bool(grad_norm.isfinite() & value_grad_norm.isfinite())
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum / len(micro_batches), grad_norm, value_grad_norm
+    return StepResult(loss, grad_norm, value_grad_norm, finite, skipped)
+
+
+def state_is_finite(model, optimizer) -> bool:
+    """Every weight and optimizer-state tensor finite, on every rank (a collective; one pass
+    over this rank's shards, made before a checkpoint is written)."""
+    local = lambda t: t.to_local() if isinstance(t, DTensor) else t  # noqa: E731
+    tensors = [local(p).detach() for p in model.parameters()]
+    tensors += [local(v) for state in optimizer.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.is_floating_point()]
+    device = tensors[0].device
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()]).all().to(device)
+    finite = finite.to(torch.int32)
+    if dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

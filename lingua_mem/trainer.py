@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir
+from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir, complete_checkpoints
 from lingua_mem.config import ConfigError, TrainConfig, model_args, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
@@ -28,7 +28,7 @@ from lingua_mem.parallel import Meshes, init_distributed, parallelize
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.run_dir import RunLock, check_writable
 from lingua_mem.stats import model_stats
-from lingua_mem.step import train_step
+from lingua_mem.step import TrainingDiverged, state_is_finite, train_step
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -141,27 +141,43 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len  # per rank
     window_start, window_steps = time.perf_counter(), 0
     last: dict = {}
+    # the first step whose loss or gradient norm was not finite (0: none); kept on the device
+    # and read only when logging or checkpointing, so a healthy step never waits for it
+    first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+    skipped_steps = 0
     try:
         for step in range(start + 1, cfg.steps + 1):
             micro_batches = [{k: batch[k].to(device, non_blocking=True) for k in ("inputs", "targets")}
                              for batch in (next(batches) for _ in range(cfg.optim.grad_accum))]
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            loss, grad_norm, value_grad_norm = train_step(model, optimizer, micro_batches, cfg.optim,
-                                                          dense_params, value_params)
+            result = train_step(model, optimizer, micro_batches, cfg.optim, dense_params, value_params)
+            loss, grad_norm, value_grad_norm = result.loss, result.grad_norm, result.value_grad_norm
+            skipped_steps += result.skipped
+            if not result.skipped:
+                first_nonfinite = torch.where((first_nonfinite == 0) & ~result.finite, step, first_nonfinite)
             scheduler.step()
             window_steps += 1
 
-            if step == 1 or step % cfg.log_every == 0 or step == cfg.steps:
+            preempted = preemption.requested(dims.distributed, device)
+            last_step = step == cfg.steps and cfg.checkpoint.every > 0
+            saving = preempted or last_step or checkpointer.due(step)
+            logging = step == 1 or step % cfg.log_every == 0 or step == cfg.steps
+            if logging or saving:
+                _stop_if_diverged(first_nonfinite, checkpointer)
+            if logging:
                 tokens_per_s = window_steps * tokens_per_step / (time.perf_counter() - window_start)
                 last = _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, device, stats,
                                     peak, tokens_per_s, tokens_per_step)
+                if cfg.optim.skip_nonfinite:
+                    last["skipped_steps"] = skipped_steps
                 if logger is not None:
                     logger.log(last, seconds_per_step=(time.perf_counter() - window_start) / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
 
-            preempted = preemption.requested(dims.distributed, device)
-            last_step = step == cfg.steps and cfg.checkpoint.every > 0
-            if preempted or last_step or checkpointer.due(step):
+            if saving:
+                if not state_is_finite(model, optimizer):  # never a checkpoint of non-finite state
+                    raise TrainingDiverged(f"training diverged: non-finite weights or optimizer state after "
+                                           f"step {step}; {_newest_checkpoint(checkpointer)}")
                 checkpointer.save(step, block=preempted or last_step)
             else:
                 checkpointer.poll()
@@ -180,6 +196,24 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
         if logger is not None:
             logger.close()
     return last
+
+
+def _newest_checkpoint(checkpointer: Checkpointer) -> str:
+    checkpointer.wait()  # an async save of finite weights still counts
+    done = complete_checkpoints(checkpointer.dump_dir)
+    kept = f"the newest checkpoint, {done[-1]}, is from before it" if done else "no checkpoint was written"
+    return (f"{kept}; lower optim.lr, or set optim.skip_nonfinite=true to skip such steps")
+
+
+def _stop_if_diverged(first_nonfinite: torch.Tensor, checkpointer: Checkpointer) -> None:
+    """TrainingDiverged naming the first step (over all ranks) whose loss or gradient norm
+    was not finite, if any: one host sync, made only when logging or checkpointing."""
+    never = torch.iinfo(torch.int64).max
+    first = torch.where(first_nonfinite == 0, never, first_nonfinite)
+    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if first.item() != never:
+        raise TrainingDiverged(f"training diverged: non-finite loss or gradient norm at step {first.item()}; "
+                               f"{_newest_checkpoint(checkpointer)}")
 
 
 def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, device, stats, peak,

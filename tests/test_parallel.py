@@ -44,8 +44,7 @@ def step(model, optimizer, tokens, micro=1) -> torch.Tensor:
     """The trainer's optimizer step on `tokens` (B, SEQ + 1), split into `micro` micro-batches."""
     batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens.chunk(micro)]
     dense, values = split_params(model)
-    loss, _, _ = train_step(model, optimizer, batches, OPTIM, dense, values)
-    return loss
+    return train_step(model, optimizer, batches, OPTIM, dense, values).loss
 
 
 def full_state(model) -> dict[str, torch.Tensor]:

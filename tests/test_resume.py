@@ -167,8 +167,8 @@ def reshard_worker(rank, world, port, layout, dump, results):
 
     def step(tokens):
         t = tokens[rows]
-        loss, _, _ = train_step(model, optimizer, [{"inputs": t[:, :-1], "targets": t[:, 1:]}], OPTIM,
-                                dense, values)
+        loss = train_step(model, optimizer, [{"inputs": t[:, :-1], "targets": t[:, 1:]}], OPTIM,
+                          dense, values).loss
         if world > 1:
             dist.all_reduce(loss)
         return loss.item() / world
