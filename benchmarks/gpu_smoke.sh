@@ -26,6 +26,10 @@ OUT=${SMOKE_OUT:-dumps/gpu_smoke}
 DEVICE=${SMOKE_DEVICE:-cuda}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "gpu_smoke: $PY cannot import torch; set PYTHON to the interpreter that has it" >&2
+  exit 1
+fi
 if [ "$DEVICE" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_smoke: no CUDA device here (torch.cuda.is_available() is false); nothing to do"
   exit 0

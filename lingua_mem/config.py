@@ -217,7 +217,7 @@ def validate_model(m: ModelConfig, mem: MemoryConfig) -> ModelArgs:
 
 
 def validate(cfg: TrainConfig) -> None:
-    validate_model(cfg.model, cfg.memory)
+    args = validate_model(cfg.model, cfg.memory)
     _check(cfg.steps > 0, "steps", "must be positive")
     _check(cfg.log_every > 0, "log_every", "must be positive")
     _check(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)")
@@ -261,7 +261,7 @@ def validate(cfg: TrainConfig) -> None:
     mp = dist.memory_parallel_size
     _check(mp > 0, "distributed.memory_parallel_size", "must be positive")
     if cfg.memory.layers:
-        v_dim = model_args(cfg.model, cfg.memory).memory.v_dim
+        v_dim = args.memory.v_dim
         _check(v_dim % mp == 0, "distributed.memory_parallel_size", f"{mp} does not divide v_dim={v_dim}")
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
     _check_choice(dist.value_reduce_dtype, "distributed.value_reduce_dtype", ("fp32", "bf16"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -28,18 +29,22 @@ from lingua_mem.config import ConfigError
 LOCK = "run.lock"
 
 
-def check_writable(dump_dir: str | Path) -> Path:
-    """Create dump_dir if needed and prove a file can be written there; ConfigError naming
-    the path and the reason (under a file, read-only, no permission) otherwise."""
-    path = Path(dump_dir)
-    probe = path / f".write-probe-{os.getpid()}"
+def check_writable(dump_dir: str | Path) -> None:
+    """Prove that dump_dir can be written (a file created and removed in it, or in the
+    nearest folder that exists when it does not yet: nothing is left behind); ConfigError
+    naming the path and the reason (under a file, read-only, no permission) otherwise."""
+    path = Path(dump_dir).absolute()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"dump_dir: cannot write to {dump_dir}: {existing} is a file, not a directory")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".lingua_mem-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
-        raise ConfigError(f"dump_dir: cannot write to {path}: {exc.strerror or exc}") from None
-    return path
+        raise ConfigError(f"dump_dir: cannot write to {dump_dir}: {exc.strerror or exc}") from None
 
 
 def _slurm_job() -> str | None:

@@ -1,5 +1,5 @@
-"""One step of the model: the loss of a batch (training and evaluation share it) and the
-optimizer step. The same code runs on one process and on many: the model is always
+"""One step of the model: the loss of a batch (forward_loss) and the optimizer step.
+The same code runs on one process and on many: the model is always
 parallelized (FSDP2 at every degree), so precision and gradient reduction are FSDP2's.
 """
 
@@ -22,7 +22,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def forward_loss(model, batch: dict) -> torch.Tensor:
-    """Mean next-token loss of {"inputs", "targets"} (B, T) on the model's device."""
+    """Mean next-token loss of {"inputs", "targets"} (B, T) on the model's device (the
+    training step's; evaluation is to reuse it)."""
     return cross_entropy(model(batch["inputs"]), batch["targets"])
 
 

@@ -53,36 +53,35 @@ def train(cfg: TrainConfig) -> dict:
     meshes = init_distributed(cfg.distributed, device_type)
     device = resolve_device(cfg.distributed.device, meshes.dims.local_rank)
     try:
-        lock = own_dump_dir(cfg.dump_dir, meshes.dims.rank == 0)  # before any work
-        try:
-            return _train(cfg, meshes, device, meshes.dims.rank == 0)
-        finally:
-            if lock is not None:
-                lock.release()
+        return _train(cfg, meshes, device, meshes.dims.rank == 0)
     finally:
         meshes.close()
 
 
-def own_dump_dir(dump_dir: str, is_main: bool) -> RunLock | None:
-    """Rank 0 checks that dump_dir is writable and takes its lock; every rank gets the same
-    answer (ConfigError naming the path, or the lock's live holder). Rank 0's lock, or None."""
-    lock, error = None, None
+def on_rank_0(fn, is_main: bool):
+    """fn() on rank 0; a ConfigError it raises is raised on every rank. fn's result on rank 0."""
+    result, error = None, None
     if is_main:
         try:
-            check_writable(dump_dir)
-            lock = RunLock(dump_dir)
-            lock.acquire()
+            result = fn()
         except ConfigError as exc:
             error = str(exc)
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
         raise ConfigError(box[0])
+    return result
+
+
+def take_lock(dump_dir: str) -> RunLock:
+    lock = RunLock(dump_dir)
+    lock.acquire()
     return lock
 
 
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
     dims = meshes.dims
+    on_rank_0(lambda: check_writable(cfg.dump_dir), is_main)  # before any work, creating nothing
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.n_words > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -92,6 +91,17 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     dist.barrier()
     if not is_main:
         loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
+    # once the data is known to be readable: before the model, the checkpoints and the metrics
+    lock = on_rank_0(lambda: take_lock(cfg.dump_dir), is_main)
+    try:
+        return _train_locked(cfg, meshes, device, is_main, loader)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool, loader) -> dict:
+    dims = meshes.dims
     seed_everything(cfg.seed)
 
     # built on meta and sharded before any weight exists; each rank then materialises

@@ -92,6 +92,9 @@ def test_consolidate_round_trip_gives_the_same_logits(tmp_path):
         config_file.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=re.escape(f"{config_file}: {key}")):
             load_consolidated(tmp_path / "out")
+    config_file.write_text(json.dumps({"format": "lingua_mem", "model": {"dim": 32}, "memory": {}}))
+    with pytest.raises(ValueError, match=re.escape(f"{config_file}: an export of an older lingua_mem")):
+        load_consolidated(tmp_path / "out")
 
 
 def test_cli_prints_one_line_and_returns_0(tmp_path, capsys):

@@ -72,6 +72,21 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     assert la != lc
 
 
+def test_bf16_with_a_query_batchnorm_trains(tmp_path):
+    # FSDP2 gathers the BatchNorm's parameters in fp32, like its running statistics
+    last = train(tiny(tmp_path, "steps=2", "distributed.compute_dtype=bf16", "memory.query_batchnorm=true"))
+    assert last["step"] == 2 and math.isfinite(last["loss"])
+
+
+def test_bf16_value_reduction_changes_nothing_without_a_reduction(tmp_path):
+    args = ["steps=3", "log_every=1"]
+    train(tiny(tmp_path / "fp32", *args))
+    train(tiny(tmp_path / "bf16", *args, "distributed.value_reduce_dtype=bf16"))
+    assert [r["loss"] for r in metrics(tmp_path / "fp32")] == [r["loss"] for r in metrics(tmp_path / "bf16")]
+    assert [r["value_grad_norm"] for r in metrics(tmp_path / "fp32")] == \
+        [r["value_grad_norm"] for r in metrics(tmp_path / "bf16")]
+
+
 def test_bf16_trains(tmp_path):  # FSDP2's bf16 params, on one process as on many
     fp32 = train(tiny(tmp_path / "fp32", "steps=1"))
     bf16 = train(tiny(tmp_path / "bf16", "steps=1", "distributed.compute_dtype=bf16"))

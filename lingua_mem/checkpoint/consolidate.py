@@ -115,6 +115,8 @@ def load_consolidated(directory: str | Path, device: torch.device | str = "cpu")
         raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"{config_file}: not a {FORMAT} config (no \"format\": \"{FORMAT}\")")
+    if "memory" in raw:  # the model and memory config sections, before 2026-12-01
+        raise ValueError(f"{config_file}: an export of an older lingua_mem; consolidate its checkpoint again")
     try:
         args = ModelArgs.from_dict(raw.get("model"))
         validate_args(args)

@@ -87,7 +87,8 @@ class ProductKeyMemory(nn.Module):
             q = self.query_bn(q)
         q = q.view(n, self.heads, 2, self.half)  # (N, heads, 2, half)
         # the key search runs in fp32 whatever the compute dtype (FSDP2's bf16 parameters,
-        # or autocast): bf16 scores tie and pick different slots (3% of them at 134m shapes)
+        # or autocast): bf16 scores tie and pick different slots (3% of them at 134m shapes).
+        # Under bf16 parameters the sub-keys arrive rounded to bf16 and are upcast here.
         with torch.autocast(device_type=x.device.type, enabled=False):
             dtype = torch.promote_types(self.keys.dtype, torch.float32)
             q, keys = q.to(dtype), self.keys.to(dtype)  # keys: (heads, 2, n_keys, half)

@@ -10,8 +10,9 @@ Over the same ranks there are two meshes:
           different groups shard those columns' rows with FSDP2 (dim "mp_replicate")
 
 The default group serves both devices on a GPU (`cuda:nccl,cpu:gloo`): tensor
-collectives run on the GPU with NCCL, object collectives and barriers (checkpoint
-votes, DCP's planning) on the CPU with gloo. On CPU it is `cpu:gloo`.
+collectives on GPU tensors and barriers (the group is bound to the rank's GPU) run on
+NCCL, object collectives (checkpoint votes, DCP's planning) and CPU tensors on gloo.
+On CPU it is `cpu:gloo`.
 """
 
 from __future__ import annotations
@@ -92,9 +93,12 @@ def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
 
     Launched by torchrun or srun: the env:// rendezvous. One process with no launcher:
     a world-1 group on an in-process store (no port, nothing to clean up but the group)."""
-    if dist.is_initialized():
+    if dist.is_initialized():  # the caller's group; its local rank from the launcher, if any
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        local_rank = launch_env()[2]
+        if "LOCAL_RANK" in os.environ or "SLURM_LOCALID" in os.environ:
+            local_rank = launch_env()[2]
+        else:
+            local_rank = rank % torch.cuda.device_count() if device_type == "cuda" else 0
     else:
         rank, world_size, local_rank = launch_env()
     dims = resolve_dims(cfg, world_size, rank, local_rank)  # a mesh that does not fit fails first
@@ -113,8 +117,13 @@ def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
             # torch leaves a "cpu:gloo" group without a default backend once any plugin backend
             # is registered (FSDP's import registers "fake"), and then warns on destroy
             dist.group.WORLD._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
-    dense = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard),
-                             mesh_dim_names=("dp_replicate", "dp_shard"))
-    memory = init_device_mesh(device_type, (world_size // dims.mp, dims.mp),
-                              mesh_dim_names=("mp_replicate", "mp"))
+    try:
+        dense = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard),
+                                 mesh_dim_names=("dp_replicate", "dp_shard"))
+        memory = init_device_mesh(device_type, (world_size // dims.mp, dims.mp),
+                                  mesh_dim_names=("mp_replicate", "mp"))
+    except BaseException:
+        if owns:
+            dist.destroy_process_group()
+        raise
     return Meshes(dims, device_type, dense, memory, owns_process_group=owns)

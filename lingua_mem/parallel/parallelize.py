@@ -29,8 +29,8 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 # A value table is an FSDP2 unit called from inside a checkpointed block, and FSDP2's
 # profiler annotations (record_function ops) are not repeated identically when the block
 # is recomputed (the table's root pre-forward runs only then). Selective checkpointing
-# replays ops by count, so these two modes let the annotations through unrecorded, as
-# newer PyTorch does itself.
+# replays ops by count, so these two modes let the annotations through unrecorded (a fix
+# PyTorch itself has been working on; torch 2.13 still fails without it).
 _PROFILER_OPS = {torch.ops.profiler._record_function_enter_new.default,
                  torch.ops.profiler._record_function_exit._RecordFunction}
 
@@ -92,8 +92,13 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> T
         apply_compile(model, meshes.device_type)
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
     dense_policy = MixedPrecisionPolicy(param_dtype=dense_dtype, reduce_dtype=torch.float32)
-    table_reduce = torch.bfloat16 if cfg.value_reduce_dtype == "bf16" else torch.float32
+    rows_mesh = meshes.memory["mp_replicate"]
+    # bf16 only where there is a reduction to make: FSDP2 rounds to its reduce dtype at size 1 too
+    bf16_reduce = cfg.value_reduce_dtype == "bf16" and rows_mesh.size() > 1
+    table_reduce = torch.bfloat16 if bf16_reduce else torch.float32
     table_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=table_reduce)
+    # a query BatchNorm keeps fp32 parameters, like its running statistics (fp32 buffers)
+    fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
     # value tables: columns over the mp group (a DTensor, when mp > 1), rows over all the
     # other ranks (FSDP2 on mp_replicate, which spans the whole world when mp == 1), so each
@@ -103,11 +108,13 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> T
             model.values[key] = MemoryParallelValueTable(table, meshes.memory["mp"])
     # a table is read by every memory layer of a step: gathered once, kept until backward ends
     for table in model.values.values():
-        fully_shard(table, mesh=meshes.memory["mp_replicate"], mp_policy=table_policy,
-                    reshard_after_forward=False)
+        fully_shard(table, mesh=rows_mesh, mp_policy=table_policy, reshard_after_forward=False)
 
     dense_mesh = meshes.dense_fsdp
     for block in model.layers:
+        batchnorm = getattr(block.feed_forward, "query_bn", None)
+        if batchnorm is not None:
+            fully_shard(batchnorm, mesh=dense_mesh, mp_policy=fp32_policy)
         fully_shard(block, mesh=dense_mesh, mp_policy=dense_policy)
     fully_shard(model, mesh=dense_mesh, mp_policy=dense_policy)
     return model
