@@ -187,9 +187,9 @@ def test_a_tmp_directory_is_never_loaded(tmp_path, capsys):
     for name in (".metadata", "__0_0.distcp", "train_state_00000.pt", "meta.json"):
         (junk / name).write_bytes(b"junk")
     (junk / MANIFEST).write_text(json.dumps({"step": 99, "files": {}}))
-    # and a step directory with no manifest (not committed)
-    (root / "0000000050").mkdir()
-    (root / "0000000050" / "__0_0.distcp").write_bytes(b"junk")
+    # and a step directory with no manifest, older than the newest complete one
+    (root / "0000000003").mkdir()
+    (root / "0000000003" / "__0_0.distcp").write_bytes(b"junk")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["0000000002", "0000000004"]
     capsys.readouterr()
 
@@ -203,6 +203,26 @@ def test_a_tmp_directory_is_never_loaded(tmp_path, capsys):
     assert (junk / "__0_0.distcp").read_bytes() == b"junk"  # untouched
     assert "0000000006" in ckpts(tmp_path) and "0000000099.tmp" in ckpts(tmp_path)
     assert not any(name.endswith(".corrupt") for name in ckpts(tmp_path))
+
+
+@pytest.mark.parametrize("lost", [["0000000004"], ["0000000002", "0000000004"]])
+def test_a_checkpoint_that_lost_its_manifest_stops_the_run_and_loses_nothing(tmp_path, lost):
+    run_inproc(tmp_path, "steps=4", "checkpoint.every=2")
+    for name in lost:
+        (tmp_path / "checkpoints" / name / MANIFEST).unlink()
+    before = snapshot(tmp_path)
+    line = one_error_line(run_cli(tmp_path, "steps=6", "checkpoint.every=2"))
+    root = tmp_path / "checkpoints"
+    fallback = f"from {root / '0000000002'}" if len(lost) == 1 else "from scratch"
+    assert line.startswith(f"error: checkpoint: {root / '0000000004'} has no {MANIFEST}, so it cannot be "
+                           f"verified and is not loaded; to resume {fallback}")
+    assert snapshot(tmp_path) == before  # metrics.jsonl and every folder as they were
+
+    # moved aside as the message says: the run resumes from what is left
+    (root / "0000000004").rename(tmp_path / "set-aside")
+    if len(lost) == 1:
+        assert run_inproc(tmp_path, "steps=6", "checkpoint.every=2")["step"] == 6
+        assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_model_of_another_shape_stops_before_writing_anything(tmp_path):

@@ -117,6 +117,21 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> None:
             raise CheckpointError(f"{f}: CRC32 mismatch (corrupt)")
 
 
+def _untrusted_checkpoint(dump_dir: Path, complete: list[Path]) -> str | None:
+    """The message for a step folder newer than every complete checkpoint that has no
+    manifest (so it cannot be verified), or None. Such a folder is never loaded, never
+    pruned and never silently passed over."""
+    root = Path(dump_dir) / "checkpoints"
+    newest = int(complete[-1].name) if complete else 0
+    suspects = sorted(p for p in root.iterdir() if p.name.isdigit() and p.is_dir()
+                      and not (p / MANIFEST).is_file() and int(p.name) > newest) if root.is_dir() else []
+    if not suspects:
+        return None
+    fallback = f"from {complete[-1]}" if complete else "from scratch (it truncates metrics.jsonl)"
+    return (f"checkpoint: {suspects[-1]} has no {MANIFEST}, so it cannot be verified and is not loaded; "
+            f"to resume {fallback} instead, move it out of {root}; to keep both, use another dump_dir")
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -309,10 +324,13 @@ class Checkpointer:
         A checkpoint that fails to load is reported, set aside as <step>.corrupt, and the
         previous one is tried; a model that does not match raises ConfigError."""
         candidates = complete_checkpoints(self.dump_dir)
+        untrusted = _untrusted_checkpoint(self.dump_dir, candidates)
         if self.distributed:  # every rank tries the same list
-            box = [candidates]
+            box = [candidates, untrusted]
             dist.broadcast_object_list(box, src=0)
-            candidates = box[0]
+            candidates, untrusted = box
+        if untrusted is not None:  # resuming from an older one, or afresh, would drop its steps
+            raise ConfigError(untrusted)
         for path in reversed(candidates):
             try:
                 return self._load(path, with_train_state=True)["step"]
