@@ -5,19 +5,19 @@
 
 import sys
 
-from lingua_mem.cli import fail, reports
+from lingua_mem.cli import STOPPED, Stopped, fail, reports
 from lingua_mem.config import ConfigError, load_config
 
 
 @reports(ConfigError)
 def main(argv: list[str]) -> int:
     cfg = load_config(argv)  # before torch is imported: a bad key fails at once
-    from lingua_mem.trainer import TrainingDiverged, train
+    from lingua_mem.trainer import train
 
     try:
         train(cfg)
-    except TrainingDiverged as exc:  # one line, exit 1; the checkpoints before it are kept
-        return fail(exc, code=1)
+    except Stopped as exc:  # diverged, or a checkpoint that cannot be written: one line, exit 1
+        return fail(exc, code=STOPPED)
     return 0
 
 

@@ -13,6 +13,12 @@ import sys
 from collections.abc import Callable
 
 BAD_INPUT = 2  # the exit code of an input error
+STOPPED = 1  # the exit code of a run that stopped for a reason it names (Stopped)
+
+
+class Stopped(RuntimeError):
+    """A run that cannot go on for a reason it names in one line (a diverged loss, a checkpoint
+    that cannot be written); nothing committed before it is lost. Exit code 1."""
 
 
 def one_line(exc: BaseException | str) -> str:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from lingua_mem.cli import Stopped
 from lingua_mem.config import OptimConfig
 from lingua_mem.optim import clip_grads
 
@@ -27,7 +28,7 @@ def forward_loss(model, batch: dict) -> torch.Tensor:
     return cross_entropy(model(batch["inputs"]), batch["targets"])
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(Stopped):
     """A non-finite loss, gradient norm, weight or optimizer state; the message names the step."""
 
 

@@ -4,6 +4,8 @@ resume from the previous one), half-written .tmp directories, model/checkpoint s
 
 import hashlib
 import json
+import resource
+import signal
 import subprocess
 import sys
 import zlib
@@ -223,6 +225,38 @@ def test_a_checkpoint_that_lost_its_manifest_stops_the_run_and_loses_nothing(tmp
     if len(lost) == 1:
         assert run_inproc(tmp_path, "steps=6", "checkpoint.every=2")["step"] == 6
         assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def limit_file_size(limit: int):
+    """A child's write past `limit` bytes fails with EFBIG, as a full disk fails with ENOSPC."""
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_failed_save_keeps_the_previous_checkpoint_and_the_same_command_resumes(tmp_path, async_save):
+    args = ["checkpoint.every=2", f"checkpoint.async_save={str(async_save).lower()}"]
+    assert run_cli(tmp_path, "steps=2", *args).returncode == 0
+    root = tmp_path / "checkpoints"
+    before = snapshot(root)
+    # the checkpoint's shard file is about 2 MB: with a 1 MB limit every save fails
+    proc = subprocess.run([sys.executable, "train.py", *cli_args(tmp_path, "steps=4", *args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(1 << 20))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    # the reason: the OS's, or (a short write inside torch.save) its line and the free space
+    assert lines[0].startswith(f"error: checkpoint: cannot write step 4 to {root / '0000000004.tmp'}: ")
+    assert "File too large" in lines[0] or "GiB free there" in lines[0]
+    assert lines[0].endswith(f"; the partial save is removed and {root / '0000000002'} is intact; free space "
+                             "(or fix the path) and run the same command again to resume")
+    assert ckpts(tmp_path) == ["0000000002"] and snapshot(root) == before
+
+    last = run_inproc(tmp_path, "steps=4", *args)  # space again: the same command resumes
+    assert last["step"] == 4 and ckpts(tmp_path) == ["0000000002", "0000000004"]
+    assert [r["step"] for r in rows(tmp_path)] == [1, 2, 3, 4]
 
 
 def test_a_model_of_another_shape_stops_before_writing_anything(tmp_path):

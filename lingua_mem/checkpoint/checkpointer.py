@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lingua_mem.cli import Stopped, one_line
 from lingua_mem.config import CheckpointConfig, ConfigError
 
 MANIFEST = "manifest.json"
@@ -47,6 +48,43 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded (truncated, corrupt, missing files); names the file."""
+
+
+class CheckpointWriteError(Stopped):
+    """A save that failed (disk full, I/O error); the run stops, the earlier checkpoints stay."""
+
+
+def _tmp_dir(dump_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(dump_dir, step).with_name(f"{step:010d}.tmp")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_failure(exc: BaseException, where: Path) -> str:
+    """What went wrong in one phrase: the OS's reason (e.g. 'No space left on device') when
+    the failure is an OSError anywhere in the chain (DCP wraps each rank's); else its line and
+    the free space left where it wrote (torch.save inside DCP reports a short write as
+    'unexpected pos', losing the OS error)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        inner = next(iter(exc.failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = f"{shutil.disk_usage(where).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{one_line(f'{type(exc).__name__}: {exc}')} ({free})"
 
 
 def checkpoint_dir(dump_dir: str | Path, step: int) -> Path:
@@ -195,31 +233,63 @@ class Checkpointer:
 
     def save(self, step: int, block: bool = False) -> None:
         """Write the checkpoint of `step` into <step>.tmp/; committed by rank 0 (renamed to
-        <step>/) once every rank is done: now, or with async_save when the write ends."""
+        <step>/) once every rank is done: now, or with async_save when the write ends. A write
+        that fails on any rank (disk full, I/O error) removes <step>.tmp/ and raises
+        CheckpointWriteError on every rank; the checkpoints committed before stay as they are."""
         self.wait()  # one save in flight at a time
-        final = checkpoint_dir(self.dump_dir, step)
-        tmp = final.with_name(final.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
-            tmp.mkdir(parents=True)
+        tmp = _tmp_dir(self.dump_dir, step)
+
+        def prepare():
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # a save killed half-way
+                tmp.mkdir(parents=True)
+
+        self._or_abandon(step, prepare)
         if self.distributed:
             dist.barrier()
+        self._or_abandon(step, lambda: self._write_train_state(step, tmp))
+        state = self._state()
+        if self.cfg.async_save and not block:
+            def start():
+                with quiet_single_process():
+                    return dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
+                                          no_dist=not self.distributed)
+
+            self.pending = (step, self._or_abandon(step, start))
+        else:
+            def write():
+                with quiet_single_process():
+                    dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)  # fsyncs its files
+
+            self._or_abandon(step, write)  # a collective: DCP raises on every rank alike
+            self.pending = (step, None)
+            self.wait()
+
+    def _write_train_state(self, step: int, tmp: Path) -> None:
+        path = tmp / f"train_state_{self.rank:05d}.pt"
         torch.save({"step": step, "world_size": self.world,
                     "loader": self.loader.state_dict() if self.loader is not None else None,
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                    "rng": _rng_state()},
-                   tmp / f"train_state_{self.rank:05d}.pt")
-        state = self._state()
-        if self.cfg.async_save and not block:
-            with quiet_single_process():
-                future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
-                                        no_dist=not self.distributed)
-            self.pending = (step, future)
-        else:
-            with quiet_single_process():
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=not self.distributed)
-            self.pending = (step, None)
-            self.wait()
+                    "rng": _rng_state()}, path)
+        _fsync(path)
+
+    def _or_abandon(self, step: int, fn):
+        """fn() on this rank; if it failed on any rank, the save of `step` is abandoned on all."""
+        result, error = None, None
+        try:
+            result = fn()
+        except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+            error = _write_failure(exc, self.dump_dir)
+        if (error := _agree(error, self.distributed)) is not None:
+            tmp = _tmp_dir(self.dump_dir, step)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            done = complete_checkpoints(self.dump_dir)
+            kept = f"{done[-1]} is intact" if done else "there is no earlier checkpoint"
+            raise CheckpointWriteError(
+                f"checkpoint: cannot write step {step} to {tmp}: {error}; the partial save is removed and "
+                f"{kept}; free space (or fix the path) and run the same command again to resume") from None
+        return result
 
     def poll(self) -> None:
         """Commit a finished async save (every rank calls this at the same steps)."""
@@ -237,8 +307,8 @@ class Checkpointer:
         step, future = self.pending
         self.pending = None
         if future is not None:
-            future.result()
-        tmp = checkpoint_dir(self.dump_dir, step).with_name(f"{step:010d}.tmp")
+            self._or_abandon(step, future.result)
+        tmp = _tmp_dir(self.dump_dir, step)
         # each rank checksums the files it wrote; rank 0 the shared ones, then commits
         mine = [tmp / f"train_state_{self.rank:05d}.pt", *tmp.glob(f"__{self.rank}_*.distcp")]
         files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in mine}
@@ -246,14 +316,13 @@ class Checkpointer:
             everyone = [None] * self.world
             dist.all_gather_object(everyone, files)
             files = {k: v for part in everyone for k, v in part.items()}
-        if self.rank == 0:
-            self._commit(step, files)
-        if self.distributed:
-            dist.barrier()
+        self._or_abandon(step, lambda: self._commit(step, files) if self.rank == 0 else None)
 
     def _commit(self, step: int, files: dict) -> None:
-        final = checkpoint_dir(self.dump_dir, step)
-        tmp = final.with_name(final.name + ".tmp")
+        """Rank 0: the shared files and the manifest, all fsynced with their folder, then the
+        rename that makes the checkpoint complete (fsynced too): a power loss leaves either the
+        old state or a complete checkpoint, never a committed but empty one."""
+        final, tmp = checkpoint_dir(self.dump_dir, step), _tmp_dir(self.dump_dir, step)
         OmegaConf.save(OmegaConf.create(self.run_config), tmp / "config.yaml")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "world_size": self.world,
                                                    "layout": self.layout, "time": time.time()}))
@@ -262,9 +331,13 @@ class Checkpointer:
                 files[p.name] = {"size": p.stat().st_size, "crc32": _crc32(p)}
         manifest = {"step": step, "files": dict(sorted(files.items()))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for name in ("config.yaml", "meta.json", MANIFEST, ".metadata"):
+            _fsync(tmp / name)
+        _fsync(tmp)
         if final.exists():  # the same step written again (a resumed run): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(final.parent)
         self._retain()
 
     def _retain(self) -> None:
