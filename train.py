@@ -1,17 +1,52 @@
 """Train a (memory-augmented) Llama model.
 
-    python train.py config=configs/debug.yaml [key=value ...]
+    python train.py [config=FILE.yaml] [key=value ...] [--print-config | --help]
 """
 
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 from lingua_mem.cli import STOPPED, Stopped, fail, reports
-from lingua_mem.config import ConfigError, load_config
+from lingua_mem.config import ConfigError, TrainConfig, load_config
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "debug.yaml"  # the quickstart
+
+
+def usage() -> str:
+    sections = [f.name for f in fields(TrainConfig) if f.name not in ("dump_dir", "name", "steps",
+                                                                       "log_every", "seed")]
+    return "\n".join([
+        "usage: python train.py [config=FILE.yaml] [key=value ...] [--print-config]",
+        "",
+        "Trains a Llama model with product-key memory layers. Without config=, configs/debug.yaml",
+        "(the quickstart: a small memory model on the generated facts corpus, a few minutes on CPU).",
+        "The config merges dataclass defaults <- the YAML file <- key=value items (nested keys with",
+        "dots: optim.lr=1e-3 memory.layers=[1,3]); a bad key or value stops with one line, exit 2.",
+        "",
+        "  top level: dump_dir, name, steps, log_every, seed",
+        f"  sections:  {', '.join(sections)}",
+        "  --print-config  print the resolved config as YAML and exit (nothing is run)",
+        "",
+        "Several processes: torchrun --nproc-per-node N train.py ... (see docs/distributed.md).",
+    ])
 
 
 @reports(ConfigError)
 def main(argv: list[str]) -> int:
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        return 0
+    print_config = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
+    if not any(a.startswith("config=") for a in argv):
+        argv = [f"config={DEFAULT_CONFIG}", *argv]
     cfg = load_config(argv)  # before torch is imported: a bad key fails at once
+    if print_config:
+        from omegaconf import OmegaConf
+
+        print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
+        return 0
     from lingua_mem.trainer import train
 
     try:

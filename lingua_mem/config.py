@@ -301,21 +301,23 @@ def load_config(args: list[str], schema: type = TrainConfig, check=validate):
         else:
             dotlist.append(arg)
     merged = OmegaConf.structured(schema)
-    try:
-        if yaml_path is not None:
-            path = Path(yaml_path)
-            if not path.is_file():
-                raise ConfigError(f"config: no such file {yaml_path}")
+    if yaml_path is not None:  # its errors name the file
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"config: no such file {yaml_path}")
+        try:
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{_one_line(exc)} (in {yaml_path})") from None
+        except Exception as exc:  # a YAML syntax error and the like
+            raise ConfigError(f"config: cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
+    try:  # the command line's errors say so
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
-        where = f" (in {yaml_path})" if yaml_path else ""
-        raise ConfigError(_one_line(exc) + where) from None
-    except Exception as exc:  # a YAML syntax error and the like
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"config: cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"{_one_line(exc)} (on the command line)") from None
+    except Exception as exc:
+        raise ConfigError(f"command line: {str(exc).splitlines()[0]}") from None
     check(cfg)
     return cfg
 

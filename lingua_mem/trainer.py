@@ -21,7 +21,7 @@ from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir, com
 from lingua_mem.config import ConfigError, TrainConfig, model_args, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
-from lingua_mem.metrics import MetricLogger, bf16_peak_flops
+from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration
 from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
@@ -102,6 +102,7 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
 
 def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool, loader) -> dict:
     dims = meshes.dims
+    started = time.perf_counter()
     seed_everything(cfg.seed)
 
     # built on meta and sharded before any weight exists; each rank then materialises
@@ -200,12 +201,24 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                 last = {**last, "preempted_at": step}
                 break
         checkpointer.wait()
+        if is_main and cfg.logging.console and last and "preempted_at" not in last:
+            print(_summary(cfg, last, start, time.perf_counter() - started), flush=True)
     finally:
         preemption.close()
         loader.close()
         if logger is not None:
             logger.close()
     return last
+
+
+def _summary(cfg: TrainConfig, last: dict, start: int, seconds: float) -> str:
+    """The closing line: what was trained, how long it took, where its outputs are."""
+    done = complete_checkpoints(cfg.dump_dir)
+    saved = f"checkpoint {done[-1]}" if done else "no checkpoint (checkpoint.every=0)"
+    resumed = f" (resumed at step {start})" if start else ""
+    metrics = Path(cfg.dump_dir) / "metrics.jsonl"
+    return (f"done: {last['step'] - start} steps{resumed} in {format_duration(seconds)}, final loss "
+            f"{last['loss']:.4f}, {last['tokens']:,} tokens; {saved}; metrics {metrics}")
 
 
 def _newest_checkpoint(checkpointer: Checkpointer) -> str:

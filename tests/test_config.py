@@ -95,3 +95,40 @@ def test_train_py_rejects_bad_data_settings_before_any_work(tmp_path, override, 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], lines
     assert not dump.exists()
+
+
+def test_a_bad_key_says_where_it_came_from(tmp_path):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("model:\n  dim: 64\n")
+    with pytest.raises(ConfigError, match=r"^model\.nope: .* \(on the command line\)$"):
+        load_config([f"config={yaml}", "model.nope=1"])
+    yaml.write_text("model:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match=rf"^model\.nope: .* \(in {yaml}\)$"):
+        load_config([f"config={yaml}", "model.dim=64"])
+
+
+def run_train_py(*args):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_train_py_help_and_print_config(tmp_path):
+    proc = run_train_py("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python train.py")
+    assert "sections:  model, memory, data, optim, distributed, logging, checkpoint" in proc.stdout
+    proc = run_train_py("--print-config", "steps=7", f"dump_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(proc.stdout)
+    cfg = load_config([f"config={printed}"])  # the printed YAML is the resolved config
+    assert cfg == load_config(["config=configs/debug.yaml", "steps=7", f"dump_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()  # nothing run
+
+
+def test_train_py_without_a_config_trains_the_debug_memory_model(tmp_path):
+    proc = run_train_py("steps=2", "log_every=1", f"dump_dir={tmp_path}", "data.batch_size=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "memory at layers [1, 3]" in proc.stdout  # configs/debug.yaml's Memory+ model
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 2 steps in ") and f"metrics {tmp_path / 'metrics.jsonl'}" in last
+    assert ", 1,024 tokens; checkpoint " in last  # 2 steps x 2 x 256; debug saves at the last step
