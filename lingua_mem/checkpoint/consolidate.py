@@ -63,7 +63,10 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     checkpoint is missing, unreadable or does not match its own config.yaml."""
     path, out = Path(checkpoint_dir), Path(out_dir)
     if not path.is_dir():
-        raise ValueError(f"{path}: no such checkpoint directory")
+        root = path.parent
+        there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+        listed = f"; {root} has {', '.join(there)}" if there else ""
+        raise ValueError(f"{path}: no such checkpoint directory{listed}")
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{config_file}: missing (not a checkpoint directory?)")
