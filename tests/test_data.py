@@ -365,6 +365,18 @@ def read_all(src, n):
     return [src.next_text() for _ in range(n)]
 
 
+def test_a_corrupt_parquet_file_is_skipped_with_its_reason(tmp_path, capsys):
+    d = tmp_path / "pq"
+    d.mkdir()
+    write_parquet(d / "a.parquet", ["one", "two"])
+    (d / "b.parquet").write_bytes(b"PAR1 truncated garbage")
+    src = open_source("pq", SourceConfig(path=str(d)))
+    assert read_all(src, 3) == ["one", "two", "one"] and src.skipped == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: data.sources.pq: skipped the rest of {d / 'b.parquet'}: Parquet magic bytes "
+                   "not found in footer. Either the file is corrupted or this is not a parquet file."]
+
+
 def test_parquet_source(tmp_path):
     d = tmp_path / "pq"
     d.mkdir()

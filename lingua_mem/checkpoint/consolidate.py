@@ -64,7 +64,8 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     path, out = Path(checkpoint_dir), Path(out_dir)
     if not path.is_dir():
         root = path.parent
-        there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+        there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) \
+            if root.is_dir() else []
         listed = f"; {root} has {', '.join(there)}" if there else ""
         raise ValueError(f"{path}: no such checkpoint directory{listed}")
     config_file = path / "config.yaml"

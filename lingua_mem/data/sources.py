@@ -37,6 +37,7 @@ import gzip
 import itertools
 import json
 import os
+import sys
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,13 +291,17 @@ class Source:
             if item is None:
                 self._next_file()
                 continue
-            advance, text, _ = item
+            advance, text, why = item
             self.offset += advance
             index, self.line = self.line, self.line + 1
             if index % self.world_size != self.rank:
                 continue
             if text is None:
                 self.skipped += 1
+                if why.startswith("bad_file"):  # the reader's own reason, e.g. a corrupt parquet footer
+                    print(f"warning: data.sources.{self.name}: skipped the rest of "
+                          f"{self.files[self.file_index]}: {why.removeprefix('bad_file: ')}",
+                          file=sys.stderr, flush=True)
                 continue
             self.epoch_docs += 1
             return text
