@@ -88,6 +88,9 @@ class DataConfig:
     seed: int = 0
     prefetch: str = "thread"  # none | thread | process: batches made ahead in the background
     prefetch_depth: int = 8  # batches kept ready
+    # a longer document is truncated to this many tokens (counted as data/truncated), which
+    # bounds the loader's state in every checkpoint whatever the data; 0: no cap
+    max_doc_tokens: int = 65536
 
 
 @dataclass
@@ -237,6 +240,7 @@ def validate(cfg: TrainConfig) -> None:
         _check_choice(src.format, f"data.sources.{name}.format", ("auto", "jsonl", "parquet", "text", "hf"))
     _check_choice(d.prefetch, "data.prefetch", ("none", "thread", "process"))
     _check(d.prefetch_depth > 0, "data.prefetch_depth", "must be positive")
+    _check(d.max_doc_tokens >= 0, "data.max_doc_tokens", "must be >= 0 (0: no cap)")
     _check(d.facts.people > 0, "data.facts.people", "must be positive")
     o = cfg.optim
     for key in ("lr", "value_lr", "eps"):

@@ -243,9 +243,10 @@ def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, devi
                  tokens_per_s, tokens_per_step) -> dict:
     """The logged row: losses and bad-line counts reduced over ranks, speed per rank and in all."""
     skipped = loader.skipped  # bad lines, per source
-    # the mean loss and the total skipped over all ranks, reduced on the training device
+    # the mean loss and the totals (skipped, truncated) over all ranks, reduced on the device
     counts = torch.cat([loss.detach().double().view(1),
-                        torch.tensor(list(skipped.values()), dtype=torch.float64, device=device)])
+                        torch.tensor([*skipped.values(), loader.truncated], dtype=torch.float64,
+                                     device=device)])
     dist.all_reduce(counts)
     counts = counts.tolist()
     if device.type == "cuda":
@@ -266,6 +267,7 @@ def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, devi
         row["mfu"] = stats["flops_per_token"] * tokens_per_s / peak
     if device.type == "cuda":
         row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    for name, count in zip(skipped, counts[1:], strict=True):
+    for name, count in zip(skipped, counts[1:-1], strict=True):
         row[f"data/skipped/{name}"] = int(count)
+    row["data/truncated"] = int(counts[-1])
     return row

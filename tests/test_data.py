@@ -661,3 +661,30 @@ def test_process_prefetch_checks_the_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.tokenizer: the prefetch process built .*258.*300"):
         next(loader)
     loader.close()
+
+
+@pytest.mark.parametrize("prefetch", ["none", "thread"])
+def test_a_pathological_document_is_capped_and_the_state_stays_small(tmp_path, prefetch):
+    d = tmp_path / "src"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", ["before", "x" * 5_000_000, "after"] + [f"doc {i}" for i in range(500)])
+    cfg = DataConfig(sources={"web": SourceConfig(path=str(d))}, batch_size=2, seq_len=64, prefetch=prefetch,
+                     max_doc_tokens=1000)
+    loader = build_loader(cfg, BytesTokenizer(), str(tmp_path))
+    batches = take(loader, 20)  # 2,600 stream tokens: past the capped document
+    state = loader.state_dict()
+    assert len(json.dumps(state)) < 50_000  # not the 5 MB document's tokens
+    assert loader.truncated == 1
+    tok = BytesTokenizer()
+    expected = (tok.encode("before", add_bos=True, add_eos=True) + tok.encode("x" * 2000, add_bos=True)[:1000]
+                + tok.encode("after", add_bos=True, add_eos=True))  # BOS and 999 x's, no EOS
+    assert stream_of(batches)[:len(expected)] == expected
+    fresh = build_loader(cfg, BytesTokenizer(), str(tmp_path))
+    fresh.load_state_dict(json.loads(json.dumps(state)))
+    for a, b in zip(take(fresh, 3), take(loader, 3), strict=True):  # resumes exactly
+        assert torch.equal(a["inputs"], b["inputs"])
+    assert fresh.truncated == 1
+    loader.close()
+    fresh.close()
+    with pytest.raises(ConfigError, match="data.max_doc_tokens"):
+        validate(TrainConfig(data=DataConfig(max_doc_tokens=-1)))

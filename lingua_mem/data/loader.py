@@ -51,7 +51,8 @@ class PackedLoader:
     """Infinite iterator of packed token batches from weighted sources."""
 
     def __init__(self, sources: list[Source], weights: list[float], tokenizer,
-                 batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+                 batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 max_doc_tokens: int = 0):
         assert sources and len(sources) == len(weights) and all(w > 0 for w in weights)
         self.sources, self.tokenizer = sources, tokenizer
         self.batch_size, self.seq_len = batch_size, seq_len
@@ -61,6 +62,8 @@ class PackedLoader:
         self._rng = random.Random(f"lingua_mem.data:{seed}:{rank}")  # str seeds are stable across runs
         self._buf: list[int] = []  # token stream; tokens before _start are consumed
         self._start = 0
+        self.max_doc_tokens = max_doc_tokens  # 0: no cap
+        self.truncated = 0  # documents cut to max_doc_tokens so far
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -70,7 +73,17 @@ class PackedLoader:
     def _next_document(self) -> list[int]:
         i = bisect.bisect_right(self._cum, self._rng.random()) if len(self.sources) > 1 else 0
         i = min(i, len(self.sources) - 1)  # guards float rounding at the top of _cum
-        return self.tokenizer.encode(self.sources[i].next_text(), add_bos=True, add_eos=True)
+        text, cap = self.sources[i].next_text(), self.max_doc_tokens
+        if not cap:
+            return self.tokenizer.encode(text, add_bos=True, add_eos=True)
+        # a token spans at most a few characters: cut the text first, so a 50 MB line costs
+        # no more to tokenize than a capped one
+        cut = text[: 16 * cap]
+        ids = self.tokenizer.encode(cut, add_bos=True, add_eos=True)
+        if len(ids) > cap or len(cut) < len(text):
+            self.truncated += 1
+            ids = ids[:cap]  # BOS and the document's first tokens; no EOS
+        return ids
 
     def __iter__(self):
         return self
@@ -99,7 +112,7 @@ class PackedLoader:
         return {"version": STATE_VERSION, "rank": self.rank, "world_size": self.world_size,
                 "sources": {s.name: s.state_dict() for s in self.sources},
                 "rng": [version, list(internal), gauss],
-                "buffer": self._buf[self._start :]}
+                "buffer": self._buf[self._start :], "truncated": self.truncated}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -116,6 +129,7 @@ class PackedLoader:
         self._rng.setstate((version, tuple(internal), gauss))
         self._buf = [int(t) for t in state["buffer"]]
         self._start = 0
+        self.truncated = int(state.get("truncated", 0))
 
     def close(self) -> None:
         for s in self.sources:
@@ -134,7 +148,7 @@ def build_packed_loader(cfg: DataConfig, tokenizer, dump_dir: str, rank: int = 0
         sources = [JsonlSource("facts", [str(facts / "train.jsonl")], "text", rank, world_size)]
         weights = [1.0]
     return PackedLoader(sources, weights, tokenizer, cfg.batch_size, cfg.seq_len,
-                        seed=cfg.seed, rank=rank, world_size=world_size)
+                        seed=cfg.seed, rank=rank, world_size=world_size, max_doc_tokens=cfg.max_doc_tokens)
 
 
 @dataclass(frozen=True)

@@ -196,6 +196,11 @@ class PrefetchLoader:
         """Bad records skipped per source in this rank's share, as of the last batch consumed."""
         return dict(self._skipped)
 
+    @property
+    def truncated(self) -> int:
+        """Documents cut to data.max_doc_tokens, as of the last batch consumed."""
+        return int(self._state.get("truncated", 0))
+
     def __iter__(self):
         return self
 
