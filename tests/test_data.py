@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import os
 import re
 import time
 
@@ -688,3 +689,30 @@ def test_a_pathological_document_is_capped_and_the_state_stays_small(tmp_path, p
     fresh.close()
     with pytest.raises(ConfigError, match="data.max_doc_tokens"):
         validate(TrainConfig(data=DataConfig(max_doc_tokens=-1)))
+
+
+def test_files_added_between_runs_join_at_the_next_epoch_and_removed_ones_stop(tmp_path, capsys):
+    d = tmp_path / "src"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", ["a0", "a1"])
+    write_jsonl(d / "b.jsonl", ["b0", "b1"])
+    cfg = SourceConfig(path=str(d))
+    src = open_source("web", cfg)
+    assert read_all(src, 3) == ["a0", "a1", "b0"]
+    state = json.loads(json.dumps(src.state_dict()))
+
+    write_jsonl(d / "c.jsonl", ["c0"])  # added while the run was stopped
+    resumed = open_source("web", cfg)
+    resumed.load_state_dict(state)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: data.sources.web: 1 file(s) added since the checkpoint (c.jsonl) join at the "
+                   "next epoch"]
+    # this epoch exactly as the first run would have gone on; the new file from the next one
+    assert read_all(resumed, 6) == ["b1", "a0", "a1", "b0", "b1", "c0"]
+    assert [os.path.basename(f) for f in resumed.state_dict()["files"]] == ["a.jsonl", "b.jsonl", "c.jsonl"]
+
+    (d / "b.jsonl").unlink()  # a file the saved epoch was reading is gone
+    fresh = open_source("web", cfg)
+    with pytest.raises(ConfigError, match=r"^data\.sources\.web\.path: b\.jsonl was read by the run being "
+                                          r"resumed and is not in .* any more"):
+        fresh.load_state_dict(state)

@@ -262,6 +262,7 @@ class Source:
         self.epoch_docs = 0  # documents this rank returned this epoch
         self.skipped = 0  # this rank's records that were not documents
         self._reader: Iterator[Read] | None = None
+        self._next_epoch_files: list[str] | None = None  # files added since a resumed state
 
     def _read(self, path: str, offset: int) -> Iterator[Read]:
         return READERS[self.format](path, self.text_field, offset)
@@ -281,6 +282,8 @@ class Source:
                                   f"{self.rank} of {self.world_size} in {len(self.files)} file(s)")
             self.epoch += 1
             self.file_index = self.line = self.epoch_docs = 0
+            if self._next_epoch_files is not None:  # files added since the resumed state join now
+                self.files, self._next_epoch_files = self._next_epoch_files, None
 
     def next_text(self) -> str:
         """The next document's text of this rank's share."""
@@ -315,10 +318,21 @@ class Source:
         fmt = state.get("format", "jsonl")  # states saved before the format key were jsonl
         if fmt != self.format:
             raise ValueError(f"data source {self.name}: saved as {fmt}, now {self.format}")
-        files = [os.path.basename(f) for f in self.files]
-        if state["files"] != files:
-            raise ValueError(f"data source {self.name}: its files changed since the state was saved "
-                             f"({len(state['files'])} saved, {len(files)} now)")
+        # the epoch in progress goes on over the files it started with; a file added since
+        # joins at the next epoch, a file it was reading that is gone stops the run
+        now = {os.path.basename(f): f for f in self.files}
+        gone = [name for name in state["files"] if name not in now]
+        if gone:
+            raise ConfigError(f"data.sources.{self.name}.path: {gone[0]} was read by the run being resumed "
+                              f"and is not in {os.path.dirname(self.files[0])} any more; put it back to "
+                              "resume this epoch exactly, or use another dump_dir")
+        added = [f for f in self.files if os.path.basename(f) not in set(state["files"])]
+        if added:
+            print(f"warning: data.sources.{self.name}: {len(added)} file(s) added since the checkpoint "
+                  f"({', '.join(os.path.basename(f) for f in added[:3])}{', ...' if len(added) > 3 else ''}) "
+                  "join at the next epoch", file=sys.stderr, flush=True)
+        self._next_epoch_files = list(self.files) if added else None
+        self.files = [now[name] for name in state["files"]]
         self.close()
         for key in ("epoch", "file_index", "offset", "line", "epoch_docs", "skipped"):
             setattr(self, key, int(state[key]))
