@@ -195,3 +195,37 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
         assert line in script.splitlines(), line
     assert "srun --kill-on-bad-exit=1" in script and "lingua_mem.launch.requeue" in script
     assert not dump.exists()
+
+
+@pytest.mark.parametrize("args,key", [
+    (["time=2days"], "time"),
+    (["time=12:3:4:5"], "time"),
+    (["mem=lots"], "mem"),
+    (["mem=64GB"], "mem"),
+    (["nodes=1", "gpus_per_node=8", "distributed.dp_replicate=3"], "distributed.dp_shard"),
+    (["nodes=2", "gpus_per_node=4", "distributed.memory_parallel_size=3"], "distributed.memory_parallel_size"),
+])
+def test_dry_run_refuses_what_sbatch_or_the_mesh_would_reject_later(tmp_path, args, key):
+    dump = tmp_path / "dry"
+    proc = subprocess.run([sys.executable, "-m", "lingua_mem.launch", "config=configs/debug.yaml", *args,
+                           f"dump_dir={dump}", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PATH=str(Path(sys.executable).parent)))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: "), proc.stderr
+    assert proc.stdout == "" and not dump.exists()
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("grid:\n  optim.lr: []\n", "sweep: grid.optim.lr is empty"),
+    ("grid: {}\n", "sweep: grid is empty"),
+    ("points: []\n", "sweep: points is empty"),
+])
+def test_a_sweep_with_no_point_is_refused(tmp_path, spec, needle):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(f"config: configs/debug.yaml\ndump_root: {tmp_path / 'never'}\n{spec}")
+    proc = subprocess.run([sys.executable, "-m", "lingua_mem.launch.sweep", f"sweep={sweep}", "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: {needle}: no point to run"]
+    assert not (tmp_path / "never").exists()

@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     launch_items, train_items = slurm.split_args([a for a in argv if a != "--dry-run"])
     launch = slurm.load_launch_config(launch_items)
     cfg = load_config(train_items)
+    slurm.check_layout(launch, cfg)
     launch.job_name = launch.job_name or cfg.name
     dump_dir = Path(cfg.dump_dir).resolve()
     config, code_dir = slurm.run_config_path(dump_dir), dump_dir / "launch" / "code"

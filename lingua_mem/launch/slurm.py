@@ -54,6 +54,12 @@ _STRING_KEYS = {k for k, f in LaunchConfig.__dataclass_fields__.items() if "str"
                 and "list" not in str(f.type)}
 
 
+# what sbatch accepts for --time and --mem
+_TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}"
+                   r"|UNLIMITED|INFINITE)")
+_MEM = re.compile(r"\d+[KMGT]?")
+
+
 def _check_launch(c: LaunchConfig) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
@@ -67,6 +73,10 @@ def _check_launch(c: LaunchConfig) -> None:
     need(c.max_attempts > 0, "max_attempts", "must be positive")
     need(c.signal_seconds >= 0, "signal_seconds", "must be >= 0")
     need(c.backend in ("sbatch", "submitit"), "backend", f"{c.backend!r} is not one of sbatch, submitit")
+    need(c.time is None or _TIME.fullmatch(c.time) is not None, "time",
+         f"{c.time!r} is not a SLURM time (minutes, [days-]hours:minutes:seconds, days-hours, ...)")
+    need(c.mem is None or _MEM.fullmatch(c.mem) is not None, "mem",
+         f"{c.mem!r} is not a SLURM size (a number with an optional K, M, G or T suffix)")
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -96,6 +106,17 @@ def load_launch_config(items: list[str]) -> LaunchConfig:
         cfg.tasks_per_node = cfg.gpus_per_node or 1
     cfg.python = cfg.python or sys.executable
     return cfg
+
+
+def check_layout(c: LaunchConfig, cfg: TrainConfig) -> None:
+    """The training mesh fits nodes x tasks_per_node ranks (ConfigError naming the key)."""
+    from lingua_mem.parallel.mesh import resolve_dims
+
+    world = c.nodes * c.tasks_per_node
+    try:
+        resolve_dims(cfg.distributed, world)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} ({c.nodes} node(s) x {c.tasks_per_node} task(s))") from None
 
 
 def check_cluster(c: LaunchConfig) -> None:

@@ -43,9 +43,14 @@ def expand(spec: dict) -> list[dict]:
     if ("grid" in spec) == ("points" in spec):
         raise ConfigError("sweep: give exactly one of grid and points")
     if "grid" in spec:
-        keys = list(spec["grid"])
-        values = [v if isinstance(v, list) else [v] for v in spec["grid"].values()]
+        keys = list(spec["grid"] or {})
+        values = [v if isinstance(v, list) else [v] for v in (spec["grid"] or {}).values()]
+        empty = [k for k, v in zip(keys, values, strict=True) if not v]
+        if not keys or empty:
+            raise ConfigError(f"sweep: grid{'.' + empty[0] if empty else ''} is empty: no point to run")
         return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)]
+    if not spec["points"]:
+        raise ConfigError("sweep: points is empty: no point to run")
     return [dict(p) for p in spec["points"]]
 
 
@@ -77,6 +82,7 @@ def main(argv: list[str]) -> int:
             try:
                 cfg = load_config(base + list(spec.get("overrides") or []) + train_items + keyed + [
                     f"dump_dir={root / pname}", f"name={name}_{pname}", f"logging.wandb.group={name}"])
+                slurm.check_layout(launch, cfg)
             except ConfigError as exc:
                 raise ConfigError(f"sweep point {pname}: {exc}") from None
             configs.append((pname, cfg))
