@@ -203,7 +203,8 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
     (["mem=lots"], "mem"),
     (["mem=64GB"], "mem"),
     (["nodes=1", "gpus_per_node=8", "distributed.dp_replicate=3"], "distributed.dp_shard"),
-    (["nodes=2", "gpus_per_node=4", "distributed.memory_parallel_size=3"], "distributed.memory_parallel_size"),
+    (["nodes=2", "gpus_per_node=4", "distributed.memory_parallel_size=3"],
+     "distributed.memory_parallel_size"),
 ])
 def test_dry_run_refuses_what_sbatch_or_the_mesh_would_reject_later(tmp_path, args, key):
     dump = tmp_path / "dry"
