@@ -89,8 +89,9 @@ class DataConfig:
     prefetch: str = "thread"  # none | thread | process: batches made ahead in the background
     prefetch_depth: int = 8  # batches kept ready
     # a longer document is truncated to this many tokens (counted as data/truncated), which
-    # bounds the loader's state in every checkpoint whatever the data; 0: no cap
-    max_doc_tokens: int = 65536
+    # bounds the loader's state in every checkpoint (about 2 MB of JSON) whatever the data;
+    # 0: no cap
+    max_doc_tokens: int = 262144
 
 
 @dataclass

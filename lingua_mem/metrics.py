@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import secrets
@@ -61,6 +62,12 @@ class MetricLogger:
         if resume_step > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if _step_of(line) is not None and _step_of(line) <= resume_step]
+        elif self.path.exists() and self.path.stat().st_size:  # a fresh start: the old rows stay
+            aside = next(p for k in itertools.count(1) if not (p := dump_dir / f"metrics.{k}.jsonl").exists())
+            self.path.rename(aside)
+            if console:
+                print(f"a fresh start: the earlier metrics.jsonl of {dump_dir} is kept as {aside.name}",
+                      flush=True)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)

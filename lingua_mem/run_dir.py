@@ -2,14 +2,16 @@
 second run.
 
 <dump_dir>/run.lock holds {host, pid, start, slurm_job, token} of the run training
-there. It is created with O_CREAT | O_EXCL, which is atomic on local filesystems and
-on NFS (v3 and later) and Lustre, where flock may be missing or unreliable. While the
-run lives a thread touches the file every `heartbeat_s` seconds. A lock is stale, and
+there. It is written aside and hard-linked into place (link fails when the lock exists,
+as O_EXCL does, and is atomic on local filesystems, NFS and Lustre, where flock may be
+missing or unreliable), so a lock file is never seen half-written. While the run lives
+a thread touches the file every `heartbeat_s` seconds. A lock is stale, and
 taken over, when
   - its holder ran on this host and that process is gone (kill -9, a crash),
   - its holder is this SLURM job (a requeued job re-takes its own lock), or
   - it has not been touched for `stale_s` seconds (its node died), measured against
-    the filesystem's own clock (the mtime of a file touched now), not this host's.
+    the mtime of a file touched now in the same folder (the NFS server's clock, not
+    this host's; on Lustre the clients set it, so their clocks must agree).
 Any other lock refuses the run: one line naming the holder, exit 2.
 """
 
@@ -88,15 +90,15 @@ class RunLock:
             return True
         return self._now_on_fs() - mtime > self.stale_s
 
-    def _take_over(self, holder: dict) -> None:
-        """Set the stale lock aside, unless someone else replaced it meanwhile."""
+    def _take_over(self, judged: bytes) -> None:
+        """Set the stale lock aside, unless someone else replaced it meanwhile (its bytes differ
+        from those judged stale: a lock file is never seen half-written, see _create)."""
         aside = self.path.with_name(f"{LOCK}.stale-{self.token}")
-        os.replace(self.path, aside)
         try:
-            moved = json.loads(aside.read_text())
-        except (OSError, ValueError):
-            moved = {}
-        if moved.get("token") == holder.get("token"):
+            os.replace(self.path, aside)
+        except FileNotFoundError:  # another taker was first: look again
+            return
+        if aside.read_bytes() == judged:
             aside.unlink()
             return
         try:  # it was a new holder's lock: put it back
@@ -105,34 +107,48 @@ class RunLock:
             pass
         aside.unlink()
 
+    def _create(self, me: dict) -> bool:
+        """Publish a complete lock file atomically: written aside, then hard-linked into place
+        (link fails if the lock exists, like O_EXCL, and works on NFS and Lustre)."""
+        staged = self.path.with_name(f".{LOCK}.{self.token}")
+        with staged.open("w") as f:
+            json.dump(me, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(staged, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            staged.unlink()
+
     def acquire(self) -> None:
         """Take the lock or raise ConfigError naming its live holder."""
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": time.strftime("%Y-%m-%d %H:%M:%S"),
               "slurm_job": _slurm_job(), "token": self.token}
-        for _ in range(3):
+        for _ in range(5):
+            if self._create(me):
+                self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+                self._thread.start()
+                return
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    holder, mtime = json.loads(self.path.read_text()), self.path.stat().st_mtime
-                except FileNotFoundError:  # released meanwhile: try again
-                    continue
-                except ValueError:  # half-written by a holder killed while writing it
-                    holder, mtime = {}, self.path.stat().st_mtime
-                if not self._stale(holder, mtime):
-                    raise ConfigError(
-                        f"dump_dir: {self.path.parent} is in use by the run of host {holder.get('host')}, "
-                        f"pid {holder.get('pid')}, started {holder.get('start')} (lock {self.path}); use "
-                        "another dump_dir, or delete the lock if that run is dead") from None
-                self._take_over(holder)
+                raw, mtime = self.path.read_bytes(), self.path.stat().st_mtime
+            except FileNotFoundError:  # released meanwhile: try again
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return
+            try:
+                holder = json.loads(raw)
+            except ValueError:  # not a lock this code wrote: judged by its age alone
+                holder = {}
+            if not self._stale(holder, mtime):
+                if not holder:
+                    raise ConfigError(f"dump_dir: {self.path} exists but is not a lock this code wrote; "
+                                      "delete it if no run uses this dump_dir") from None
+                raise ConfigError(
+                    f"dump_dir: {self.path.parent} is in use by the run of host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, started {holder.get('start')} (lock {self.path}); use "
+                    "another dump_dir, or delete the lock if that run is dead") from None
+            self._take_over(raw)
         raise ConfigError(f"dump_dir: could not take the lock {self.path} (contended)")
 
     def _beat(self) -> None:

@@ -74,8 +74,8 @@ def state_is_finite(model, optimizer) -> bool:
     tensors = [local(p).detach() for p in model.parameters()]
     tensors += [local(v) for state in optimizer.state.values() for v in state.values()
                 if torch.is_tensor(v) and v.is_floating_point()]
-    device = tensors[0].device
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors if t.numel()]).all().to(device)
+    device = tensors[0].device  # the optimizer's step counts may live on the CPU
+    finite = torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t.numel()]).all()
     finite = finite.to(torch.int32)
     if dist.is_initialized():
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)

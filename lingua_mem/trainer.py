@@ -18,6 +18,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir, complete_checkpoints
+from lingua_mem.cli import one_line
 from lingua_mem.config import ConfigError, TrainConfig, model_args, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
@@ -59,13 +60,16 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def on_rank_0(fn, is_main: bool):
-    """fn() on rank 0; a ConfigError it raises is raised on every rank. fn's result on rank 0."""
+    """fn() on rank 0; whatever it raises is raised on every rank as a one-line ConfigError
+    (no rank is left waiting in the broadcast). fn's result on rank 0."""
     result, error = None, None
     if is_main:
         try:
             result = fn()
         except ConfigError as exc:
             error = str(exc)
+        except Exception as exc:  # an OSError on the dump dir and the like
+            error = f"dump_dir: {one_line(f'{type(exc).__name__}: {exc}')}"
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if box[0] is not None:
@@ -74,6 +78,7 @@ def on_rank_0(fn, is_main: bool):
 
 
 def take_lock(dump_dir: str) -> RunLock:
+    Path(dump_dir).mkdir(parents=True, exist_ok=True)  # the dump dir's first file may be the lock
     lock = RunLock(dump_dir)
     lock.acquire()
     return lock

@@ -118,3 +118,36 @@ def test_the_lock_is_held_while_training_and_beats(tmp_path):
     finally:
         lock.release()
     assert not (tmp_path / LOCK).exists()
+
+
+def test_a_fresh_dump_dir_with_real_sources_gets_its_lock(tmp_path):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    docs = [json.dumps({"text": f"document {i} " * 8}) + "\n" for i in range(40)]
+    (src / "a.jsonl").write_text("".join(docs))
+    dump = tmp_path / "new" / "run"  # nothing there yet: the lock is the dump dir's first file
+    assert train(tiny(dump, f"data.sources.web.path={src}"))["step"] == 2
+    assert not (dump / LOCK).exists()
+
+
+def test_lock_takeover_races_and_foreign_files(tmp_path):
+    lock = RunLock(tmp_path)
+    lock._take_over(b"gone")  # another taker moved it first: no error, acquire looks again
+    (tmp_path / LOCK).write_text("")  # not a lock this code writes (it never leaves one half-written)
+    with pytest.raises(ConfigError, match="exists but is not a lock this code wrote"):
+        RunLock(tmp_path).acquire()
+    old = time.time() - 3600
+    os.utime(tmp_path / LOCK, (old, old))  # ... and an hour old: taken over
+    lock.acquire()
+    try:
+        assert json.loads((tmp_path / LOCK).read_text())["token"] == lock.token
+    finally:
+        lock.release()
+
+
+def test_a_fresh_start_keeps_the_earlier_metrics(tmp_path):
+    train(tiny(tmp_path, "log_every=1"))  # no checkpoint: a rerun starts afresh
+    first = (tmp_path / "metrics.jsonl").read_text()
+    train(tiny(tmp_path, "log_every=1", "seed=3"))
+    assert (tmp_path / "metrics.1.jsonl").read_text() == first
+    assert (tmp_path / "metrics.jsonl").read_text() != first

@@ -79,10 +79,10 @@ class PackedLoader:
         # a token spans at most a few characters: cut the text first, so a 50 MB line costs
         # no more to tokenize than a capped one
         cut = text[: 16 * cap]
-        ids = self.tokenizer.encode(cut, add_bos=True, add_eos=True)
+        ids = self.tokenizer.encode(cut, add_bos=True, add_eos=len(cut) == len(text))
         if len(ids) > cap or len(cut) < len(text):
             self.truncated += 1
-            ids = ids[:cap]  # BOS and the document's first tokens; no EOS
+            ids = ids[:cap]  # BOS and the document's first tokens; no EOS: it does not end here
         return ids
 
     def __iter__(self):
