@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_smoke.sh            # on a machine with a CUDA GPU
 #
-# 1. configs/debug.yaml on CUDA, one process, bf16 (FSDP2 at degree 1), 30 steps: the loss falls
+# 1. configs/debug.yaml on CUDA, one process, bf16 (FSDP2 at degree 1), 30 steps, checkpoints at
+#    steps 15 and 30 (DCP from GPU tensors): the loss falls
 # 2. the same under `torchrun --nproc-per-node 1`: an NCCL world of 1 (cuda:nccl,cpu:gloo)
 # 3. configs/memory_134m.yaml for 20 steps (byte tokenizer, generated facts corpus): tokens/s,
 #    MFU and peak GPU memory
@@ -54,15 +55,15 @@ if torch.cuda.is_available():
 PY
 
 if [ "$DEVICE" = cuda ]; then
-  DEBUG=(steps=30 log_every=5)
-  M134=(steps=20 log_every=5)
+  DEBUG=(steps=30 log_every=5 checkpoint.every=15)
+  M134=(steps=20 log_every=5 checkpoint.every=0)
   BENCH=(--device cuda)
 else  # rehearsal: the same commands, shapes small enough for a CPU
-  DEBUG=(steps=30 log_every=5 data.batch_size=4 data.seq_len=64)
-  M134=(steps=2 log_every=1 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
+  DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
+  M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
   BENCH=(--device cpu --shapes debug --repeats 2 --warmup 1)
 fi
-COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16 checkpoint.every=0)
+COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16)
 failed=()
 
 run() {  # name, timeout in seconds, command...
