@@ -42,7 +42,7 @@ def test_debug_quickstart_halves_its_loss(tmp_path):
     for key in ("step", "loss", "lr", "grad_norm", "value_grad_norm", "tokens", "tokens_per_s",
                 "flops_per_token"):
         assert all(math.isfinite(r[key]) for r in rows), key
-    assert rows[-1]["tokens"] == steps * 16 * 256
+    assert rows[-1]["tokens"] == steps * 8 * 256
     assert "eta" in proc.stdout and f"step {steps:>6}/{steps}" in proc.stdout
 
 
