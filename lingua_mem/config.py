@@ -160,6 +160,46 @@ class CheckpointConfig:
 
 
 @dataclass
+class GenerateConfig:
+    prompts: list[str] = field(default_factory=lambda: ["Ada Dorvane was born in", "The alma mater of"])
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0  # sampling keeps the smallest set of tokens reaching this probability
+    seed: int = 0  # of the sampling generator (its own: training's RNGs are not touched)
+    cache: bool = True  # KV cache; false recomputes the whole sequence at every step
+    batch_size: int = 16  # prompts per forward call
+
+
+@dataclass
+class EvalSourceConfig:
+    """Held-out data: documents (kind text: loss, perplexity, bits per byte) or questions
+    (kind qa: {"question", "answer"[, "attribute", "person"]} jsonl rows: facts QA)."""
+
+    path: str = ""
+    kind: str = "text"  # text | qa
+    text_field: str = "text"
+    format: str = "auto"  # as data.sources (text kind)
+    split: str = "validation"  # of a Hugging Face dataset
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during training (every `every` steps and at the last) and by eval.py."""
+
+    every: int = 0  # 0: no evaluation during training
+    tasks: str = "val,facts_qa"  # comma-separated: val, facts_qa, generate, lm_eval:<task>
+    # empty: the facts corpus's val.jsonl and qa.jsonl when the run trains on it, and for each
+    # training source <dir>/train the val/ folder beside it (lingua_mem.data.prepare's layout)
+    sources: dict[str, EvalSourceConfig] = field(default_factory=dict)
+    max_tokens: int = 65536  # per text source: documents until this many tokens are scored (0: all)
+    max_questions: int = 1000  # per qa source: a fixed sample of questions (0: all)
+    batch_size: int = 8  # sequences per forward call (val windows, questions)
+    seq_len: int = 0  # val window; 0: data.seq_len of the run
+    max_answer_tokens: int = 48  # greedy answer length cap (facts QA)
+    analytics: bool = True  # memory-layer read statistics over the val tokens
+
+
+@dataclass
 class TrainConfig:
     dump_dir: str = "dumps/run"
     name: str = "run"
@@ -173,6 +213,72 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class LmEvalConfig:
+    include_path: str | None = None  # a folder of local lm-eval task YAMLs
+    limit: int | None = None  # examples per task (None: all)
+    num_fewshot: int | None = None
+
+
+@dataclass
+class EvalCommandConfig:
+    """eval.py's configuration (defaults <- YAML <- key=value, like training's)."""
+
+    ckpt: str = ""  # a checkpoints/<step> directory, or a consolidated export directory
+    tasks: str = "val,facts_qa,generate"  # comma-separated: val, facts_qa, generate, lm_eval:<task>
+    out: str = ""  # "": the run's dump dir (a training checkpoint) or the export's directory
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(max_new_tokens=48))
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(name=""))  # "": the run's
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
+
+
+EVAL_TASKS = ("val", "facts_qa", "generate")
+
+
+def parse_tasks(spec: str, key: str, lm_eval: bool = True) -> list[str]:
+    """The comma-separated task list; ConfigError naming `key` for an unknown task."""
+    tasks = [t.strip() for t in spec.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError(f"{key}: no task given (val, facts_qa, generate, lm_eval:<task>)")
+    for t in tasks:
+        if t.startswith("lm_eval:") and not lm_eval:
+            raise ConfigError(f"{key}: {t}: lm-evaluation-harness tasks run in eval.py, not during training")
+        if t not in EVAL_TASKS and not (t.startswith("lm_eval:") and len(t) > len("lm_eval:")):
+            raise ConfigError(f"{key}: {t!r} is not a task (val, facts_qa, generate, lm_eval:<task>)")
+    return tasks
+
+
+def validate_eval(e: EvalConfig, generation: GenerateConfig | None = None) -> None:
+    _check(e.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
+    for key in ("batch_size", "max_answer_tokens"):
+        _check(getattr(e, key) > 0, f"eval.{key}", "must be positive")
+    for key in ("max_tokens", "max_questions", "seq_len"):
+        _check(getattr(e, key) >= 0, f"eval.{key}", "must be >= 0")
+    for name, src in e.sources.items():
+        _check(bool(src.path), f"eval.sources.{name}.path", "must be set")
+        _check_choice(src.kind, f"eval.sources.{name}.kind", ("text", "qa"))
+        _check_choice(src.format, f"eval.sources.{name}.format", ("auto", "jsonl", "parquet", "text", "hf"))
+    if generation is not None:
+        g = generation
+        _check(g.max_new_tokens > 0, "generate.max_new_tokens", "must be positive")
+        _check(g.batch_size > 0, "generate.batch_size", "must be positive")
+        _check(math.isfinite(g.temperature) and g.temperature >= 0, "generate.temperature", "must be >= 0")
+        _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+
+
+def validate_eval_command(cfg: EvalCommandConfig) -> None:
+    _check(bool(cfg.ckpt), "ckpt", "required (a checkpoints/<step> directory or a consolidated export)")
+    parse_tasks(cfg.tasks, "tasks")
+    validate_eval(cfg.eval, cfg.generate)
+    d = cfg.distributed
+    _check_choice(d.device, "distributed.device", ("auto", "cpu", "cuda"))
+    _check_choice(d.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
+    _check(d.memory_parallel_size > 0, "distributed.memory_parallel_size", "must be positive")
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -271,6 +377,9 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(cfg.distributed.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
     _check_choice(dist.value_reduce_dtype, "distributed.value_reduce_dtype", ("fp32", "bf16"))
     _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", ("online", "offline", "disabled"))
+    validate_eval(cfg.eval)
+    if cfg.eval.every:
+        parse_tasks(cfg.eval.tasks, "eval.tasks", lm_eval=False)
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", "must be >= 0")
     _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")

@@ -98,6 +98,24 @@ class MetricLogger:
                   f"vnorm {metrics['value_grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s{mfu} | "
                   f"eta {eta}", flush=True)
 
+    def log_eval(self, metrics: dict, seconds: float) -> None:
+        """An evaluation's row ({"step", "tokens", "eval": true, "val/loss", ...})."""
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in metrics.items() if k not in ("step", "eval")},
+                               step=metrics["step"])
+        if self.console:
+            parts = [f"eval {metrics['step']:>6}/{self.total_steps}"]
+            if "val/loss" in metrics:
+                parts.append(f"val loss {metrics['val/loss']:.4f} ppl {metrics['val/ppl']:.2f} "
+                             f"bpb {metrics['val/bits_per_byte']:.3f}")
+            if "facts_qa/exact_match" in metrics:
+                parts.append(f"facts EM {metrics['facts_qa/exact_match']:.3f} "
+                             f"F1 {metrics['facts_qa/f1']:.3f}")
+            parts.append(f"{seconds:.1f}s")
+            print(" | ".join(parts), flush=True)
+
     def close(self) -> None:
         self.file.close()
         if self.wandb_run is not None:

@@ -17,15 +17,16 @@ from lingua_mem.config import OptimConfig
 from lingua_mem.optim import clip_grads
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # logits (B, T, V), targets (B, T) -> mean loss over tokens, in fp32
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # logits (B, T, V), targets (B, T) -> the loss over tokens (mean or sum), in fp32; a target
+    # of -100 is not scored
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
-def forward_loss(model, batch: dict) -> torch.Tensor:
-    """Mean next-token loss of {"inputs", "targets"} (B, T) on the model's device (the
-    training step's; evaluation is to reuse it)."""
-    return cross_entropy(model(batch["inputs"]), batch["targets"])
+def forward_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
+    """The next-token loss of {"inputs", "targets"} (B, T) on the model's device: the
+    training step's (mean) and validation's (sum)."""
+    return cross_entropy(model(batch["inputs"]), batch["targets"], reduction)
 
 
 class TrainingDiverged(Stopped):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir, complete_checkpoints
 from lingua_mem.cli import one_line
-from lingua_mem.config import ConfigError, TrainConfig, model_args, to_dict
+from lingua_mem.config import ConfigError, TrainConfig, model_args, parse_tasks, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration
@@ -99,13 +99,14 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     # once the data is known to be readable: before the model, the checkpoints and the metrics
     lock = on_rank_0(lambda: take_lock(cfg.dump_dir), is_main)
     try:
-        return _train_locked(cfg, meshes, device, is_main, loader)
+        return _train_locked(cfg, meshes, device, is_main, loader, tokenizer)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool, loader) -> dict:
+def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool, loader,
+                  tokenizer) -> dict:
     dims = meshes.dims
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -152,6 +153,7 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
             elif cfg.checkpoint.init_from:
                 print(f"started from the weights of {cfg.checkpoint.init_from}", flush=True)
 
+    run_eval = _evaluator(cfg, model, tokenizer, device) if cfg.eval.every else None
     batches = iter(loader)
     preemption = PreemptionFlag(cfg.checkpoint.preempt_signals)
     tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len  # per rank
@@ -190,6 +192,14 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                     logger.log(last, seconds_per_step=(time.perf_counter() - window_start) / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
 
+            # at the same steps whatever the layout or a resume; before the checkpoint of the
+            # step, so a run resumed from it has the row
+            if run_eval is not None and not preempted and (step % cfg.eval.every == 0 or step == cfg.steps):
+                row = run_eval(step, step * tokens_per_step * dims.world_size)
+                if logger is not None:
+                    logger.log_eval(row, row.pop("seconds"))
+                window_start = time.perf_counter()  # the evaluation's time is not the steps'
+
             if saving:
                 if not state_is_finite(model, optimizer):  # never a checkpoint of non-finite state
                     raise TrainingDiverged(f"training diverged: non-finite weights or optimizer state after "
@@ -214,6 +224,31 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
         if logger is not None:
             logger.close()
     return last
+
+
+def _evaluator(cfg: TrainConfig, model, tokenizer, device):
+    """eval(step, tokens) -> the metrics row of an evaluation of `model` (every rank calls it;
+    the model is back in train mode after). Its sources are checked here, at start-up."""
+    from lingua_mem.eval.suite import check_sources, default_sources, evaluate
+
+    tasks = parse_tasks(cfg.eval.tasks, "eval.tasks", lm_eval=False)
+    facts = Path(cfg.dump_dir) / "data" / "facts"  # the loader made it, if the run trains on it
+    sources = dict(cfg.eval.sources) or default_sources(to_dict(cfg), facts)
+    check_sources(sources, tasks)
+    # analytics hooks would recompile the compiled blocks; evaluation never touches the RNGs
+    eval_cfg = replace(cfg.eval, analytics=cfg.eval.analytics and not cfg.distributed.compile)
+    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+
+    def run(step: int, tokens: int) -> dict:
+        started = time.perf_counter()
+        try:
+            metrics, _ = evaluate(model, tokenizer, tasks, eval_cfg, sources, seq_len, device)
+        finally:
+            model.train()
+        return {"step": step, "tokens": tokens, "eval": True, **metrics,
+                "seconds": time.perf_counter() - started}
+
+    return run
 
 
 def _summary(cfg: TrainConfig, last: dict, start: int, seconds: float) -> str:

@@ -424,10 +424,11 @@ class Checkpointer:
                               "aside as *.corrupt); remove them, or use another dump_dir, to start afresh")
         return 0
 
-    def load_weights(self, path: str | Path) -> None:
-        """init_from: the model weights of checkpoint `path` only (a new run starts from them)."""
+    def load_weights(self, path: str | Path, key: str = "checkpoint.init_from") -> None:
+        """The model weights of checkpoint `path` only (init_from: a new run starts from them;
+        evaluation); a ConfigError names `key`."""
         path = Path(path)
         try:
             self._load(path, with_train_state=False)
         except (CheckpointError, ConfigError) as exc:  # ConfigError: a different model shape
-            raise ConfigError(f"checkpoint.init_from: {exc}") from None
+            raise ConfigError(f"{key}: {exc}") from None

@@ -30,7 +30,7 @@ from lingua_mem.checkpoint.checkpointer import check_model_shapes, quiet_single_
 from lingua_mem.cli import fail
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, validate_model
 from lingua_mem.model.args import ModelArgs, validate_args
-from lingua_mem.model.llama import Transformer, build_model, rope_tables
+from lingua_mem.model.llama import Transformer, build_model
 
 FORMAT = "lingua_mem"
 
@@ -57,11 +57,10 @@ def _training_model_args(raw, where: Path) -> ModelArgs:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write out_dir/model.safetensors (every model tensor in full) and out_dir/config.json;
-    returns the safetensors path. ValueError (one line, naming the path or key) when the
-    checkpoint is missing, unreadable or does not match its own config.yaml."""
-    path, out = Path(checkpoint_dir), Path(out_dir)
+def checkpoint_model_args(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict]:
+    """(model args, the run's config.yaml as a dict) of a training checkpoint; ValueError
+    (one line, naming the path or key) for a missing directory or config."""
+    path = Path(checkpoint_dir)
     if not path.is_dir():
         root = path.parent
         there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) \
@@ -75,7 +74,16 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         raw = OmegaConf.load(config_file)
     except Exception as exc:  # YAML syntax and the like
         raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
-    args = _training_model_args(raw, config_file)
+    return _training_model_args(raw, config_file), OmegaConf.to_container(raw, resolve=False)
+
+
+def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict, dict]:
+    """(model args, every model tensor in full on the CPU, the run's config.yaml as a dict) of
+    a training checkpoint written by any layout, read in this one process (no
+    torch.distributed). ValueError (one line, naming the path or key) when the checkpoint is
+    missing, unreadable or does not match its own config.yaml."""
+    path = Path(checkpoint_dir)
+    args, run_config = checkpoint_model_args(path)
 
     # the model on meta gives every state-dict entry's FQN, full shape and dtype (no memory used)
     meta_sd = build_model(args, "meta").state_dict()
@@ -93,10 +101,19 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
         raise ValueError(f"{path}: DCP load failed ({_first_line(inner)})") from None
     except Exception as exc:
         raise ValueError(f"{path}: DCP load failed ({_first_line(exc)})") from None
+    return args, sd, run_config
 
+
+def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write out_dir/model.safetensors (every model tensor in full) and out_dir/config.json
+    (the model's arguments, the step and the run's tokenizer); returns the safetensors path.
+    ValueError (one line, naming the path or key) as read_checkpoint."""
+    path, out = Path(checkpoint_dir), Path(out_dir)
+    args, sd, run_config = read_checkpoint(path)
     weights = out / "model.safetensors"
     step = int(path.name) if path.name.isdigit() else None  # checkpoints/<step, 10 digits>/
-    config = {"format": FORMAT, "step": step, "model": args.to_dict()}
+    tokenizer = (run_config.get("data") or {}).get("tokenizer") or {"name": "bytes", "path": None}
+    config = {"format": FORMAT, "step": step, "model": args.to_dict(), "tokenizer": tokenizer}
     try:
         out.mkdir(parents=True, exist_ok=True)
         save_file({name: t.contiguous() for name, t in sd.items()}, str(weights), metadata={"format": "pt"})
@@ -106,8 +123,17 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     return weights
 
 
-def load_consolidated(directory: str | Path, device: torch.device | str = "cpu") -> Transformer:
-    """The model of a consolidate() output directory, on `device`, in eval mode."""
+def model_from_state_dict(args: ModelArgs, state_dict: dict,
+                          device: torch.device | str = "cpu") -> Transformer:
+    """The model of `args` holding the tensors of `state_dict` (taken, not copied), in eval mode."""
+    model = build_model(args, "meta")
+    model.load_state_dict({k: v.to(device) for k, v in state_dict.items()}, strict=True, assign=True)
+    model.init_rope(device)  # non-persistent buffers (not in any file): computed here
+    return model.eval()
+
+
+def read_consolidated(directory: str | Path) -> tuple[ModelArgs, dict, dict]:
+    """(model args, CPU tensors, config.json) of a consolidate() output directory."""
     directory = Path(directory)
     config_file, weights = directory / "config.json", directory / "model.safetensors"
     for f in (config_file, weights):
@@ -128,14 +154,21 @@ def load_consolidated(directory: str | Path, device: torch.device | str = "cpu")
         raise ValueError(f"{config_file}: {exc}") from None
     except TypeError as exc:  # a value of the wrong type
         raise ValueError(f"{config_file}: model: {_first_line(exc)}") from None
+    try:
+        sd = load_file(str(weights))
+    except Exception as exc:  # a truncated or corrupt file
+        raise ValueError(f"{weights}: unreadable ({_first_line(exc)})") from None
+    return args, sd, raw
 
-    # build on meta, then take the loaded tensors as the parameters (no second copy in memory)
-    model = build_model(args, "meta")
-    model.load_state_dict(load_file(str(weights), device=str(device)), strict=True, assign=True)
-    # the rope tables are non-persistent buffers (not in the file): compute them here
-    cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-    model.rope_cos, model.rope_sin = cos.to(device), sin.to(device)
-    return model.eval()
+
+def load_consolidated(directory: str | Path, device: torch.device | str = "cpu") -> Transformer:
+    """The model of a consolidate() output directory, on `device`, in eval mode."""
+    args, sd, _ = read_consolidated(directory)
+    try:
+        return model_from_state_dict(args, sd, device)
+    except RuntimeError as exc:  # a tensor missing, unexpected or of another shape
+        raise ValueError(f"{Path(directory) / 'model.safetensors'}: does not match config.json "
+                         f"({_first_line(exc)})") from None
 
 
 class _Parser(argparse.ArgumentParser):

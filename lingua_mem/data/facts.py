@@ -8,6 +8,8 @@ occurs in training text, so answering it needs knowledge, not copying.
 
 Files written to out_dir (atomically, meta.json last):
   train.jsonl  {"text": "Ilsa Dorvane was born on 3 May 1961. ..."} per line
+  val.jsonl    {"text": ...} one held-out biography per person stating all six facts
+               (templates drawn by an RNG of its own: train.jsonl is unchanged by it)
   qa.jsonl     {"person", "attribute", "question", "answer"} per line; the
                question is a cloze prompt ending where the answer starts
                (the expected continuation is " " + answer)
@@ -25,7 +27,7 @@ import random
 import tempfile
 from pathlib import Path
 
-VERSION = 1  # bump when the generator's output changes: ensure_facts regenerates
+VERSION = 2  # bump when the generator's output changes: ensure_facts regenerates
 
 FIRST_NAMES = """
 Ada Alba Alden Alma Amos Anika Arlo Astrid Basil Beatrix Bram Briony Cai Calla
@@ -186,6 +188,14 @@ QA_TEMPLATES = {
 }
 
 
+def attribute_values() -> dict[str, int]:
+    """How many values each attribute can take (the generator draws each uniformly; an
+    employer's city follows from the employer): the bits a fact holds are log2 of it."""
+    return {"birth_date": sum(days for _, days in MONTHS) * (2002 - 1940 + 1),
+            "birth_city": len(CITIES), "university": len(UNIVERSITIES), "field": len(FIELDS),
+            "employer": len(COMPANIES), "employer_city": len({city for _, city in COMPANIES})}
+
+
 def _make_names(rng: random.Random, n: int) -> list[str]:
     """n unique "First Surname" names."""
     names: list[str] = []
@@ -262,15 +272,21 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
            "answer": p[a]}
           for p in persons for a in ATTRIBUTES]
 
+    val_rng = random.Random(f"lingua_mem.facts.val:{seed}")  # its own: train and qa stay as they were
+    val = [" ".join(val_rng.choice(TRAIN_TEMPLATES[a]).format(name=p["name"], value=p[a])
+                    for a in val_rng.sample(ATTRIBUTES, len(ATTRIBUTES))) for p in persons]
+
     train_text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
+    val_text = "".join(json.dumps({"text": t}) + "\n" for t in val)
     qa_text = "".join(json.dumps(q) + "\n" for q in qa)
     meta = {"version": VERSION, "people": people, "seed": seed,
             "docs_per_person": docs_per_person, "documents": len(docs),
             "questions": len(qa), "train_bytes": len(train_text)}
     _write_atomic(out / "train.jsonl", train_text)
+    _write_atomic(out / "val.jsonl", val_text)
     _write_atomic(out / "qa.jsonl", qa_text)
     _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completion
-    return {"out_dir": str(out), "files": ["train.jsonl", "qa.jsonl", "meta.json"], **meta}
+    return {"out_dir": str(out), "files": ["train.jsonl", "val.jsonl", "qa.jsonl", "meta.json"], **meta}
 
 
 def ensure_facts(out_dir, people: int, seed: int) -> Path:

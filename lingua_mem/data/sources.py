@@ -105,9 +105,11 @@ def _starts_with(path: str, magic: bytes) -> bool:
         return f.read(len(magic)) == magic
 
 
-def resolve_files(name: str, src: SourceConfig, fmt: str | None = None) -> list[str]:
-    """A file source's files: a directory's files of its format, one file, or a glob; sorted."""
-    key = f"data.sources.{name}.path"
+def resolve_files(name: str, src: SourceConfig, fmt: str | None = None,
+                  section: str = "data.sources") -> list[str]:
+    """A file source's files: a directory's files of its format, one file, or a glob; sorted.
+    Errors name `<section>.<name>.path`."""
+    key = f"{section}.{name}.path"
     fmt = fmt or detect_format(src)
     path = src.path
     if os.path.isdir(path):

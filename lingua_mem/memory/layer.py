@@ -38,6 +38,14 @@ class ValueTable(nn.Module):
         return embedding_bag(indices, weights, self.weight)
 
 
+class MemoryReads(nn.Module):
+    """Identity on a memory layer's (indices, weights): where evaluation hooks in to see what
+    the layer reads (lingua_mem.eval.analytics). No parameters, nothing in the state dict."""
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return indices, weights
+
+
 class ProductKeyMemory(nn.Module):
     """x -> query -> product-key top-k per head -> softmax -> bag of values -> out.
 
@@ -59,6 +67,7 @@ class ProductKeyMemory(nn.Module):
         self.k_norm = nn.RMSNorm(self.half, eps=norm_eps) if qk_norm else None
         self.gate = nn.Linear(dim, v_dim, bias=True) if swilu else None
         self.out = nn.Linear(v_dim, dim, bias=True) if (swilu or v_dim != dim) else None
+        self.reads = MemoryReads()
 
     @torch.no_grad()
     def init_weights(self, init: ParamInit, out_std: float) -> None:
@@ -104,7 +113,7 @@ class ProductKeyMemory(nn.Module):
     def forward(self, x: torch.Tensor, values: ValueTable) -> torch.Tensor:
         shape = x.shape  # (B, T, dim)
         x = x.reshape(-1, self.dim)  # (N, dim)
-        indices, weights = self.lookup(x)
+        indices, weights = self.reads(*self.lookup(x))
         out = values(indices, weights).to(x.dtype)  # (N, v_dim); tables stay fp32
         if self.gate is not None:
             out = out * F.silu(self.gate(x))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
 from lingua_mem.model.args import ModelArgs
+from lingua_mem.model.kv_cache import KVCache, attention_mask
 from lingua_mem.param_init import ParamInit
 
 # ops whose outputs selective activation checkpointing keeps (everything else is
@@ -38,7 +39,7 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, T, hd); cos, sin: (T, hd)
+    # x: (B, heads, T, hd); cos, sin: (T, hd), or (B, 1, T, hd) at explicit positions
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).type_as(x)
@@ -60,13 +61,20 @@ class Attention(nn.Module):
         for lin, s in ((self.wq, std), (self.wk, std), (self.wv, std), (self.wo, out_std)):
             init.trunc_normal_(lin.weight, std=s)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """mask None: plain causal attention over x's T tokens (training). Else a bool mask
+        (B, 1, T, S) over S key slots: x's own (S = T), or with `cache` the cached slots
+        followed by x's (this call's keys and values are written into the cache)."""
         b, t, _ = x.shape  # (B, T, dim)
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
         v = self.wv(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, dim)
 
@@ -122,8 +130,9 @@ class Block(nn.Module):
             self.feed_forward.init_weights(init, std, out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                values: ValueTable | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+                values: ValueTable | None = None, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
         if self.is_memory:
             return h + self.feed_forward(self.ffn_norm(h), values)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -158,9 +167,7 @@ class Transformer(nn.Module):
         """Give every parameter and buffer a defined value (after to_empty), a function
         of `seed` alone: the same whether the model is whole or sharded (param_init.py)."""
         init = ParamInit(seed)
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_rope()
         std = self.args.init_std
         out_std = std / math.sqrt(2 * self.args.n_layers)  # residual-stream writers
         init.normal_(self.tok_embeddings.weight, std=std)
@@ -172,16 +179,48 @@ class Transformer(nn.Module):
         for table in self.values.values():
             table.init_weights(init)
 
+    @torch.no_grad()
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """The RoPE tables (non-persistent buffers: in no state dict), on their device, or
+        on `device` for a model still on meta (its weights assigned from a state dict)."""
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+        if self.rope_cos.is_meta:
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+        else:
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
     def value_tables(self) -> list[ValueTable]:
         return list(self.values.values())
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, T). Training passes tokens alone (positions 0..T-1, causal). Evaluation
+        and generation may give positions (B, T) for RoPE, valid (B, T) bool (False: padding,
+        never attended to) and a KVCache (the tokens follow the cached ones)."""
+        b, t = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
-        rope = (self.rope_cos[:t], self.rope_sin[:t])
+        mask = None
+        if positions is None and valid is None and cache is None:
+            rope = (self.rope_cos[:t], self.rope_sin[:t])  # (T, hd)
+        else:
+            start = cache.length if cache is not None else 0
+            if positions is None:
+                positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+            if valid is None:
+                valid = torch.ones(b, t, dtype=torch.bool, device=tokens.device)
+            rope = (self.rope_cos[positions].unsqueeze(1),  # (B, 1, T, hd)
+                    self.rope_sin[positions].unsqueeze(1))
+            if cache is not None:
+                cache.begin(valid)
+                mask = cache.mask  # (B, 1, T, start + T)
+            else:
+                mask = attention_mask(valid, 0, t)  # (B, 1, T, T)
         for block in self.layers:
             key = self.value_key.get(block.layer_id)
-            h = block(h, rope, self.values[key] if key else None)
+            h = block(h, rope, self.values[key] if key else None, mask, cache)
+        if cache is not None:
+            cache.end(t)
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)  # (B, T, vocab)

@@ -1,0 +1,108 @@
+"""A trained model for evaluation: its weights only (no optimizer), from a training
+checkpoint written by any layout or from a consolidated export directory.
+
+One process: the whole model, plain PyTorch (read_checkpoint / read_consolidated).
+Several processes (torchrun, srun): the model parallelized as in training (FSDP2,
+memory-parallel value tables), each rank loading its shards, so memory parallelism
+works as it does in training and each rank evaluates its share of the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lingua_mem.checkpoint.checkpointer import Checkpointer
+from lingua_mem.checkpoint.consolidate import (
+    checkpoint_model_args,
+    model_from_state_dict,
+    read_checkpoint,
+    read_consolidated,
+)
+from lingua_mem.config import CheckpointConfig, ConfigError, DistributedConfig, TokenizerConfig
+from lingua_mem.data.tokenizer import build_tokenizer
+from lingua_mem.model.args import ModelArgs
+from lingua_mem.model.llama import Transformer, build_model
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer  # in eval mode; parallelized when several processes share it
+    args: ModelArgs
+    tokenizer: object  # lingua_mem.data.tokenizer.Tokenizer
+    step: int | None  # the training step of the weights (None: unknown)
+    path: Path
+    run_config: dict  # the training run's config (config.yaml as a dict); {} for an export
+
+
+def checkpoint_kind(path: Path) -> str:
+    """"training" (a checkpoints/<step> DCP directory), "consolidated" (model.safetensors +
+    config.json) or ConfigError naming `ckpt`."""
+    if (path / ".metadata").is_file():
+        return "training"
+    if (path / "model.safetensors").is_file():
+        return "consolidated"
+    if not path.exists():
+        root = path.parent
+        there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) \
+            if root.is_dir() else []
+        listed = f"; {root} has {', '.join(there)}" if there else ""
+        raise ConfigError(f"ckpt: no such checkpoint {path}{listed}")
+    raise ConfigError(f"ckpt: {path} is neither a training checkpoint (no .metadata) nor a "
+                      "consolidated export (no model.safetensors)")
+
+
+def tokenizer_config(kind: str, meta: dict, override: TokenizerConfig) -> TokenizerConfig:
+    """The tokenizer: `override` when it names one, else the run's (training config.yaml's
+    data.tokenizer, or config.json's tokenizer), else bytes."""
+    if override.name:
+        return override
+    raw = (meta.get("data") or {}).get("tokenizer") if kind == "training" else meta.get("tokenizer")
+    raw = raw or {}
+    return TokenizerConfig(name=raw.get("name") or "bytes", path=raw.get("path"))
+
+
+def load_model(ckpt: str | Path, device, tokenizer: TokenizerConfig, meshes=None,
+               distributed: DistributedConfig | None = None) -> LoadedModel:
+    """The model of `ckpt` on `device`. With `meshes` of more than one process, parallelized
+    by `distributed` (as training is) and loaded shard by shard. ConfigError (one line,
+    naming `ckpt` or the tokenizer) for a missing or unreadable checkpoint, or a tokenizer
+    whose ids the model cannot embed."""
+    path = Path(ckpt)
+    kind = checkpoint_kind(path)
+    parallel = meshes is not None and meshes.dims.world_size > 1
+    try:
+        if kind == "consolidated":
+            args, sd, meta = read_consolidated(path)
+        elif parallel:  # each rank reads its own shards below
+            (args, meta), sd = checkpoint_model_args(path), None
+        else:
+            args, sd, meta = read_checkpoint(path)
+    except ValueError as exc:  # ConfigError included: names the path or key
+        raise ConfigError(f"ckpt: {exc}") from None
+    step = int(path.name) if kind == "training" and path.name.isdigit() else meta.get("step")
+    tok_cfg = tokenizer_config(kind, meta, tokenizer)
+    tok = build_tokenizer(tok_cfg)
+    if tok.n_words > args.vocab_size:
+        raise ConfigError(f"tokenizer: {tok_cfg.name} has {tok.n_words} tokens, the model of {path} embeds "
+                          f"only {args.vocab_size} (model.vocab_size): not the tokenizer it was trained with")
+    if parallel:
+        model = _parallel_model(args, sd, path, device, meshes, distributed or DistributedConfig())
+    else:
+        model = model_from_state_dict(args, sd, device)
+    return LoadedModel(model.eval(), args, tok, step, path, meta if kind == "training" else {})
+
+
+def _parallel_model(args: ModelArgs, sd: dict | None, path: Path, device, meshes, distributed):
+    """The model parallelized as in training; a training checkpoint's shards are read by DCP
+    (each rank its own), an export's full tensors are sharded by parallelize."""
+    from lingua_mem.parallel import parallelize
+
+    if sd is not None:
+        model = model_from_state_dict(args, sd, "cpu")
+        return parallelize(model, meshes, distributed).to(device)
+    model = parallelize(build_model(args, "meta"), meshes, distributed)
+    model.to_empty(device=device)
+    model.init_rope()
+    Checkpointer(CheckpointConfig(), path.parent.parent, model, None).load_weights(path, key="ckpt")
+    return model

@@ -1,0 +1,114 @@
+"""The evaluation tasks, run on a model by eval.py and by the trainer (eval.every):
+
+  val        loss, perplexity and bits per byte of each text source (validate.py), with
+             the memory layers' read statistics over the same tokens (analytics.py)
+  facts_qa   exact match, F1 and bits of knowledge of each question source (facts_qa.py)
+  generate   completions of generate.prompts (generate.py)
+  lm_eval:T  lm-evaluation-harness task T (harness.py; eval.py on one process only)
+
+Metric names: val/loss (val/<source>/loss with several text sources), facts_qa/...,
+memory/layer<i>/..., lm_eval/<task>/<metric>.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from lingua_mem.config import ConfigError, EvalConfig, EvalSourceConfig, GenerateConfig
+from lingua_mem.eval import facts_qa
+from lingua_mem.eval.analytics import MemoryReadStats
+from lingua_mem.eval.generate import generate
+from lingua_mem.eval.validate import read_documents, validate
+from lingua_mem.model.llama import build_model
+from lingua_mem.stats import model_stats
+
+SAMPLES = 5  # facts QA answers kept in the report
+
+
+def default_sources(run_config: dict, facts_dir: Path | None) -> dict[str, EvalSourceConfig]:
+    """A run's held-out data: the facts corpus's val.jsonl and qa.jsonl when it trains on
+    the corpus (no data.sources); for a source at <dir>/train, the <dir>/val beside it."""
+    sources = (run_config.get("data") or {}).get("sources") or {}
+    if not sources:
+        if facts_dir is None:
+            return {}
+        return {"facts": EvalSourceConfig(path=str(facts_dir / "val.jsonl")),
+                "facts_qa": EvalSourceConfig(path=str(facts_dir / "qa.jsonl"), kind="qa")}
+    out = {}
+    for name, src in sorted(sources.items()):
+        path = Path(src.get("path", ""))
+        if path.name == "train" and (path.parent / "val").is_dir():
+            out[name] = EvalSourceConfig(path=str(path.parent / "val"),
+                                         text_field=src.get("text_field", "text"))
+    return out
+
+
+def check_sources(sources: dict[str, EvalSourceConfig], tasks: list[str]) -> None:
+    """ConfigError when a task has no source of its kind."""
+    for task, kind in (("val", "text"), ("facts_qa", "qa")):
+        if task in tasks and not any(s.kind == kind for s in sources.values()):
+            raise ConfigError(f"eval.sources: the {task} task needs a source of kind {kind} "
+                              f"(eval.sources.<name>.path=... eval.sources.<name>.kind={kind})")
+
+
+def evaluate(model, tokenizer, tasks: list[str], cfg: EvalConfig, sources: dict[str, EvalSourceConfig],
+             seq_len: int, device, generation: GenerateConfig | None = None,
+             progress=None) -> tuple[dict[str, float], dict]:
+    """(metrics, samples) of `tasks` on `model` (left in eval mode; the caller restores its
+    mode). Every rank calls it alike; the metrics are over all ranks' shares."""
+    model.eval()
+    say = progress or (lambda msg: None)
+    metrics: dict[str, float] = {}
+    samples: dict = {}
+    args = model.args
+    if "val" in tasks:
+        texts = {n: s for n, s in sorted(sources.items()) if s.kind == "text"}
+        reads = MemoryReadStats(model) if cfg.analytics and args.memory.layers else None
+        nats = tokens = n_bytes = 0.0
+        started = time.perf_counter()
+        with reads if reads is not None else contextlib.nullcontext():
+            for name, src in texts.items():
+                r = validate(model, tokenizer, read_documents(name, src), seq_len, cfg.batch_size,
+                             cfg.max_tokens, device, reads)
+                say(f"val {name}: loss {r['loss']:.4f} over {r['tokens']:,} tokens "
+                    f"({r['documents']} documents)")
+                if len(texts) > 1:
+                    metrics.update({f"val/{name}/{k}": r[k] for k in ("loss", "ppl", "bits_per_byte")})
+                nats += r["loss"] * r["tokens"]
+                tokens += r["tokens"]
+                n_bytes += r["bytes"]
+        seconds = time.perf_counter() - started
+        loss = nats / tokens
+        metrics.update({"val/loss": loss, "val/ppl": math.exp(min(loss, 700.0)),
+                        "val/bits_per_byte": nats / (math.log(2) * n_bytes), "val/tokens": int(tokens),
+                        "val/tokens_per_s": tokens / seconds})
+        if reads is not None:
+            metrics.update(reads.result())
+    if "facts_qa" in tasks:
+        stats = model_stats(build_model(args, "meta"), seq_len)
+        n_params, n_values = stats["total_params"], stats["memory_value_params"]
+        qa = {n: s for n, s in sorted(sources.items()) if s.kind == "qa"}
+        for name, src in qa.items():
+            key = f"eval.sources.{name}.path"
+            questions, total = facts_qa.load_questions(key, src.path, cfg.max_questions)
+            started = time.perf_counter()
+            predictions = facts_qa.answer(model, tokenizer, questions, cfg.batch_size, cfg.max_answer_tokens)
+            scores = facts_qa.score(questions, predictions, total, n_params, n_params - n_values)
+            prefix = "facts_qa" if len(qa) == 1 else f"facts_qa/{name}"
+            metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
+            say(f"facts_qa {name}: exact match {scores['exact_match']:.3f} over {len(questions)} questions "
+                f"in {time.perf_counter() - started:.1f}s")
+            samples[prefix] = [{"question": q["question"], "answer": q["answer"], "prediction": p}
+                               for q, p in zip(questions[:SAMPLES], predictions[:SAMPLES], strict=True)]
+    if "generate" in tasks:
+        generation = generation or GenerateConfig()
+        generator = torch.Generator(device=device).manual_seed(generation.seed)  # its own RNG
+        completions = generate(model, tokenizer, list(generation.prompts), generation, generator=generator)
+        samples["generate"] = [{"prompt": p, "completion": c}
+                               for p, c in zip(generation.prompts, completions, strict=True)]
+    return metrics, samples

@@ -1,0 +1,104 @@
+"""Validation loss, perplexity and bits per byte of held-out documents.
+
+The documents are tokenized as in training (BOS + ids + EOS) into one stream,
+cut into rows of seq_len + 1 tokens that overlap by one, so every token of the
+stream but the first is predicted exactly once; the last row is padded (its
+padding targets are ignored). Documents are read in order until `max_tokens`
+are in the stream (the last one whole), so bits per byte is exact:
+
+    loss = nats / tokens,   ppl = exp(loss),   bits_per_byte = nats / (ln 2 * UTF-8 bytes)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from lingua_mem.config import ConfigError, EvalSourceConfig, SourceConfig
+from lingua_mem.data.sources import (
+    READERS,
+    SourceError,
+    detect_format,
+    load_saved_dataset,
+    read_dataset,
+    resolve_files,
+)
+from lingua_mem.eval.shard import rank_batches
+from lingua_mem.step import forward_loss
+
+IGNORE = -100  # a target not scored (cross_entropy's ignore_index)
+
+
+def read_documents(name: str, src: EvalSourceConfig) -> Iterator[str]:
+    """The documents of an eval text source in order (records that are not documents are
+    skipped); ConfigError names eval.sources.<name>.<key>."""
+    as_source = SourceConfig(path=src.path, text_field=src.text_field, format=src.format, split=src.split)
+    fmt = detect_format(as_source)
+    if fmt == "hf":
+        try:
+            dataset = load_saved_dataset(src.path, src.split, src.text_field)
+        except SourceError as exc:
+            raise ConfigError(f"eval.sources.{name}.{exc.field}: {exc}") from None
+        reads = [read_dataset(dataset, src.text_field)]
+    else:
+        files = resolve_files(name, as_source, fmt, section="eval.sources")
+        reads = (READERS[fmt](f, src.text_field) for f in files)
+    for read in reads:
+        for _, text, _ in read:
+            if text:
+                yield text
+
+
+def token_stream(texts: Iterator[str], tokenizer, max_tokens: int) -> tuple[list[int], int, int]:
+    """(stream, documents, UTF-8 bytes): whole documents until max_tokens (0: all) are in it."""
+    stream: list[int] = []
+    docs = n_bytes = 0
+    for text in texts:
+        stream += tokenizer.encode(text, add_bos=True, add_eos=True)
+        docs += 1
+        n_bytes += len(text.encode("utf-8"))
+        if max_tokens and len(stream) >= max_tokens:
+            break
+    return stream, docs, n_bytes
+
+
+def rows(stream: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """(inputs, targets) rows of seq_len: stream[i*T : i*T + T + 1], the last one padded."""
+    out = []
+    for start in range(0, len(stream) - 1, seq_len):
+        chunk = stream[start : start + seq_len + 1]
+        pad = seq_len + 1 - len(chunk)
+        out.append((chunk[:-1] + [0] * pad, chunk[1:] + [IGNORE] * pad))
+    return out
+
+
+@torch.no_grad()
+def validate(model, tokenizer, texts: Iterator[str], seq_len: int, batch_size: int, max_tokens: int,
+             device, reads=None) -> dict[str, float]:
+    """{"loss", "ppl", "bits_per_byte", "tokens", "documents", "bytes"} over every rank's share of the
+    rows (each rank scores its batches; the sums are reduced). `reads`: a MemoryReadStats
+    told which tokens of each batch count."""
+    stream, docs, n_bytes = token_stream(texts, tokenizer, max_tokens)
+    if len(stream) < 2:
+        raise ConfigError("eval.sources: a text source has no documents to score")
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # nats, scored tokens
+    for batch in rank_batches(rows(stream, seq_len), batch_size):
+        items = batch[1] if batch is not None else []
+        items = items + [([0] * seq_len, [IGNORE] * seq_len)] * (batch_size - len(items))  # one shape
+        inputs = torch.tensor([i for i, _ in items], dtype=torch.long, device=device)  # (B, T)
+        targets = torch.tensor([t for _, t in items], dtype=torch.long, device=device)
+        if reads is not None:
+            reads.count = (targets != IGNORE).flatten()
+        nats = forward_loss(model, {"inputs": inputs, "targets": targets}, reduction="sum")
+        sums += torch.stack([nats.double(), (targets != IGNORE).sum().double()])
+    if reads is not None:
+        reads.count = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    nats, tokens = sums.tolist()
+    loss = nats / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bits_per_byte": nats / (math.log(2) * n_bytes),
+            "tokens": int(tokens), "documents": docs, "bytes": n_bytes}
