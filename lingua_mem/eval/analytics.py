@@ -38,7 +38,7 @@ class MemoryReadStats:
 
     def __enter__(self) -> MemoryReadStats:
         for i, m in self.memories.items():
-            self.handles.append(m.reads.register_forward_hook(self._hook(i, m.heads)))
+            self.handles.append(m.reads.register_forward_hook(self._hook(i, m.heads, m.knn)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -46,7 +46,7 @@ class MemoryReadStats:
             h.remove()
         self.handles = []
 
-    def _hook(self, layer: int, heads: int):
+    def _hook(self, layer: int, heads: int, knn: int):
         sums = self.sums[layer]
 
         def hook(module, inputs, output):
@@ -57,7 +57,7 @@ class MemoryReadStats:
             weights = weights.detach().double()
             sums["counts"].index_add_(0, indices.flatten(), torch.ones_like(weights).flatten())
             sums["mass"].index_add_(0, indices.flatten(), weights.flatten())
-            w = weights.view(weights.shape[0], heads, -1)  # (N, heads, knn)
+            w = weights.view(-1, heads, knn)  # (N, heads, knn)
             entropy = -(w * w.clamp_min(1e-30).log()).sum()
             sums["scalars"] += torch.stack([w.amax(dim=-1).sum(), entropy,
                                             torch.tensor(float(w.shape[0] * heads), device=w.device,
