@@ -9,6 +9,8 @@
 # 3. configs/memory_134m.yaml for 20 steps (byte tokenizer, generated facts corpus): tokens/s,
 #    MFU and peak GPU memory
 # 4. benchmarks/memory_layer.py on CUDA (memory layer vs SwiGLU FFN at debug and 134m shapes)
+# 5. eval.py on the debug run's step-30 checkpoint on CUDA (val, facts QA, generation)
+# 6. benchmarks/generate.py on CUDA: generation tokens/s with and without the KV cache
 # then one summary table. Exit 0 when every part ran (and the debug losses fell), 1 otherwise.
 # Without CUDA it says so and exits 0.
 #
@@ -58,10 +60,14 @@ if [ "$DEVICE" = cuda ]; then
   DEBUG=(steps=30 log_every=5 checkpoint.every=15)
   M134=(steps=20 log_every=5 checkpoint.every=0)
   BENCH=(--device cuda)
+  EVAL=(eval.max_questions=300)
+  GEN=(--device cuda --batch 16 --new 128)
 else  # rehearsal: the same commands, shapes small enough for a CPU
   DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
   M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
   BENCH=(--device cpu --shapes debug --repeats 2 --warmup 1)
+  EVAL=(eval.max_questions=16 eval.max_tokens=2048 generate.max_new_tokens=16)
+  GEN=(--device cpu --batch 2 --new 16 --repeats 1)
 fi
 COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16)
 failed=()
@@ -86,6 +92,8 @@ run debug_torchrun 150 "$PY" -m torch.distributed.run --standalone --nproc-per-n
 run memory_134m 240 "$PY" train.py config=configs/memory_134m.yaml "${COMMON[@]}" "${M134[@]}" \
   data.tokenizer.name=bytes dump_dir="$OUT/memory_134m"
 run memory_layer 180 "$PY" benchmarks/memory_layer.py "${BENCH[@]}" --json "$OUT/memory_layer.json"
+run eval 150 "$PY" eval.py ckpt="$OUT/debug/checkpoints/0000000030" distributed.device="$DEVICE" "${EVAL[@]}"
+run generate 120 "$PY" benchmarks/generate.py "${GEN[@]}" --json "$OUT/generate.json"
 
 "$PY" - "$OUT" <<'PY' || failed+=(summary)
 import json, sys
@@ -114,6 +122,16 @@ if bench.exists():
     for r in json.loads(bench.read_text()):
         print(f"memory_layer {r['shape']} {r['device']} {r['dtype']}: ffn {r['ffn_ms']:.2f} ms, "
               f"memory {r['memory_ms']:.2f} ms (lookup {r['lookup_ms']:.2f}, bag {r['bag_ms']:.2f})")
+report = out / "debug" / "evals" / "30.json"
+if report.exists():
+    m = json.loads(report.read_text())["metrics"]
+    print(f"eval debug step 30: val loss {m['val/loss']:.3f}, {m['val/tokens_per_s']:,.0f} val tok/s, "
+          f"facts EM {m['facts_qa/exact_match']:.3f}, memory usage layer1 {m['memory/layer1/usage']:.2f}")
+gen = out / "generate.json"
+if gen.exists():
+    rows = json.loads(gen.read_text())["rows"]
+    print("generate: " + ", ".join(f"cache {'on' if r['cache'] else 'off'} {r['tokens_per_s']:,.0f} tok/s"
+                                   for r in rows))
 sys.exit(1 if bad else 0)
 PY
 
