@@ -192,8 +192,8 @@ class EvalConfig:
     # training source <dir>/train the val/ folder beside it (lingua_mem.data.prepare's layout)
     sources: dict[str, EvalSourceConfig] = field(default_factory=dict)
     max_tokens: int = 65536  # per text source: documents until this many tokens are scored (0: all)
-    max_questions: int = 1000  # per qa source: a fixed sample of questions (0: all)
-    batch_size: int = 8  # sequences per forward call (val windows, questions)
+    max_questions: int = 500  # per qa source: a fixed sample of questions (0: all)
+    batch_size: int = 32  # sequences per forward call (val windows, questions)
     seq_len: int = 0  # val window; 0: data.seq_len of the run
     max_answer_tokens: int = 48  # greedy answer length cap (facts QA)
     analytics: bool = True  # memory-layer read statistics over the val tokens

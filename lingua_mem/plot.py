@@ -129,6 +129,8 @@ def plot(runs: list[dict], out: Path, x_axes: list[str]) -> Figure:
             else:
                 ax.set_xscale("log")
                 ax.grid(True, which="major", alpha=0.3)
+                if metric == "facts_qa/exact_match":  # a fraction: its whole range, 0 included
+                    ax.set_ylim(-0.02, max(0.1, ax.get_ylim()[1]))
     names = [run["name"] for run in runs]  # a name that two runs share (the default "run") gets the dir
     labels = [n if names.count(n) == 1 else f"{n} ({run['dir']})" for n, run in zip(names, runs, strict=True)]
     handles = [Line2D([], [], color=f"C{i % 10}", lw=1.5, label=label) for i, label in enumerate(labels)]

@@ -310,3 +310,15 @@ def test_cli_runs_lm_eval(loaded, export_dir, tmp_path, offline):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tiny_mc" in proc.stdout
     assert "acc" in proc.stdout and "|" in proc.stdout  # the results table
+
+
+def test_eval_py_runs_an_lm_eval_task(loaded, export_dir, tmp_path, offline):
+    tasks, _ = _write_tasks(tmp_path, loaded.model)
+    expected = run_lm_eval(loaded, "tiny_mc", include_path=str(tasks), batch_size=4)
+    proc = subprocess.run(
+        [sys.executable, "eval.py", f"ckpt={export_dir}", "tasks=lm_eval:tiny_mc",
+         f"lm_eval.include_path={tasks}", "eval.batch_size=4", f"out={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "evals" / "7.json").read_text())
+    assert report["metrics"] == expected and "lm_eval/tiny_mc/acc" in proc.stdout

@@ -44,6 +44,19 @@ def test_debug_quickstart_halves_its_loss(tmp_path):
         assert all(math.isfinite(r[key]) for r in rows), key
     assert rows[-1]["tokens"] == steps * 8 * 256
     assert "eta" in proc.stdout and f"step {steps:>6}/{steps}" in proc.stdout
+    # the quickstart ends with the evaluation of its own checkpoint (the README's second command)
+    proc = subprocess.run([sys.executable, "eval.py", f"ckpt={tmp_path}/checkpoints/{steps:010d}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "evals" / f"{steps}.json").read_text())
+    m = report["metrics"]
+    assert m["val/loss"] == pytest.approx(rows[-1]["loss"], abs=0.3)  # new biographies of the same people
+    assert m["facts_qa/questions"] == 500 and 0 <= m["facts_qa/exact_match"] <= 1
+    assert 0 < m["memory/layer1/usage"] <= 1 and 0 < m["memory/layer3/usage"] <= 1
+    samples = report["samples"]["generate"]
+    assert len(samples) == 2 and all(s["completion"] for s in samples)
+    for key in ("val/loss", "val/bits_per_byte", "facts_qa/exact_match", "generate:"):
+        assert key in proc.stdout, key
 
 
 def test_grad_accumulation_equals_the_large_batch(tmp_path):

@@ -154,17 +154,22 @@ class GenerateCommand:
 
 def main(argv: list[str]) -> int:
     from lingua_mem.cli import reports
-    from lingua_mem.config import ConfigError, TokenizerConfig, load_config
+    from lingua_mem.config import ConfigError, EvalConfig, TokenizerConfig, load_config, validate_eval
     from lingua_mem.eval.load import load_model
     from lingua_mem.trainer import resolve_device
+
+    def check(cfg: GenerateCommand) -> None:
+        if not cfg.ckpt:
+            raise ConfigError("ckpt: required (a checkpoints/<step> directory or a consolidated export)")
+        if cfg.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
+        validate_eval(EvalConfig(), cfg.generate)
 
     @reports(ConfigError, ValueError)
     def run(argv: list[str]) -> int:
         argv = [f"prompt=[{a.split('=', 1)[1]!r}]" if a.startswith("prompt=") and not
                 a.startswith("prompt=[") else a for a in argv]
-        cfg = load_config(argv, GenerateCommand, check=lambda c: None)
-        if not cfg.ckpt:
-            raise ConfigError("ckpt: required (a checkpoints/<step> directory or a consolidated export)")
+        cfg = load_config(argv, GenerateCommand, check)
         device = resolve_device(cfg.device)
         loaded = load_model(cfg.ckpt, device, TokenizerConfig(name=""))
         prompts = cfg.prompt or list(cfg.generate.prompts)
