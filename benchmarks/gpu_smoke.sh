@@ -66,7 +66,7 @@ else  # rehearsal: the same commands, shapes small enough for a CPU
   DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
   M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
   BENCH=(--device cpu --shapes debug --repeats 2 --warmup 1)
-  EVAL=(eval.max_questions=16 eval.max_tokens=2048 generate.max_new_tokens=16)
+  EVAL=(eval.max_questions=16 eval.max_tokens=2048 eval.generate.max_new_tokens=16)
   GEN=(--device cpu --batch 2 --new 16 --repeats 1)
 fi
 COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16)

@@ -197,6 +197,7 @@ class EvalConfig:
     seq_len: int = 0  # val window; 0: data.seq_len of the run
     max_answer_tokens: int = 48  # greedy answer length cap (facts QA)
     analytics: bool = True  # memory-layer read statistics over the val tokens
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(max_new_tokens=48))
 
 
 @dataclass
@@ -231,7 +232,6 @@ class EvalCommandConfig:
     tasks: str = "val,facts_qa,generate"  # comma-separated: val, facts_qa, generate, lm_eval:<task>
     out: str = ""  # "": the run's dump dir (a training checkpoint) or the export's directory
     eval: EvalConfig = field(default_factory=EvalConfig)
-    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(max_new_tokens=48))
     tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig(name=""))  # "": the run's
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
@@ -253,7 +253,7 @@ def parse_tasks(spec: str, key: str, lm_eval: bool = True) -> list[str]:
     return tasks
 
 
-def validate_eval(e: EvalConfig, generation: GenerateConfig | None = None) -> None:
+def validate_eval(e: EvalConfig, key: str = "eval.generate") -> None:
     _check(e.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
     for key in ("batch_size", "max_answer_tokens"):
         _check(getattr(e, key) > 0, f"eval.{key}", "must be positive")
@@ -263,18 +263,20 @@ def validate_eval(e: EvalConfig, generation: GenerateConfig | None = None) -> No
         _check(bool(src.path), f"eval.sources.{name}.path", "must be set")
         _check_choice(src.kind, f"eval.sources.{name}.kind", ("text", "qa"))
         _check_choice(src.format, f"eval.sources.{name}.format", ("auto", "jsonl", "parquet", "text", "hf"))
-    if generation is not None:
-        g = generation
-        _check(g.max_new_tokens > 0, "generate.max_new_tokens", "must be positive")
-        _check(g.batch_size > 0, "generate.batch_size", "must be positive")
-        _check(math.isfinite(g.temperature) and g.temperature >= 0, "generate.temperature", "must be >= 0")
-        _check(0 < g.top_p <= 1, "generate.top_p", "must be in (0, 1]")
+    validate_generate(e.generate, key)
+
+
+def validate_generate(g: GenerateConfig, key: str) -> None:
+    _check(g.max_new_tokens > 0, f"{key}.max_new_tokens", "must be positive")
+    _check(g.batch_size > 0, f"{key}.batch_size", "must be positive")
+    _check(math.isfinite(g.temperature) and g.temperature >= 0, f"{key}.temperature", "must be >= 0")
+    _check(0 < g.top_p <= 1, f"{key}.top_p", "must be in (0, 1]")
 
 
 def validate_eval_command(cfg: EvalCommandConfig) -> None:
     _check(bool(cfg.ckpt), "ckpt", "required (a checkpoints/<step> directory or a consolidated export)")
     parse_tasks(cfg.tasks, "tasks")
-    validate_eval(cfg.eval, cfg.generate)
+    validate_eval(cfg.eval)
     d = cfg.distributed
     _check_choice(d.device, "distributed.device", ("auto", "cpu", "cuda"))
     _check_choice(d.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))

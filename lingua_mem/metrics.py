@@ -98,8 +98,9 @@ class MetricLogger:
                   f"vnorm {metrics['value_grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s{mfu} | "
                   f"eta {eta}", flush=True)
 
-    def log_eval(self, metrics: dict, seconds: float) -> None:
-        """An evaluation's row ({"step", "tokens", "eval": true, "val/loss", ...})."""
+    def log_eval(self, metrics: dict, seconds: float, samples: list[dict] = ()) -> None:
+        """An evaluation's row ({"step", "tokens", "eval": true, "val/loss", ...}); generated
+        samples ({"prompt", "completion"}) go to the console only."""
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
@@ -115,6 +116,8 @@ class MetricLogger:
                              f"F1 {metrics['facts_qa/f1']:.3f}")
             parts.append(f"{seconds:.1f}s")
             print(" | ".join(parts), flush=True)
+            for sample in samples:
+                print(f"  {sample['prompt']!r} -> {sample['completion']!r}", flush=True)
 
     def close(self) -> None:
         self.file.close()

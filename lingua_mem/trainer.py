@@ -195,9 +195,9 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
             # at the same steps whatever the layout or a resume; before the checkpoint of the
             # step, so a run resumed from it has the row
             if run_eval is not None and not preempted and (step % cfg.eval.every == 0 or step == cfg.steps):
-                row = run_eval(step, step * tokens_per_step * dims.world_size)
+                row, samples, seconds = run_eval(step, step * tokens_per_step * dims.world_size)
                 if logger is not None:
-                    logger.log_eval(row, row.pop("seconds"))
+                    logger.log_eval(row, seconds, samples.get("generate", []))
                 window_start = time.perf_counter()  # the evaluation's time is not the steps'
 
             if saving:
@@ -227,8 +227,9 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
 
 
 def _evaluator(cfg: TrainConfig, model, tokenizer, device):
-    """eval(step, tokens) -> the metrics row of an evaluation of `model` (every rank calls it;
-    the model is back in train mode after). Its sources are checked here, at start-up."""
+    """eval(step, tokens) -> (the metrics row, samples, seconds) of an evaluation of `model`
+    (every rank calls it; the model is back in train mode after). Its sources are checked
+    here, at start-up."""
     from lingua_mem.eval.suite import check_sources, default_sources, evaluate
 
     tasks = parse_tasks(cfg.eval.tasks, "eval.tasks", lm_eval=False)
@@ -239,14 +240,14 @@ def _evaluator(cfg: TrainConfig, model, tokenizer, device):
     eval_cfg = replace(cfg.eval, analytics=cfg.eval.analytics and not cfg.distributed.compile)
     seq_len = cfg.eval.seq_len or cfg.data.seq_len
 
-    def run(step: int, tokens: int) -> dict:
+    def run(step: int, tokens: int) -> tuple[dict, dict, float]:
         started = time.perf_counter()
         try:
-            metrics, _ = evaluate(model, tokenizer, tasks, eval_cfg, sources, seq_len, device)
+            metrics, samples = evaluate(model, tokenizer, tasks, eval_cfg, sources, seq_len, device)
         finally:
             model.train()
-        return {"step": step, "tokens": tokens, "eval": True, **metrics,
-                "seconds": time.perf_counter() - started}
+        row = {"step": step, "tokens": tokens, "eval": True, **metrics}
+        return row, samples, time.perf_counter() - started
 
     return run
 

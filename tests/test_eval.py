@@ -36,7 +36,7 @@ TINY = ["model.dim=64", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads
         "data.seq_len=32", "data.batch_size=4", "data.facts.people=40", "optim.warmup=2",
         "logging.console=false"]
 FAST_EVAL = ["eval.max_tokens=1500", "eval.max_questions=24", "eval.batch_size=4",
-             "eval.max_answer_tokens=12", "generate.max_new_tokens=12"]
+             "eval.max_answer_tokens=12", "eval.generate.max_new_tokens=12"]
 
 
 def tiny_args():

@@ -154,7 +154,7 @@ class GenerateCommand:
 
 def main(argv: list[str]) -> int:
     from lingua_mem.cli import reports
-    from lingua_mem.config import ConfigError, EvalConfig, TokenizerConfig, load_config, validate_eval
+    from lingua_mem.config import ConfigError, TokenizerConfig, load_config, validate_generate
     from lingua_mem.eval.load import load_model
     from lingua_mem.trainer import resolve_device
 
@@ -163,7 +163,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError("ckpt: required (a checkpoints/<step> directory or a consolidated export)")
         if cfg.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: {cfg.device!r} is not one of auto, cpu, cuda")
-        validate_eval(EvalConfig(), cfg.generate)
+        validate_generate(cfg.generate, "generate")
 
     @reports(ConfigError, ValueError)
     def run(argv: list[str]) -> int:

@@ -1,10 +1,11 @@
 """A trained model for evaluation: its weights only (no optimizer), from a training
 checkpoint written by any layout or from a consolidated export directory.
 
-One process: the whole model, plain PyTorch (read_checkpoint / read_consolidated).
-Several processes (torchrun, srun): the model parallelized as in training (FSDP2,
-memory-parallel value tables), each rank loading its shards, so memory parallelism
-works as it does in training and each rank evaluates its share of the data.
+One process, fp32: the whole model, plain PyTorch (read_checkpoint / read_consolidated).
+Several processes (torchrun, srun), or bf16: the model parallelized as in training
+(FSDP2, memory-parallel value tables; bf16 is FSDP2's parameter dtype), each rank
+loading its shards, so memory parallelism works as it does in training and each rank
+evaluates its share of the data.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def load_model(ckpt: str | Path, device, tokenizer: TokenizerConfig, meshes=None
     whose ids the model cannot embed."""
     path = Path(ckpt)
     kind = checkpoint_kind(path)
-    parallel = meshes is not None and meshes.dims.world_size > 1
+    distributed = distributed or DistributedConfig()
+    # FSDP2 on several processes, and on one for bf16 (FSDP2's bf16 parameters, as in training)
+    parallel = meshes is not None and (meshes.dims.world_size > 1 or distributed.compute_dtype != "fp32")
     try:
         if kind == "consolidated":
             args, sd, meta = read_consolidated(path)
@@ -87,7 +90,7 @@ def load_model(ckpt: str | Path, device, tokenizer: TokenizerConfig, meshes=None
         raise ConfigError(f"tokenizer: {tok_cfg.name} has {tok.n_words} tokens, the model of {path} embeds "
                           f"only {args.vocab_size} (model.vocab_size): not the tokenizer it was trained with")
     if parallel:
-        model = _parallel_model(args, sd, path, device, meshes, distributed or DistributedConfig())
+        model = _parallel_model(args, sd, path, device, meshes, distributed)
     else:
         model = model_from_state_dict(args, sd, device)
     return LoadedModel(model.eval(), args, tok, step, path, meta if kind == "training" else {})

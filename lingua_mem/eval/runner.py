@@ -81,8 +81,7 @@ def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
     check_sources(sources, own)
     seq_len = cfg.eval.seq_len or (loaded.run_config.get("data") or {}).get("seq_len") \
         or min(loaded.args.max_seq_len, 2048)
-    metrics, samples = evaluate(loaded.model, loaded.tokenizer, own, cfg.eval, sources, seq_len, device,
-                                cfg.generate, say)
+    metrics, samples = evaluate(loaded.model, loaded.tokenizer, own, cfg.eval, sources, seq_len, device, say)
     if harness_tasks:
         from lingua_mem.eval.harness import run_lm_eval
 

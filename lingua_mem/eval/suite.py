@@ -3,7 +3,7 @@
   val        loss, perplexity and bits per byte of each text source (validate.py), with
              the memory layers' read statistics over the same tokens (analytics.py)
   facts_qa   exact match, F1 and bits of knowledge of each question source (facts_qa.py)
-  generate   completions of generate.prompts (generate.py)
+  generate   completions of eval.generate.prompts (generate.py)
   lm_eval:T  lm-evaluation-harness task T (harness.py; eval.py on one process only)
 
 Metric names: val/loss (val/<source>/loss with several text sources), facts_qa/...,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lingua_mem.config import ConfigError, EvalConfig, EvalSourceConfig, GenerateConfig
+from lingua_mem.config import ConfigError, EvalConfig, EvalSourceConfig
 from lingua_mem.eval import facts_qa
 from lingua_mem.eval.analytics import MemoryReadStats
 from lingua_mem.eval.generate import generate
@@ -57,8 +57,7 @@ def check_sources(sources: dict[str, EvalSourceConfig], tasks: list[str]) -> Non
 
 
 def evaluate(model, tokenizer, tasks: list[str], cfg: EvalConfig, sources: dict[str, EvalSourceConfig],
-             seq_len: int, device, generation: GenerateConfig | None = None,
-             progress=None) -> tuple[dict[str, float], dict]:
+             seq_len: int, device, progress=None) -> tuple[dict[str, float], dict]:
     """(metrics, samples) of `tasks` on `model` (left in eval mode; the caller restores its
     mode). Every rank calls it alike; the metrics are over all ranks' shares."""
     model.eval()
@@ -106,7 +105,7 @@ def evaluate(model, tokenizer, tasks: list[str], cfg: EvalConfig, sources: dict[
             samples[prefix] = [{"question": q["question"], "answer": q["answer"], "prediction": p}
                                for q, p in zip(questions[:SAMPLES], predictions[:SAMPLES], strict=True)]
     if "generate" in tasks:
-        generation = generation or GenerateConfig()
+        generation = cfg.generate
         generator = torch.Generator(device=device).manual_seed(generation.seed)  # its own RNG
         completions = generate(model, tokenizer, list(generation.prompts), generation, generator=generator)
         samples["generate"] = [{"prompt": p, "completion": c}
