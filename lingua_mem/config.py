@@ -193,7 +193,8 @@ class EvalConfig:
     sources: dict[str, EvalSourceConfig] = field(default_factory=dict)
     max_tokens: int = 65536  # per text source: documents until this many tokens are scored (0: all)
     max_questions: int = 500  # per qa source: a fixed sample of questions (0: all)
-    batch_size: int = 32  # sequences per forward call (val windows, questions)
+    batch_tokens: int = 8192  # val tokens per forward call (rows of seq_len: at least one)
+    batch_size: int = 32  # questions per forward call (facts QA)
     seq_len: int = 0  # val window; 0: data.seq_len of the run
     max_answer_tokens: int = 48  # greedy answer length cap (facts QA)
     analytics: bool = True  # memory-layer read statistics over the val tokens
@@ -255,10 +256,10 @@ def parse_tasks(spec: str, key: str, lm_eval: bool = True) -> list[str]:
 
 def validate_eval(e: EvalConfig, key: str = "eval.generate") -> None:
     _check(e.every >= 0, "eval.every", "must be >= 0 (0: no evaluation during training)")
-    for key in ("batch_size", "max_answer_tokens"):
-        _check(getattr(e, key) > 0, f"eval.{key}", "must be positive")
-    for key in ("max_tokens", "max_questions", "seq_len"):
-        _check(getattr(e, key) >= 0, f"eval.{key}", "must be >= 0")
+    for name in ("batch_tokens", "batch_size", "max_answer_tokens"):
+        _check(getattr(e, name) > 0, f"eval.{name}", "must be positive")
+    for name in ("max_tokens", "max_questions", "seq_len"):
+        _check(getattr(e, name) >= 0, f"eval.{name}", "must be >= 0")
     for name, src in e.sources.items():
         _check(bool(src.path), f"eval.sources.{name}.path", "must be set")
         _check_choice(src.kind, f"eval.sources.{name}.kind", ("text", "qa"))

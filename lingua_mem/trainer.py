@@ -7,9 +7,11 @@ loop: train_step (micro-batches -> backward -> clip -> step) -> metrics -> check
 
 from __future__ import annotations
 
+import json
 import random
 import time
-from dataclasses import asdict, replace
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -96,17 +98,18 @@ def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     dist.barrier()
     if not is_main:
         loader = build_loader(cfg.data, tokenizer, cfg.dump_dir, dims.rank, dims.world_size)
+    eval_data = _eval_data(cfg, tokenizer) if cfg.eval.every else None  # a bad eval source fails here
     # once the data is known to be readable: before the model, the checkpoints and the metrics
     lock = on_rank_0(lambda: take_lock(cfg.dump_dir), is_main)
     try:
-        return _train_locked(cfg, meshes, device, is_main, loader, tokenizer)
+        return _train_locked(cfg, meshes, device, is_main, loader, tokenizer, eval_data)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool, loader,
-                  tokenizer) -> dict:
+                  tokenizer, eval_data) -> dict:
     dims = meshes.dims
     started = time.perf_counter()
     seed_everything(cfg.seed)
@@ -153,7 +156,14 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
             elif cfg.checkpoint.init_from:
                 print(f"started from the weights of {cfg.checkpoint.init_from}", flush=True)
 
-    run_eval = _evaluator(cfg, model, tokenizer, device) if cfg.eval.every else None
+    run_eval = _evaluator(cfg, eval_data, model, tokenizer, device) if eval_data is not None else None
+    eval_due = lambda step: step % cfg.eval.every == 0 or step == cfg.steps  # noqa: E731
+    if run_eval is not None and start and eval_due(start) and _eval_missing(cfg.dump_dir, start, is_main):
+        # the run stopped (preempted) at a step due for evaluation before evaluating it
+        row, samples, seconds = run_eval(start, start * cfg.optim.grad_accum * cfg.data.batch_size
+                                         * cfg.data.seq_len * dims.world_size)
+        if logger is not None:
+            logger.log_eval(row, seconds, samples.get("generate", []))
     batches = iter(loader)
     preemption = PreemptionFlag(cfg.checkpoint.preempt_signals)
     tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len  # per rank
@@ -193,12 +203,14 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                 window_start, window_steps = time.perf_counter(), 0
 
             # at the same steps whatever the layout or a resume; before the checkpoint of the
-            # step, so a run resumed from it has the row
-            if run_eval is not None and not preempted and (step % cfg.eval.every == 0 or step == cfg.steps):
+            # step, so a run resumed from it has the row (a preempted step is evaluated on resume)
+            if run_eval is not None and not preempted and eval_due(step):
                 row, samples, seconds = run_eval(step, step * tokens_per_step * dims.world_size)
                 if logger is not None:
                     logger.log_eval(row, seconds, samples.get("generate", []))
-                window_start = time.perf_counter()  # the evaluation's time is not the steps'
+                window_start += seconds  # the evaluation's time is not the steps'
+                if preemption.requested(dims.distributed, device):  # a signal during the evaluation
+                    preempted = saving = True
 
             if saving:
                 if not state_is_finite(model, optimizer):  # never a checkpoint of non-finite state
@@ -226,24 +238,47 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     return last
 
 
-def _evaluator(cfg: TrainConfig, model, tokenizer, device):
-    """eval(step, tokens) -> (the metrics row, samples, seconds) of an evaluation of `model`
-    (every rank calls it; the model is back in train mode after). Its sources are checked
-    here, at start-up."""
-    from lingua_mem.eval.suite import check_sources, default_sources, evaluate
+def _eval_data(cfg: TrainConfig, tokenizer):
+    """The evaluation's data (eval.every), read and checked at start-up on every rank."""
+    from lingua_mem.eval.suite import default_sources, prepare
 
     tasks = parse_tasks(cfg.eval.tasks, "eval.tasks", lm_eval=False)
     facts = Path(cfg.dump_dir) / "data" / "facts"  # the loader made it, if the run trains on it
     sources = dict(cfg.eval.sources) or default_sources(to_dict(cfg), facts)
-    check_sources(sources, tasks)
-    # analytics hooks would recompile the compiled blocks; evaluation never touches the RNGs
-    eval_cfg = replace(cfg.eval, analytics=cfg.eval.analytics and not cfg.distributed.compile)
-    seq_len = cfg.eval.seq_len or cfg.data.seq_len
+    return prepare(tasks, cfg.eval, sources, tokenizer, cfg.eval.seq_len or cfg.data.seq_len,
+                   cfg.model.max_seq_len)
+
+
+def _eval_missing(dump_dir: str, step: int, is_main: bool) -> bool:
+    """No evaluation row of `step` in metrics.jsonl (read by rank 0, agreed by all)."""
+    missing = None
+    if is_main:
+        path = Path(dump_dir) / "metrics.jsonl"
+        rows = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        missing = not any(isinstance(r, dict) and r.get("eval") and r.get("step") == step for r in rows)
+    box = [missing]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
+def _evaluator(cfg: TrainConfig, data, model, tokenizer, device):
+    """eval(step, tokens) -> (the metrics row, samples, seconds) of an evaluation of `model`
+    on `data` (every rank calls it; the model is back in train mode after)."""
+    from lingua_mem.eval.suite import evaluate
 
     def run(step: int, tokens: int) -> tuple[dict, dict, float]:
         started = time.perf_counter()
+        # compiled blocks run eagerly here: other shapes and the generation's inputs would
+        # recompile them, and the analytics hooks run in eager code
+        stance = torch.compiler.set_stance("force_eager") if cfg.distributed.compile else nullcontext()
         try:
-            metrics, samples = evaluate(model, tokenizer, tasks, eval_cfg, sources, seq_len, device)
+            with stance:
+                metrics, samples = evaluate(model, tokenizer, data, device)
         finally:
             model.train()
         row = {"step": step, "tokens": tokens, "eval": True, **metrics}

@@ -26,7 +26,7 @@ from lingua_mem.data.tokenizer import BytesTokenizer
 from lingua_mem.eval.analytics import MemoryReadStats
 from lingua_mem.eval.facts_qa import f1_score, normalize, score
 from lingua_mem.eval.generate import generate, generate_ids
-from lingua_mem.eval.validate import validate
+from lingua_mem.eval.validate import prepare_text, validate
 from lingua_mem.model.llama import build_model
 from lingua_mem.trainer import train
 
@@ -140,6 +140,9 @@ def eval_main(*args: str) -> int:
      "eval.sources.x.path: no such file /nonexistent.jsonl"),
     (["tasks=val", "eval.sources.q.path=/q.jsonl", "eval.sources.q.kind=qa"],
      "eval.sources: the val task needs a source of kind text"),
+    (["eval.seq_len=65"], "eval.seq_len: 65 exceeds model.max_seq_len=64"),
+    (["eval.max_answer_tokens=64"], "eval.max_answer_tokens: 64 must be below model.max_seq_len=64"),
+    (["out=/etc/hostname/x"], "out: cannot write to /etc/hostname/x: /etc/hostname is a file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(trained, args, message, capsys):
     if not any(a.startswith("ckpt=") for a in args):
@@ -149,7 +152,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
-def test_a_tokenizer_the_model_cannot_embed_is_one_line_and_exit_2(tmp_path):
+def test_a_tokenizer_the_model_cannot_embed_is_one_line_and_exit_2(tmp_path, capsys):
     from safetensors.torch import save_file
 
     args = model_args(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=200, max_seq_len=32,
@@ -164,6 +167,10 @@ def test_a_tokenizer_the_model_cannot_embed_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: tokenizer: bytes has 258 tokens, the model of {export} embeds "
                                    "only 200 (model.vocab_size): not the tokenizer it was trained with")
+    del config["tokenizer"]  # an export that does not say: never a silent guess
+    (export / "config.json").write_text(json.dumps(config))
+    assert eval_main(f"ckpt={export}", "tasks=generate") == 2
+    assert "tokenizer.name: required: the config.json has no tokenizer" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- generation
@@ -231,14 +238,14 @@ def test_validation_loss_and_bits_per_byte_equal_a_hand_computation(model):
             chunk = torch.tensor(stream[start : start + 17])
             logits = model(chunk[:-1].view(1, -1))[0]
             nats += F.cross_entropy(logits, chunk[1:], reduction="sum").item()
-    r = validate(model, tok, iter(docs), seq_len=16, batch_size=3, max_tokens=0, device="cpu")
+    r = validate(model, prepare_text(iter(docs), tok, 16, max_tokens=0), batch_size=3, device="cpu")
     assert r["tokens"] == len(stream) - 1 and r["documents"] == 3
     assert r["loss"] == pytest.approx(nats / (len(stream) - 1), rel=1e-5)
     n_bytes = sum(len(d.encode()) for d in docs)
     assert r["bits_per_byte"] == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)
     assert r["bytes"] == n_bytes
-    capped = validate(model, tok, iter(docs), seq_len=16, batch_size=3, max_tokens=20, device="cpu")
-    assert capped["documents"] == 1  # 23 tokens reach the cap of 20: the first document, whole
+    capped = prepare_text(iter(docs), tok, 16, max_tokens=20)
+    assert capped.documents == 1  # 23 tokens reach the cap of 20: the first document, whole
 
 
 def test_facts_qa_scores_and_bits_of_knowledge_by_hand():
@@ -307,6 +314,18 @@ def test_evaluation_during_training_leaves_training_bit_identical_and_resumes_at
         assert a["val/loss"] == b["val/loss"] and a["facts_qa/f1"] == b["facts_qa/f1"]
 
 
+def test_a_bad_eval_source_stops_training_before_any_step(tmp_path):
+    from lingua_mem.config import ConfigError
+
+    cfg = load_config(["config=configs/debug.yaml", f"dump_dir={tmp_path}", *TINY, "eval.every=5",
+                       f"eval.sources.qa.path={tmp_path / 'qa.jsonl'}", "eval.sources.qa.kind=qa",
+                       "eval.tasks=facts_qa"])
+    (tmp_path / "qa.jsonl").write_text('{"question": "q", "answer": "a"}\n{"question": 3}\n')
+    with pytest.raises(ConfigError, match=r"eval.sources.qa.path: .*qa.jsonl line 2 has no \"question\""):
+        train(cfg)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
 def test_eval_config_errors_name_the_key(tmp_path):
     from lingua_mem.config import ConfigError
 
@@ -314,3 +333,5 @@ def test_eval_config_errors_name_the_key(tmp_path):
         load_config(["config=configs/debug.yaml", "eval.every=5", "eval.tasks=val,lm_eval:piqa"])
     with pytest.raises(ConfigError, match="eval.sources.v.kind: 'pictures' is not one of text, qa"):
         load_config(["config=configs/debug.yaml", "eval.sources.v.path=x", "eval.sources.v.kind=pictures"])
+    with pytest.raises(ConfigError, match="eval.generate.top_p: must be in"):
+        load_config(["config=configs/debug.yaml", "eval.generate.top_p=0"])

@@ -132,8 +132,8 @@ def model_from_state_dict(args: ModelArgs, state_dict: dict,
     return model.eval()
 
 
-def read_consolidated(directory: str | Path) -> tuple[ModelArgs, dict, dict]:
-    """(model args, CPU tensors, config.json) of a consolidate() output directory."""
+def consolidated_model_args(directory: str | Path) -> tuple[ModelArgs, dict]:
+    """(model args, config.json) of a consolidate() output directory, its weights unread."""
     directory = Path(directory)
     config_file, weights = directory / "config.json", directory / "model.safetensors"
     for f in (config_file, weights):
@@ -154,6 +154,13 @@ def read_consolidated(directory: str | Path) -> tuple[ModelArgs, dict, dict]:
         raise ValueError(f"{config_file}: {exc}") from None
     except TypeError as exc:  # a value of the wrong type
         raise ValueError(f"{config_file}: model: {_first_line(exc)}") from None
+    return args, raw
+
+
+def read_consolidated(directory: str | Path) -> tuple[ModelArgs, dict, dict]:
+    """(model args, CPU tensors, config.json) of a consolidate() output directory."""
+    args, raw = consolidated_model_args(directory)
+    weights = Path(directory) / "model.safetensors"
     try:
         sd = load_file(str(weights))
     except Exception as exc:  # a truncated or corrupt file

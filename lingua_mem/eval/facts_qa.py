@@ -40,7 +40,7 @@ def load_questions(key: str, path: str, max_questions: int) -> tuple[list[dict],
     order. ConfigError names `key` for a missing file or a line that is not a question."""
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"{key}: no such file {path}")
+        raise ConfigError(f"{key}: {path} is not a file" if file.exists() else f"{key}: no such file {path}")
     questions = []
     with file.open("rb") as f:
         for n, raw in enumerate(f, 1):
@@ -53,6 +53,8 @@ def load_questions(key: str, path: str, max_questions: int) -> tuple[list[dict],
             if not (isinstance(row, dict) and isinstance(row.get("question"), str)
                     and isinstance(row.get("answer"), str)):
                 raise ConfigError(f"{key}: {path} line {n} has no \"question\" and \"answer\" strings")
+            if not isinstance(row.get("attribute", ""), str):
+                raise ConfigError(f"{key}: {path} line {n}: \"attribute\" is not a string")
             questions.append(row)
     if not questions:
         raise ConfigError(f"{key}: {path} holds no questions")
@@ -114,7 +116,7 @@ def answer(model, tokenizer, questions: list[dict], batch_size: int, max_answer_
         prompts = [tokenizer.encode(q["question"], add_bos=True, add_eos=False) for q in items]
         prompts += [[tokenizer.bos_id]] * (batch_size - len(prompts))  # fillers: every rank one shape
         stop = lambda i, new: any(s in tokenizer.decode(new) for s in ANSWER_STOP)  # noqa: E731
-        new = generate_ids(model, prompts, max_answer_tokens, tokenizer.eos_id, stop=stop)
+        new = generate_ids(model, prompts, max_answer_tokens, tokenizer.eos_id, stop=stop, active=len(items))
         mine += [(start + i, cut_at_stop(tokenizer.decode(ids), ANSWER_STOP).strip())
                  for i, ids in enumerate(new[: len(items)])]
     answers = dict(pair for part in gather(mine) for pair in part)

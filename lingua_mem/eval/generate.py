@@ -76,10 +76,11 @@ def _common_length(length: int, device) -> int:
 @torch.no_grad()
 def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, eos_id: int,
                  temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-                 use_cache: bool = True, stop=None) -> list[list[int]]:
+                 use_cache: bool = True, stop=None, active: int | None = None) -> list[list[int]]:
     """The new token ids of each prompt (B lists), ending before EOS or at max_new_tokens;
     stop(i, ids) -> bool may end sequence i earlier (its ids are kept). Prompts longer than
-    the model's max_seq_len - max_new_tokens keep their last tokens."""
+    the model's max_seq_len - max_new_tokens keep their last tokens. Prompts from `active`
+    on are fillers (one shape on every rank): never waited for, their ids empty."""
     max_len = model.args.max_seq_len
     if not 0 < max_new_tokens < max_len:
         raise ValueError(f"generate.max_new_tokens: {max_new_tokens} must be in 1..{max_len - 1} "
@@ -98,7 +99,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, e
     cache = KVCache(model.args.n_layers, b, length + max_new_tokens, device) if use_cache else None
     logits = model(tokens, positions, valid, cache)[:, -1]  # (B, V)
     out: list[list[int]] = [[] for _ in range(b)]
-    finished = [False] * b
+    finished = [i >= (active if active is not None else b) for i in range(b)]
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
         for i, t in enumerate(nxt.tolist()):

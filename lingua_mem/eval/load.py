@@ -16,10 +16,12 @@ from pathlib import Path
 from lingua_mem.checkpoint.checkpointer import Checkpointer
 from lingua_mem.checkpoint.consolidate import (
     checkpoint_model_args,
+    consolidated_model_args,
     model_from_state_dict,
     read_checkpoint,
     read_consolidated,
 )
+from lingua_mem.cli import one_line
 from lingua_mem.config import CheckpointConfig, ConfigError, DistributedConfig, TokenizerConfig
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.model.args import ModelArgs
@@ -53,47 +55,86 @@ def checkpoint_kind(path: Path) -> str:
                       "consolidated export (no model.safetensors)")
 
 
-def tokenizer_config(kind: str, meta: dict, override: TokenizerConfig) -> TokenizerConfig:
+def tokenizer_config(kind: str, meta: dict, override: TokenizerConfig, path: Path) -> TokenizerConfig:
     """The tokenizer: `override` when it names one, else the run's (training config.yaml's
-    data.tokenizer, or config.json's tokenizer), else bytes."""
+    data.tokenizer, or the export's config.json "tokenizer")."""
     if override.name:
         return override
     raw = (meta.get("data") or {}).get("tokenizer") if kind == "training" else meta.get("tokenizer")
-    raw = raw or {}
-    return TokenizerConfig(name=raw.get("name") or "bytes", path=raw.get("path"))
+    if not isinstance(raw, dict) or not raw.get("name"):
+        where = "config.yaml has no data.tokenizer" if kind == "training" else "config.json has no tokenizer"
+        raise ConfigError(f"tokenizer.name: required: the {where} ({path}); give tokenizer.name= "
+                          "(and tokenizer.path=)")
+    return TokenizerConfig(name=raw["name"], path=raw.get("path"))
 
 
-def load_model(ckpt: str | Path, device, tokenizer: TokenizerConfig, meshes=None,
-               distributed: DistributedConfig | None = None) -> LoadedModel:
-    """The model of `ckpt` on `device`. With `meshes` of more than one process, parallelized
-    by `distributed` (as training is) and loaded shard by shard. ConfigError (one line,
-    naming `ckpt` or the tokenizer) for a missing or unreadable checkpoint, or a tokenizer
-    whose ids the model cannot embed."""
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is, read from its config alone (no weights)."""
+
+    path: Path
+    kind: str  # training | consolidated
+    args: ModelArgs
+    tokenizer: object
+    step: int | None
+    run_config: dict  # the training run's config.yaml as a dict; {} for an export
+    meta: dict  # config.yaml or config.json as read
+
+
+def inspect_checkpoint(ckpt: str | Path, tokenizer: TokenizerConfig) -> CheckpointInfo:
+    """The model arguments, step and tokenizer of `ckpt`; ConfigError (one line, naming `ckpt`
+    or the tokenizer) for a missing or unreadable checkpoint, or a tokenizer whose ids the
+    model cannot embed."""
     path = Path(ckpt)
     kind = checkpoint_kind(path)
+    try:
+        args, meta = checkpoint_model_args(path) if kind == "training" else consolidated_model_args(path)
+    except ValueError as exc:  # ConfigError included: names the path or key
+        raise ConfigError(f"ckpt: {exc}") from None
+    step = int(path.name) if kind == "training" and path.name.isdigit() else meta.get("step")
+    tok_cfg = tokenizer_config(kind, meta, tokenizer, path)
+    try:
+        tok = build_tokenizer(tok_cfg)
+    except ConfigError as exc:  # the key as eval.py spells it, or as the run's config does
+        if tokenizer.name:
+            raise ConfigError(str(exc).replace("data.tokenizer.", "tokenizer.")) from None
+        raise ConfigError(f"ckpt: the run's {exc}") from None
+    if tok.n_words > args.vocab_size:
+        raise ConfigError(f"tokenizer: {tok_cfg.name} has {tok.n_words} tokens, the model of {path} embeds "
+                          f"only {args.vocab_size} (model.vocab_size): not the tokenizer it was trained with")
+    return CheckpointInfo(path, kind, args, tok, step, meta if kind == "training" else {}, meta)
+
+
+def load_model(ckpt: str | Path | CheckpointInfo, device, tokenizer: TokenizerConfig | None = None,
+               meshes=None, distributed: DistributedConfig | None = None) -> LoadedModel:
+    """The model of `ckpt` (a path, or inspect_checkpoint's info) on `device`. With `meshes`
+    of several processes, or bf16, parallelized by `distributed` (as training is) and
+    loaded shard by shard. ConfigError (one line) as inspect_checkpoint, or for weights that
+    cannot be read or do not match the config."""
+    if not isinstance(ckpt, CheckpointInfo):
+        ckpt = inspect_checkpoint(ckpt, tokenizer or TokenizerConfig(name=""))
+    info = ckpt
+    path, args = info.path, info.args
     distributed = distributed or DistributedConfig()
     # FSDP2 on several processes, and on one for bf16 (FSDP2's bf16 parameters, as in training)
     parallel = meshes is not None and (meshes.dims.world_size > 1 or distributed.compute_dtype != "fp32")
     try:
-        if kind == "consolidated":
-            args, sd, meta = read_consolidated(path)
+        if info.kind == "consolidated":
+            _, sd, _ = read_consolidated(path)
         elif parallel:  # each rank reads its own shards below
-            (args, meta), sd = checkpoint_model_args(path), None
+            sd = None
         else:
-            args, sd, meta = read_checkpoint(path)
+            _, sd, _ = read_checkpoint(path)
+        if parallel:
+            model = _parallel_model(args, sd, path, device, meshes, distributed)
+        else:
+            model = model_from_state_dict(args, sd, device)
     except ValueError as exc:  # ConfigError included: names the path or key
         raise ConfigError(f"ckpt: {exc}") from None
-    step = int(path.name) if kind == "training" and path.name.isdigit() else meta.get("step")
-    tok_cfg = tokenizer_config(kind, meta, tokenizer)
-    tok = build_tokenizer(tok_cfg)
-    if tok.n_words > args.vocab_size:
-        raise ConfigError(f"tokenizer: {tok_cfg.name} has {tok.n_words} tokens, the model of {path} embeds "
-                          f"only {args.vocab_size} (model.vocab_size): not the tokenizer it was trained with")
-    if parallel:
-        model = _parallel_model(args, sd, path, device, meshes, distributed)
-    else:
-        model = model_from_state_dict(args, sd, device)
-    return LoadedModel(model.eval(), args, tok, step, path, meta if kind == "training" else {})
+    except RuntimeError as exc:  # a tensor missing, unexpected or of another shape
+        raise ConfigError(f"ckpt: {path}: the weights do not match the config "
+                          f"({one_line(exc)[:300]})") from None
+    return LoadedModel(model.eval(), args, info.tokenizer, info.step, path, info.run_config)
 
 
 def _parallel_model(args: ModelArgs, sd: dict | None, path: Path, device, meshes, distributed):

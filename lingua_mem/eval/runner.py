@@ -9,13 +9,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch.distributed as dist
-
 from lingua_mem.config import ConfigError, EvalCommandConfig, parse_tasks
 from lingua_mem.data.facts import ensure_facts
-from lingua_mem.eval.load import LoadedModel, checkpoint_kind, load_model
-from lingua_mem.eval.suite import check_sources, default_sources, evaluate
+from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
+from lingua_mem.eval.suite import default_sources, evaluate, prepare
 from lingua_mem.parallel import init_distributed
+from lingua_mem.run_dir import check_writable
 from lingua_mem.trainer import on_rank_0, resolve_device
 
 
@@ -28,20 +27,20 @@ def run(cfg: EvalCommandConfig) -> dict:
         meshes.close()
 
 
-def trained_tokens(loaded: LoadedModel) -> int | None:
+def trained_tokens(info: CheckpointInfo) -> int | None:
     """Tokens the weights were trained on: step x tokens per step of the run (None: unknown)."""
-    run, step = loaded.run_config, loaded.step
+    run, step = info.run_config, info.step
     try:
-        world = json.loads((loaded.path / "meta.json").read_text())["world_size"]
+        world = json.loads((info.path / "meta.json").read_text())["world_size"]
         data, optim = run["data"], run["optim"]
         return step * optim["grad_accum"] * data["batch_size"] * data["seq_len"] * world
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _facts_dir(loaded: LoadedModel, dump_dir: Path | None, is_main: bool) -> Path | None:
+def _facts_dir(info: CheckpointInfo, dump_dir: Path | None, is_main: bool) -> Path | None:
     """The run's facts corpus (made again from its people and seed if it is not there)."""
-    data = loaded.run_config.get("data") or {}
+    data = info.run_config.get("data") or {}
     if dump_dir is None or data.get("sources"):
         return None
     facts = data.get("facts") or {}
@@ -53,10 +52,14 @@ def _facts_dir(loaded: LoadedModel, dump_dir: Path | None, is_main: bool) -> Pat
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
@@ -67,21 +70,29 @@ def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
     if harness_tasks and meshes.dims.world_size > 1:
         raise ConfigError("tasks: lm_eval tasks run on one process (run eval.py without torchrun for them)")
     started = time.perf_counter()
-    path = Path(cfg.ckpt)
-    kind = checkpoint_kind(path)
-    dump_dir = path.parent.parent if kind == "training" else None
-    out = Path(cfg.out) if cfg.out else (dump_dir if dump_dir is not None else path)
-    loaded = load_model(path, device, cfg.tokenizer, meshes, cfg.distributed)
-    say(f"loaded {path} (step {loaded.step}) on {device}, {meshes.dims.world_size} process(es), "
-        f"memory parallel {meshes.dims.mp}")
+    # everything that can be wrong with the input is found before the weights are read
+    info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer)
+    dump_dir = info.path.parent.parent if info.kind == "training" else None
+    out = Path(cfg.out) if cfg.out else (dump_dir if dump_dir is not None else info.path)
+    target = out / "evals" / f"{info.step if info.step is not None else 'export'}.json"
 
+    def writable():
+        try:
+            check_writable(out)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("dump_dir", "out", 1)) from None
+
+    on_rank_0(writable, is_main)
     own = [t for t in tasks if not t.startswith("lm_eval:")]
-    sources = dict(cfg.eval.sources) or default_sources(loaded.run_config,
-                                                        _facts_dir(loaded, dump_dir, is_main))
-    check_sources(sources, own)
-    seq_len = cfg.eval.seq_len or (loaded.run_config.get("data") or {}).get("seq_len") \
-        or min(loaded.args.max_seq_len, 2048)
-    metrics, samples = evaluate(loaded.model, loaded.tokenizer, own, cfg.eval, sources, seq_len, device, say)
+    sources = dict(cfg.eval.sources) or default_sources(info.run_config, _facts_dir(info, dump_dir, is_main))
+    seq_len = cfg.eval.seq_len or (info.run_config.get("data") or {}).get("seq_len") \
+        or min(info.args.max_seq_len, 2048)
+    data = prepare(own, cfg.eval, sources, info.tokenizer, seq_len, info.args.max_seq_len)
+
+    loaded = load_model(info, device, meshes=meshes, distributed=cfg.distributed)
+    say(f"loaded {info.path} (step {info.step}) on {device}, {meshes.dims.world_size} process(es), "
+        f"memory parallel {meshes.dims.mp}")
+    metrics, samples = evaluate(loaded.model, loaded.tokenizer, data, device, say)
     if harness_tasks:
         from lingua_mem.eval.harness import run_lm_eval
 
@@ -89,19 +100,19 @@ def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
             lm = cfg.lm_eval
             metrics.update(run_lm_eval(loaded, task, include_path=lm.include_path, limit=lm.limit,
                                        num_fewshot=lm.num_fewshot, batch_size=cfg.eval.batch_size))
-    report = {"step": loaded.step, "tokens": trained_tokens(loaded), "ckpt": str(path), "tasks": tasks,
+    report = {"step": info.step, "tokens": trained_tokens(info), "ckpt": str(info.path), "tasks": tasks,
               "metrics": metrics, "samples": samples, "seconds": time.perf_counter() - started,
               "world_size": meshes.dims.world_size, "memory_parallel_size": meshes.dims.mp}
-    if is_main:
-        target = out / "evals" / f"{loaded.step if loaded.step is not None else 'export'}.json"
+
+    def write():
         try:
             _write_json(target, report)
         except OSError as exc:
             raise ConfigError(f"out: cannot write {target} ({exc.strerror or exc})") from None
         print(format_report(report), flush=True)
         print(f"wrote {target}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
+
+    on_rank_0(write, is_main)  # a failure is raised on every rank, none left waiting
     return report
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from lingua_mem.config import ConfigError, EvalConfig, EvalSourceConfig
 from lingua_mem.eval import facts_qa
 from lingua_mem.eval.analytics import MemoryReadStats
 from lingua_mem.eval.generate import generate
-from lingua_mem.eval.validate import read_documents, validate
+from lingua_mem.eval.validate import ValText, prepare_text, read_documents, validate
 from lingua_mem.model.llama import build_model
 from lingua_mem.stats import model_stats
 
@@ -56,27 +57,61 @@ def check_sources(sources: dict[str, EvalSourceConfig], tasks: list[str]) -> Non
                               f"(eval.sources.<name>.path=... eval.sources.<name>.kind={kind})")
 
 
-def evaluate(model, tokenizer, tasks: list[str], cfg: EvalConfig, sources: dict[str, EvalSourceConfig],
-             seq_len: int, device, progress=None) -> tuple[dict[str, float], dict]:
-    """(metrics, samples) of `tasks` on `model` (left in eval mode; the caller restores its
-    mode). Every rank calls it alike; the metrics are over all ranks' shares."""
+@dataclass
+class EvalData:
+    """What the tasks read, read and checked once (at start-up: a bad source fails before
+    any work, and each evaluation during training reuses it)."""
+
+    tasks: list[str]
+    cfg: EvalConfig
+    seq_len: int
+    texts: dict[str, ValText] = field(default_factory=dict)
+    questions: dict[str, tuple[list[dict], int]] = field(default_factory=dict)  # (sample, file total)
+
+
+def prepare(tasks: list[str], cfg: EvalConfig, sources: dict[str, EvalSourceConfig], tokenizer,
+            seq_len: int, max_seq_len: int) -> EvalData:
+    """The tasks' data, tokenized; ConfigError (one line, naming the key) for a source that
+    cannot be read or a length the model cannot take."""
+    check_sources(sources, tasks)
+    if seq_len > max_seq_len:
+        raise ConfigError(f"eval.seq_len: {seq_len} exceeds model.max_seq_len={max_seq_len}")
+    for task, key, n in (("facts_qa", "eval.max_answer_tokens", cfg.max_answer_tokens),
+                         ("generate", "eval.generate.max_new_tokens", cfg.generate.max_new_tokens)):
+        if task in tasks and n >= max_seq_len:
+            raise ConfigError(f"{key}: {n} must be below model.max_seq_len={max_seq_len}")
+    data = EvalData(tasks, cfg, seq_len)
+    for name, src in sorted(sources.items()):
+        if src.kind == "text" and "val" in tasks:
+            data.texts[name] = prepare_text(read_documents(name, src), tokenizer, seq_len, cfg.max_tokens)
+            if not data.texts[name].rows:
+                raise ConfigError(f"eval.sources.{name}.path: no document to score in {src.path}")
+        elif src.kind == "qa" and "facts_qa" in tasks:
+            data.questions[name] = facts_qa.load_questions(f"eval.sources.{name}.path", src.path,
+                                                           cfg.max_questions)
+    return data
+
+
+def evaluate(model, tokenizer, data: EvalData, device, progress=None) -> tuple[dict[str, float], dict]:
+    """(metrics, samples) of data's tasks on `model` (left in eval mode; the caller restores
+    its mode). Every rank calls it alike; the metrics are over all ranks' shares."""
     model.eval()
     say = progress or (lambda msg: None)
+    cfg, tasks = data.cfg, data.tasks
     metrics: dict[str, float] = {}
     samples: dict = {}
     args = model.args
-    if "val" in tasks:
-        texts = {n: s for n, s in sorted(sources.items()) if s.kind == "text"}
+    if data.texts:
         reads = MemoryReadStats(model) if cfg.analytics and args.memory.layers else None
+        rows_per_call = max(1, cfg.batch_tokens // data.seq_len)
         nats = tokens = n_bytes = 0.0
         started = time.perf_counter()
         with reads if reads is not None else contextlib.nullcontext():
-            for name, src in texts.items():
-                r = validate(model, tokenizer, read_documents(name, src), seq_len, cfg.batch_size,
-                             cfg.max_tokens, device, reads)
+            for name, text in data.texts.items():
+                r = validate(model, text, rows_per_call, device, reads)
                 say(f"val {name}: loss {r['loss']:.4f} over {r['tokens']:,} tokens "
                     f"({r['documents']} documents)")
-                if len(texts) > 1:
+                if len(data.texts) > 1:
                     metrics.update({f"val/{name}/{k}": r[k] for k in ("loss", "ppl", "bits_per_byte")})
                 nats += r["loss"] * r["tokens"]
                 tokens += r["tokens"]
@@ -88,17 +123,14 @@ def evaluate(model, tokenizer, tasks: list[str], cfg: EvalConfig, sources: dict[
                         "val/tokens_per_s": tokens / seconds})
         if reads is not None:
             metrics.update(reads.result())
-    if "facts_qa" in tasks:
-        stats = model_stats(build_model(args, "meta"), seq_len)
+    if data.questions:
+        stats = model_stats(build_model(args, "meta"), data.seq_len)
         n_params, n_values = stats["total_params"], stats["memory_value_params"]
-        qa = {n: s for n, s in sorted(sources.items()) if s.kind == "qa"}
-        for name, src in qa.items():
-            key = f"eval.sources.{name}.path"
-            questions, total = facts_qa.load_questions(key, src.path, cfg.max_questions)
+        for name, (questions, total) in data.questions.items():
             started = time.perf_counter()
             predictions = facts_qa.answer(model, tokenizer, questions, cfg.batch_size, cfg.max_answer_tokens)
             scores = facts_qa.score(questions, predictions, total, n_params, n_params - n_values)
-            prefix = "facts_qa" if len(qa) == 1 else f"facts_qa/{name}"
+            prefix = "facts_qa" if len(data.questions) == 1 else f"facts_qa/{name}"
             metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
             say(f"facts_qa {name}: exact match {scores['exact_match']:.3f} over {len(questions)} questions "
                 f"in {time.perf_counter() - started:.1f}s")

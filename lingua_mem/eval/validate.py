@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -52,8 +53,16 @@ def read_documents(name: str, src: EvalSourceConfig) -> Iterator[str]:
                 yield text
 
 
-def token_stream(texts: Iterator[str], tokenizer, max_tokens: int) -> tuple[list[int], int, int]:
-    """(stream, documents, UTF-8 bytes): whole documents until max_tokens (0: all) are in it."""
+class ValText(NamedTuple):
+    """A text source ready to score: its (inputs, targets) rows, documents and UTF-8 bytes."""
+
+    rows: list[tuple[list[int], list[int]]]
+    documents: int
+    bytes: int
+
+
+def prepare_text(texts: Iterator[str], tokenizer, seq_len: int, max_tokens: int) -> ValText:
+    """Whole documents until max_tokens (0: all) are in the stream, cut into rows."""
     stream: list[int] = []
     docs = n_bytes = 0
     for text in texts:
@@ -62,7 +71,7 @@ def token_stream(texts: Iterator[str], tokenizer, max_tokens: int) -> tuple[list
         n_bytes += len(text.encode("utf-8"))
         if max_tokens and len(stream) >= max_tokens:
             break
-    return stream, docs, n_bytes
+    return ValText(rows(stream, seq_len), docs, n_bytes)
 
 
 def rows(stream: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
@@ -76,16 +85,13 @@ def rows(stream: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
 
 
 @torch.no_grad()
-def validate(model, tokenizer, texts: Iterator[str], seq_len: int, batch_size: int, max_tokens: int,
-             device, reads=None) -> dict[str, float]:
-    """{"loss", "ppl", "bits_per_byte", "tokens", "documents", "bytes"} over every rank's share of the
-    rows (each rank scores its batches; the sums are reduced). `reads`: a MemoryReadStats
-    told which tokens of each batch count."""
-    stream, docs, n_bytes = token_stream(texts, tokenizer, max_tokens)
-    if len(stream) < 2:
-        raise ConfigError("eval.sources: a text source has no documents to score")
+def validate(model, text: ValText, batch_size: int, device, reads=None) -> dict[str, float]:
+    """{"loss", "ppl", "bits_per_byte", "tokens", "documents", "bytes"} over every rank's share
+    of the rows (each rank scores its batches of batch_size rows; the sums are reduced).
+    `reads`: a MemoryReadStats told which tokens of each batch count."""
+    seq_len = len(text.rows[0][0])
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nats, scored tokens
-    for batch in rank_batches(rows(stream, seq_len), batch_size):
+    for batch in rank_batches(text.rows, batch_size):
         items = batch[1] if batch is not None else []
         items = items + [([0] * seq_len, [IGNORE] * seq_len)] * (batch_size - len(items))  # one shape
         inputs = torch.tensor([i for i, _ in items], dtype=torch.long, device=device)  # (B, T)
@@ -100,5 +106,6 @@ def validate(model, tokenizer, texts: Iterator[str], seq_len: int, batch_size: i
         dist.all_reduce(sums)
     nats, tokens = sums.tolist()
     loss = nats / tokens
-    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "bits_per_byte": nats / (math.log(2) * n_bytes),
-            "tokens": int(tokens), "documents": docs, "bytes": n_bytes}
+    return {"loss": loss, "ppl": math.exp(min(loss, 700.0)),
+            "bits_per_byte": nats / (math.log(2) * text.bytes), "tokens": int(tokens),
+            "documents": text.documents, "bytes": text.bytes}
