@@ -99,6 +99,13 @@ def complete_checkpoints(dump_dir: str | Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
 
 
+def missing_checkpoint(path: Path) -> str:
+    """"no such checkpoint <path>", naming the steps its folder does hold (one line)."""
+    root = path.parent
+    there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    return f"no such checkpoint {path}" + (f"; {root} has {', '.join(there)}" if there else "")
+
+
 def check_model_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """ConfigError naming the first model tensor whose global shape differs from the
     checkpoint's, or that only one side has; CheckpointError if the metadata is unreadable."""

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from lingua_mem.checkpoint.checkpointer import check_model_shapes, quiet_single_process
+from lingua_mem.checkpoint.checkpointer import check_model_shapes, missing_checkpoint, quiet_single_process
 from lingua_mem.cli import fail
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, validate_model
 from lingua_mem.model.args import ModelArgs, validate_args
@@ -62,11 +62,7 @@ def checkpoint_model_args(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict]:
     (one line, naming the path or key) for a missing directory or config."""
     path = Path(checkpoint_dir)
     if not path.is_dir():
-        root = path.parent
-        there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) \
-            if root.is_dir() else []
-        listed = f"; {root} has {', '.join(there)}" if there else ""
-        raise ValueError(f"{path}: no such checkpoint directory{listed}")
+        raise ValueError(missing_checkpoint(path))
     config_file = path / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{config_file}: missing (not a checkpoint directory?)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lingua_mem.checkpoint.checkpointer import Checkpointer
+from lingua_mem.checkpoint.checkpointer import Checkpointer, missing_checkpoint
 from lingua_mem.checkpoint.consolidate import (
     checkpoint_model_args,
     consolidated_model_args,
@@ -46,11 +46,7 @@ def checkpoint_kind(path: Path) -> str:
     if (path / "model.safetensors").is_file():
         return "consolidated"
     if not path.exists():
-        root = path.parent
-        there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) \
-            if root.is_dir() else []
-        listed = f"; {root} has {', '.join(there)}" if there else ""
-        raise ConfigError(f"ckpt: no such checkpoint {path}{listed}")
+        raise ConfigError(f"ckpt: {missing_checkpoint(path)}")
     raise ConfigError(f"ckpt: {path} is neither a training checkpoint (no .metadata) nor a "
                       "consolidated export (no model.safetensors)")
 
