@@ -20,11 +20,15 @@ import os
 import sys
 from pathlib import Path
 
-from matplotlib.figure import Figure  # no pyplot: no screen, no global figure state
-from matplotlib.lines import Line2D
 from omegaconf import OmegaConf
 
 from lingua_mem.cli import fail
+
+try:
+    from matplotlib.figure import Figure  # no pyplot: no screen, no global figure state
+    from matplotlib.lines import Line2D
+except ImportError:  # main() says so in one line
+    Figure = Line2D = None
 
 X_AXES = {"tokens": "tokens", "flops": "training FLOPs"}
 PANELS = [  # (title, series, eval metric)
@@ -161,6 +165,8 @@ def _check(dump_dirs: list[str], out: str) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if Figure is None:
+        return fail("matplotlib is not installed: pip install -e '.[eval]'")
     parser = _Parser(prog="python -m lingua_mem.plot",
                      description="Train loss, val loss and facts QA exact match of runs, against tokens "
                                  "and training FLOPs.")

@@ -312,6 +312,19 @@ def test_evaluation_during_training_leaves_training_bit_identical_and_resumes_at
     assert [r["step"] for r in again] == [4, 8, 10]
     for a, b in zip(evals, again, strict=True):
         assert a["val/loss"] == b["val/loss"] and a["facts_qa/f1"] == b["facts_qa/f1"]
+    # a run preempted at step 8 before its evaluation (the checkpoint of 8, no eval row):
+    # resuming evaluates step 8 first
+    cfg8 = [*on, "checkpoint.every=4"]
+    shutil.rmtree(tmp_path / "on")
+    train(load_config([*cfg8, "steps=8"]))
+    logged = metrics_rows(tmp_path / "on")
+    (tmp_path / "on" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in logged if not (r.get("eval") and r["step"] == 8)))
+    train(load_config([*cfg8, "steps=10"]))
+    resumed = [r for r in metrics_rows(tmp_path / "on") if r.get("eval")]
+    assert [r["step"] for r in resumed] == [4, 8, 10]
+    row8 = next(r for r in logged if r.get("eval") and r["step"] == 8)
+    assert resumed[1]["val/loss"] == row8["val/loss"]  # the same weights, evaluated alike
 
 
 def test_a_bad_eval_source_stops_training_before_any_step(tmp_path):

@@ -3,6 +3,7 @@ write <out>/evals/<step>.json (rank 0) and print a table."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -69,6 +70,8 @@ def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
     harness_tasks = [t.removeprefix("lm_eval:") for t in tasks if t.startswith("lm_eval:")]
     if harness_tasks and meshes.dims.world_size > 1:
         raise ConfigError("tasks: lm_eval tasks run on one process (run eval.py without torchrun for them)")
+    if harness_tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("tasks: lm_eval tasks need lm-evaluation-harness: pip install -e '.[eval]'")
     started = time.perf_counter()
     # everything that can be wrong with the input is found before the weights are read
     info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer)
