@@ -50,6 +50,9 @@ class MemoryConfig:
     swilu: bool = True  # Memory+ gated output; False: vanilla PKM
     qk_norm: bool = False  # RMSNorm on query halves and sub-keys
     query_batchnorm: bool = False  # BatchNorm on the query (Lample 2019)
+    # the value bag's implementation: auto (triton on CUDA when installed, else torch) | torch |
+    # triton (on the CPU only under TRITON_INTERPRET=1: the tests' way)
+    kernel: str = "auto"
 
 
 @dataclass
@@ -364,6 +367,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(o.grad_accum > 0, "optim.grad_accum", "must be positive")
     _check_choice(o.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
     _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
+    _check_choice(cfg.memory.kernel, "memory.kernel", ("auto", "torch", "triton"))
     dist = cfg.distributed
     _check_choice(dist.activation_checkpointing, "distributed.activation_checkpointing",
                   ("none", "selective", "full"))

@@ -24,6 +24,7 @@ from lingua_mem.cli import one_line
 from lingua_mem.config import ConfigError, TrainConfig, model_args, parse_tasks, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
+from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration
 from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
@@ -56,6 +57,7 @@ def train(cfg: TrainConfig) -> dict:
     meshes = init_distributed(cfg.distributed, device_type)
     device = resolve_device(cfg.distributed.device, meshes.dims.local_rank)
     try:
+        resolve_kernel(cfg.memory.kernel, device.type)  # triton where it cannot run: one line, now
         return _train(cfg, meshes, device, meshes.dims.rank == 0)
     finally:
         meshes.close()
@@ -116,7 +118,7 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
 
     # built on meta and sharded before any weight exists; each rank then materialises
     # and initialises its own shards (to the values of the whole model, param_init.py)
-    model = build_model(model_args(cfg.model, cfg.memory), "meta")
+    model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel)
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed)
     model.to_empty(device=device)

@@ -5,15 +5,23 @@
 indices (N, M) int64, weights (N, M) float, table (R, D) -> out (N, D).
 Gradients flow to both `table` and `weights`.
 
-`embedding_bag` is the one entry point; it picks an implementation by device.
-Today that is the PyTorch path everywhere; a Triton GPU path plugs in here
-behind the same signature.
+`embedding_bag` is the one entry point; `kernel` picks the implementation:
+torch (F.embedding_bag, any device), triton (kernels/triton_bag.py: compiled on
+CUDA, interpreted on the CPU under TRITON_INTERPRET=1) or auto (triton on CUDA
+when triton is installed, else torch).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
+
+from lingua_mem.config import ConfigError
+
+KERNELS = ("auto", "torch", "triton")
 
 # the ops of this kernel whose outputs selective activation checkpointing keeps
 SAVED_OPS = frozenset({torch.ops.aten._embedding_bag.default})
@@ -34,6 +42,28 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
     return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
-def embedding_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_kernel(kernel: str, device_type: str) -> str:
+    """torch or triton for memory.kernel on a device; ConfigError when triton cannot run there."""
+    if kernel == "auto":
+        return "triton" if device_type == "cuda" and triton_available() else "torch"
+    if kernel == "triton":
+        if not triton_available():
+            raise ConfigError("memory.kernel: triton is not installed (pip install triton, or the gpu extra)")
+        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"memory.kernel: triton on {device_type} runs only in Triton's interpreter: "
+                              "set TRITON_INTERPRET=1 (slow: for tests), or use memory.kernel=torch")
+    return kernel
+
+
+def embedding_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                  kernel: str = "torch") -> torch.Tensor:
     """Weighted sum of table rows per bag: (N, M), (N, M), (R, D) -> (N, D)."""
+    if kernel == "triton" or (kernel == "auto" and resolve_kernel(kernel, table.device.type) == "triton"):
+        from lingua_mem.kernels.triton_bag import embedding_bag_triton
+
+        return embedding_bag_triton(indices, weights, table)
     return embedding_bag_torch(indices, weights, table)

@@ -26,16 +26,17 @@ SAVED_OPS = frozenset({torch.ops.aten.topk.default}) | kernels.SAVED_OPS
 class ValueTable(nn.Module):
     """The memory's values: (n_values, v_dim), read as weighted bags of rows."""
 
-    def __init__(self, n_values: int, v_dim: int):
+    def __init__(self, n_values: int, v_dim: int, kernel: str = "auto"):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(n_values, v_dim))
+        self.kernel = kernel  # the bag's implementation: auto | torch | triton (kernels.embedding_bag)
 
     def init_weights(self, init: ParamInit) -> None:
         init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # indices, weights: (N, M) -> (N, v_dim)
-        return embedding_bag(indices, weights, self.weight)
+        return embedding_bag(indices, weights, self.weight, self.kernel)
 
 
 class MemoryReads(nn.Module):

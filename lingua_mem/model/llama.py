@@ -145,7 +145,7 @@ class Transformer(nn.Module):
     layer when not shared) and hands each memory block its table at call time.
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, kernel: str = "auto"):
         super().__init__()
         self.args = args
         mem = args.memory
@@ -157,7 +157,7 @@ class Transformer(nn.Module):
             self.value_key = {i: "shared" for i in mem.layers}
         else:
             self.value_key = {i: f"layer{i}" for i in mem.layers}
-        self.values = nn.ModuleDict({k: ValueTable(mem.n_values, mem.v_dim)
+        self.values = nn.ModuleDict({k: ValueTable(mem.n_values, mem.v_dim, kernel)
                                      for k in sorted(set(self.value_key.values()))})
         self.register_buffer("rope_cos", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
         self.register_buffer("rope_sin", torch.empty(args.max_seq_len, args.head_dim), persistent=False)
@@ -228,10 +228,11 @@ class Transformer(nn.Module):
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", init: bool = True,
-                seed: int = 0) -> Transformer:
-    """Build on the meta device, materialise on `device`, then init_weights(seed)."""
+                seed: int = 0, kernel: str = "auto") -> Transformer:
+    """Build on the meta device, materialise on `device`, then init_weights(seed). `kernel`:
+    the value bag's implementation (memory.kernel), not part of the model's arguments."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = Transformer(args, kernel)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)

@@ -95,6 +95,7 @@ class MemoryParallelValueTable(ValueTable):
     def __init__(self, table: ValueTable, mp_mesh: DeviceMesh):
         nn.Module.__init__(self)  # not ValueTable.__init__: the weight is built from `table`'s
         self.group, self.mp = mp_mesh.get_group(), mp_mesh.size()
+        self.kernel = table.kernel
         n_values, self.v_dim = table.weight.shape
         self.cols = self.v_dim // self.mp
         start = mp_mesh.get_local_rank() * self.cols
@@ -107,6 +108,6 @@ class MemoryParallelValueTable(ValueTable):
         all_indices = _all_gather_rows(indices, self.group)  # (mp*N, M), no gradient
         all_weights = _AllGatherRows.apply(weights, self.group)  # (mp*N, M)
         table = _ScaleGrad.apply(self.weight.to_local(), 1.0 / self.mp)  # (n_values, v_dim/mp)
-        part = embedding_bag(all_indices, all_weights, table)  # (mp*N, v_dim/mp)
+        part = embedding_bag(all_indices, all_weights, table, self.kernel)  # (mp*N, v_dim/mp)
         mine = _AllToAllRows.apply(part, self.group)  # (mp*N, v_dim/mp): block c = columns of rank c
         return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)

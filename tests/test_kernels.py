@@ -1,0 +1,151 @@
+"""The Triton embedding-bag kernels (run on the CPU by Triton's interpreter, TRITON_INTERPRET=1
+from conftest) against the PyTorch path: forward, both table-gradient variants, the weight
+gradient, duplicate indices, bf16 tables, ragged tails; as custom ops (opcheck, torch.compile
+without graph breaks); and training the debug model to the torch path's losses, on one
+process and with memory parallelism."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_parallel import free_port
+
+from lingua_mem.config import ConfigError, load_config
+from lingua_mem.kernels import embedding_bag, resolve_kernel
+from lingua_mem.kernels.triton_bag import (
+    BLOCK_D,
+    BLOCK_M,
+    embedding_bag_triton,
+    embedding_bag_triton_backward,
+)
+from lingua_mem.memory import ProductKeyMemory, ValueTable
+from lingua_mem.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+# (N, M, R, D): tails on every axis (blocks of BLOCK_M indices, BLOCK_D columns), D above
+# and below the sorted variant's threshold, rows read many times
+SHAPES = [(3, 5, 7, 9), (9, BLOCK_M + 3, 40, BLOCK_D + 5), (4, 2 * BLOCK_M, 6, 200), (1, 1, 1, 1)]
+
+
+def case(n, m, r, d, dtype=torch.float32, index_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, r, (n, m), generator=g).to(index_dtype)
+    indices[0, : min(m, 3)] = 0  # duplicates within a bag (and across bags: r is small)
+    weights = torch.rand(n, m, generator=g)
+    table = torch.randn(r, d, generator=g).to(dtype)
+    return indices, weights, table
+
+
+def reference(indices, weights, table, grad_out):
+    """float64 bag and gradients of the plain PyTorch path."""
+    w = weights.double().requires_grad_()
+    t = table.double().requires_grad_()
+    out = F.embedding_bag(indices.long(), t, per_sample_weights=w, mode="sum")
+    gw, gt = torch.autograd.grad(out, (w, t), grad_out.double())
+    return out, gw, gt
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_forward_and_both_backward_variants_equal_pytorch(shape, index_dtype):
+    indices, weights, table = case(*shape, index_dtype=index_dtype)
+    grad_out = torch.randn(shape[0], shape[3], generator=torch.Generator().manual_seed(1))
+    out, gw, gt = reference(indices, weights, table, grad_out)
+    got = embedding_bag_triton(indices, weights, table)
+    torch.testing.assert_close(got.double(), out, rtol=1e-5, atol=1e-5)
+    for variant in ("atomic", "sorted"):
+        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant)
+        assert grad_w.dtype == weights.dtype and grad_table.dtype == table.dtype
+        torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_tables_accumulate_in_fp32():
+    indices, weights, table = case(6, 40, 8, 70, dtype=torch.bfloat16)
+    grad_out = torch.randn(6, 70, generator=torch.Generator().manual_seed(2))
+    out, gw, gt = reference(indices, weights, table, grad_out)
+    got = embedding_bag_triton(indices, weights, table)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), out, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the sum
+    for variant in ("atomic", "sorted"):
+        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant)
+        torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-4)  # fp32 from bf16 rows
+        torch.testing.assert_close(grad_table.double(), gt, rtol=1e-2, atol=1e-2)
+
+
+def test_autograd_through_the_custom_op_equals_the_torch_path():
+    indices, weights, table = case(7, 12, 10, 33)
+    w1, t1 = weights.clone().requires_grad_(), table.clone().requires_grad_()
+    w2, t2 = weights.clone().requires_grad_(), table.clone().requires_grad_()
+    a = embedding_bag(indices, w1, t1, kernel="triton")
+    b = embedding_bag(indices, w2, t2, kernel="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    (a * torch.arange(33.0)).sum().backward()
+    (b * torch.arange(33.0)).sum().backward()
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t1.grad, t2.grad, rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(embedding_bag_triton, case(3, 5, 4, 6),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_a_memory_layer_compiles_without_graph_breaks(kernel):
+    torch.manual_seed(0)
+    layer = ProductKeyMemory(32, n_keys=8, heads=2, knn=4, k_dim=16, v_dim=32)
+    values = ValueTable(64, 32, kernel=kernel)
+    for p in (*layer.parameters(), *values.parameters()):
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 5, 32)
+    explained = torch._dynamo.explain(lambda x: layer(x, values))(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(lambda x: layer(x, values), backend="eager")
+    torch.testing.assert_close(compiled(x), layer(x, values))
+
+
+def test_triton_where_it_cannot_run_is_one_line(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="memory.kernel: triton on cpu runs only in Triton's interpreter"):
+        resolve_kernel("triton", "cpu")
+    assert resolve_kernel("auto", "cpu") == "torch" and resolve_kernel("torch", "cuda") == "torch"
+    with pytest.raises(ConfigError, match="memory.kernel: 'cuda' is not one of auto, torch, triton"):
+        load_config(["config=configs/debug.yaml", "memory.kernel=cuda"])
+
+
+TINY = ["config=configs/debug.yaml", "model.dim=64", "model.n_layers=3", "model.n_heads=4",
+        "model.max_seq_len=32", "memory.layers=[0,2]", "memory.n_keys=8", "memory.heads=2", "memory.knn=4",
+        "memory.k_dim=32", "data.seq_len=16", "data.batch_size=4", "data.facts.people=20", "optim.warmup=1",
+        "steps=3", "log_every=1", "checkpoint.every=0", "logging.console=false"]
+
+
+def losses(dump_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (Path(dump_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def start_mp2(dump_dir: Path, kernel: str) -> list[subprocess.Popen]:
+    """train.py on 2 processes with memory parallelism (the environment torchrun gives them)."""
+    port = str(free_port())
+    return [subprocess.Popen(
+        [sys.executable, "train.py", *TINY, f"dump_dir={dump_dir}", f"memory.kernel={kernel}",
+         "data.batch_size=2", "distributed.memory_parallel_size=2"], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=port, OMP_NUM_THREADS="1")) for r in range(2)]
+
+
+def test_training_with_the_triton_kernel_matches_the_torch_path_on_1_and_2_processes(tmp_path):
+    # two ranks of 2 sequences read other documents than one process of 4: each layout is
+    # compared with the torch path on the same layout
+    procs = start_mp2(tmp_path / "mp2_triton", "triton") + start_mp2(tmp_path / "mp2_torch", "torch")
+    train(load_config([*TINY, f"dump_dir={tmp_path / 'torch'}", "memory.kernel=torch"]))
+    train(load_config([*TINY, f"dump_dir={tmp_path / 'triton'}", "memory.kernel=triton"]))
+    assert losses(tmp_path / "triton") == pytest.approx(losses(tmp_path / "torch"), rel=1e-5)
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    assert losses(tmp_path / "mp2_triton") == pytest.approx(losses(tmp_path / "mp2_torch"), rel=1e-5)
+    assert len(losses(tmp_path / "mp2_triton")) == 3
