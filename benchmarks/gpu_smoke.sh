@@ -11,6 +11,7 @@
 # 4. benchmarks/memory_layer.py on CUDA (memory layer vs SwiGLU FFN at debug and 134m shapes)
 # 5. eval.py on the debug run's step-30 checkpoint on CUDA (val, facts QA, generation)
 # 6. benchmarks/generate.py on CUDA: generation tokens/s with and without the KV cache
+# 7. benchmarks/embedding_bag.py on CUDA: the torch path against the Triton kernels (GB/s)
 # then one summary table. Exit 0 when every part ran (and the debug losses fell), 1 otherwise.
 # Without CUDA it says so and exits 0.
 #
@@ -62,12 +63,15 @@ if [ "$DEVICE" = cuda ]; then
   BENCH=(--device cuda)
   EVAL=(eval.max_questions=300)
   GEN=(--device cuda --batch 16 --new 128)
+  BAG=(--device cuda --shapes 134m,373m,1.3b)
 else  # rehearsal: the same commands, shapes small enough for a CPU
   DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
   M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
   BENCH=(--device cpu --shapes debug --repeats 2 --warmup 1)
   EVAL=(eval.max_questions=16 eval.max_tokens=2048 eval.generate.max_new_tokens=16)
   GEN=(--device cpu --batch 2 --new 16 --repeats 1)
+  BAG=(--device cpu --shapes 134m --rows 4096 --tokens 4 --bag 8 --repeats 1)
+  export TRITON_INTERPRET=1
 fi
 COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16)
 failed=()
@@ -94,6 +98,11 @@ run memory_134m 240 "$PY" train.py config=configs/memory_134m.yaml "${COMMON[@]}
 run memory_layer 180 "$PY" benchmarks/memory_layer.py "${BENCH[@]}" --json "$OUT/memory_layer.json"
 run eval 150 "$PY" eval.py ckpt="$OUT/debug/checkpoints/0000000030" distributed.device="$DEVICE" "${EVAL[@]}"
 run generate 120 "$PY" benchmarks/generate.py "${GEN[@]}" --json "$OUT/generate.json"
+if "$PY" -c "import triton" 2>/dev/null; then
+  run embedding_bag 180 "$PY" benchmarks/embedding_bag.py "${BAG[@]}" --json "$OUT/embedding_bag.json"
+else
+  echo "== embedding_bag: skipped (triton is not installed)"
+fi
 
 "$PY" - "$OUT" <<'PY' || failed+=(summary)
 import json, sys
@@ -132,6 +141,12 @@ if gen.exists():
     rows = json.loads(gen.read_text())["rows"]
     print("generate: " + ", ".join(f"cache {'on' if r['cache'] else 'off'} {r['tokens_per_s']:,.0f} tok/s"
                                    for r in rows))
+bag = out / "embedding_bag.json"
+if bag.exists():
+    for r in json.loads(bag.read_text()):
+        print(f"embedding_bag {r['shape']}: fwd torch {r['fwd_gbs']['torch']:,.0f} GB/s, triton "
+              f"{r['fwd_gbs']['triton']:,.0f} GB/s ({r['fwd_of_copy']:.2f} of copy {r['copy_gbs']:,.0f}); "
+              f"fwd+bwd {r['fwd_bwd_speedup']:.1f}x torch")
 sys.exit(1 if bad else 0)
 PY
 
