@@ -34,6 +34,7 @@ class ModelConfig:
     max_seq_len: int = 2048
     tie_embeddings: bool = False
     init_std: float = 0.02
+    attention: str = "doc_causal"  # causal | doc_causal: attend within the token's own document only
 
 
 @dataclass
@@ -309,7 +310,7 @@ def model_args(m: ModelConfig, mem: MemoryConfig) -> ModelArgs:
         vocab_size=m.vocab_size,
         ffn_hidden_dim=llama_ffn_hidden_dim(m.dim, m.ffn_dim_multiplier, m.multiple_of),
         norm_eps=m.norm_eps, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
-        tie_embeddings=m.tie_embeddings, init_std=m.init_std,
+        tie_embeddings=m.tie_embeddings, init_std=m.init_std, attention=m.attention,
         memory=MemoryArgs(
             layers=tuple(mem.layers), n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn,
             k_dim=mem.k_dim if mem.k_dim is not None else m.dim // 2,

@@ -24,9 +24,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 
 def forward_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
-    """The next-token loss of {"inputs", "targets"} (B, T) on the model's device: the
-    training step's (mean) and validation's (sum)."""
-    return cross_entropy(model(batch["inputs"]), batch["targets"], reduction)
+    """The next-token loss of {"inputs", "targets"[, "doc_ids"]} (B, T) on the model's device:
+    the training step's (mean) and validation's (sum). doc_ids confine attention to each
+    document when the model's attention is doc_causal."""
+    return cross_entropy(model(batch["inputs"], doc_ids=batch.get("doc_ids")), batch["targets"], reduction)
 
 
 class TrainingDiverged(Stopped):

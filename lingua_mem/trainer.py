@@ -177,7 +177,8 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     skipped_steps = 0
     try:
         for step in range(start + 1, cfg.steps + 1):
-            micro_batches = [{k: batch[k].to(device, non_blocking=True) for k in ("inputs", "targets")}
+            # inputs, targets, doc_ids (B, T) each
+            micro_batches = [{k: v.to(device, non_blocking=True) for k, v in batch.items()}
                              for batch in (next(batches) for _ in range(cfg.optim.grad_accum))]
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
             result = train_step(model, optimizer, micro_batches, cfg.optim, dense_params, value_params)

@@ -108,7 +108,7 @@ def evaluate(model, tokenizer, data: EvalData, device, progress=None) -> tuple[d
         started = time.perf_counter()
         with reads if reads is not None else contextlib.nullcontext():
             for name, text in data.texts.items():
-                r = validate(model, text, rows_per_call, device, reads)
+                r = validate(model, text, rows_per_call, device, reads, tokenizer.bos_id)
                 say(f"val {name}: loss {r['loss']:.4f} over {r['tokens']:,} tokens "
                     f"({r['documents']} documents)")
                 if len(data.texts) > 1:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lingua_mem.config import ConfigError, EvalSourceConfig, SourceConfig
+from lingua_mem.data.loader import document_ids
 from lingua_mem.data.sources import (
     READERS,
     SourceError,
@@ -85,10 +86,13 @@ def rows(stream: list[int], seq_len: int) -> list[tuple[list[int], list[int]]]:
 
 
 @torch.no_grad()
-def validate(model, text: ValText, batch_size: int, device, reads=None) -> dict[str, float]:
+def validate(model, text: ValText, batch_size: int, device, reads=None,
+             bos_id: int | None = None) -> dict[str, float]:
     """{"loss", "ppl", "bits_per_byte", "tokens", "documents", "bytes"} over every rank's share
     of the rows (each rank scores its batches of batch_size rows; the sums are reduced).
-    `reads`: a MemoryReadStats told which tokens of each batch count."""
+    `reads`: a MemoryReadStats told which tokens of each batch count. With `bos_id`, each
+    row's documents are numbered (doc_ids) as in training: a doc_causal model attends
+    within them."""
     seq_len = len(text.rows[0][0])
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # nats, scored tokens
     for batch in rank_batches(text.rows, batch_size):
@@ -98,7 +102,10 @@ def validate(model, text: ValText, batch_size: int, device, reads=None) -> dict[
         targets = torch.tensor([t for _, t in items], dtype=torch.long, device=device)
         if reads is not None:
             reads.count = (targets != IGNORE).flatten()
-        nats = forward_loss(model, {"inputs": inputs, "targets": targets}, reduction="sum")
+        batch = {"inputs": inputs, "targets": targets}
+        if bos_id is not None:
+            batch["doc_ids"] = document_ids(inputs, bos_id)
+        nats = forward_loss(model, batch, reduction="sum")
         sums += torch.stack([nats.double(), (targets != IGNORE).sum().double()])
     if reads is not None:
         reads.count = None

@@ -53,6 +53,10 @@ class ModelArgs:
     tie_embeddings: bool = False
     init_std: float = 0.02
     memory: MemoryArgs = field(default_factory=MemoryArgs)
+    # causal: every earlier token of the window; doc_causal: only those of the token's own
+    # document (the batch's doc_ids; without them, causal). "causal" is the default of
+    # checkpoints and exports that predate the key
+    attention: str = "causal"
 
     @property
     def head_dim(self) -> int:
@@ -106,6 +110,8 @@ def validate_args(args: ModelArgs) -> None:
     _check(args.head_dim % 2 == 0, "model.n_heads", f"head dim {args.head_dim} must be even for RoPE")
     _check(args.n_kv_heads > 0 and args.n_heads % args.n_kv_heads == 0, "model.n_kv_heads",
            f"{args.n_kv_heads} does not divide model.n_heads={args.n_heads}")
+    _check(args.attention in ("causal", "doc_causal"), "model.attention",
+           f"{args.attention!r} is not one of causal, doc_causal")
     for key in ("norm_eps", "rope_theta", "init_std"):
         value = getattr(args, key)
         _check(math.isfinite(value) and value > 0, f"model.{key}",

@@ -194,15 +194,21 @@ class Transformer(nn.Module):
         return list(self.values.values())
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                valid: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens (B, T). Training passes tokens alone (positions 0..T-1, causal). Evaluation
-        and generation may give positions (B, T) for RoPE, valid (B, T) bool (False: padding,
+                valid: torch.Tensor | None = None, cache: KVCache | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T). Training passes tokens (positions 0..T-1) and, for doc_causal
+        attention, doc_ids (B, T): each token attends to the earlier tokens of its own
+        document (RoPE is relative, so a document scores as it would alone). Evaluation and
+        generation may give positions (B, T) for RoPE, valid (B, T) bool (False: padding,
         never attended to) and a KVCache (the tokens follow the cached ones)."""
         b, t = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         mask = None
         if positions is None and valid is None and cache is None:
             rope = (self.rope_cos[:t], self.rope_sin[:t])  # (T, hd)
+            if doc_ids is not None and self.args.attention == "doc_causal":
+                causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+                mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)  # (B,1,T,T)
         else:
             start = cache.length if cache is not None else 0
             if positions is None:
