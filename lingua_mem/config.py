@@ -54,6 +54,9 @@ class MemoryConfig:
     # the value bag's implementation: auto (triton on CUDA when installed, else torch) | torch |
     # triton (on the CPU only under TRITON_INTERPRET=1: the tests' way)
     kernel: str = "auto"
+    # the dtype the bag reads the value tables in: bf16 gathers a bf16 copy (FSDP2's bf16
+    # all-gather) and halves the bytes read; master weights and optimizer state stay fp32
+    value_compute_dtype: str = "fp32"  # fp32 | bf16
 
 
 @dataclass
@@ -369,6 +372,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(o.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
     _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
     _check_choice(cfg.memory.kernel, "memory.kernel", ("auto", "torch", "triton"))
+    _check_choice(cfg.memory.value_compute_dtype, "memory.value_compute_dtype", ("fp32", "bf16"))
     dist = cfg.distributed
     _check_choice(dist.activation_checkpointing, "distributed.activation_checkpointing",
                   ("none", "selective", "full"))

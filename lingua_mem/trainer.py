@@ -120,7 +120,7 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     # and initialises its own shards (to the values of the whole model, param_init.py)
     model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel)
     stats = model_stats(model, cfg.data.seq_len)
-    model = parallelize(model, meshes, cfg.distributed)
+    model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
     model.train()

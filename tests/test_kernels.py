@@ -149,3 +149,39 @@ def test_training_with_the_triton_kernel_matches_the_torch_path_on_1_and_2_proce
         assert p.returncode == 0, err[-2000:]
     assert losses(tmp_path / "mp2_triton") == pytest.approx(losses(tmp_path / "mp2_torch"), rel=1e-5)
     assert len(losses(tmp_path / "mp2_triton")) == 3
+
+
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_the_bag_reads_a_bf16_table_and_the_master_weights_stay_fp32(tmp_path, kernel):
+    from lingua_mem.config import model_args
+    from lingua_mem.model.llama import build_model
+    from lingua_mem.optim import build_optimizer, split_params
+    from lingua_mem.parallel import init_distributed, parallelize
+    from lingua_mem.step import train_step
+
+    cfg = load_config([*TINY, f"memory.kernel={kernel}", "memory.value_compute_dtype=bf16"])
+    results = {}
+    meshes = init_distributed(cfg.distributed, "cpu")
+    try:
+        for dtype in ("fp32", "bf16"):
+            model = parallelize(build_model(model_args(cfg.model, cfg.memory), "meta", kernel=kernel), meshes,
+                                cfg.distributed, dtype)
+            model.to_empty(device="cpu")
+            model.init_weights(seed=3)
+            seen = []
+            table = model.values["shared"]
+            hook = table.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(m.weight.dtype))
+            opt = build_optimizer(model, cfg.optim)
+            tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
+            batch = [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}]
+            results[dtype] = [train_step(model, opt, batch, cfg.optim, *split_params(model)).loss.item()
+                              for _ in range(2)]
+            hook.remove()
+            master = model.values["shared"].weight
+            assert master.to_local().dtype == torch.float32  # the sharded master weights
+            assert all(v.dtype == torch.float32 for v in opt.state[master].values() if v.is_floating_point())
+            assert seen == [torch.bfloat16 if dtype == "bf16" else torch.float32] * 4  # 2 layers, 2 steps
+    finally:
+        meshes.close()
+    assert results["bf16"] == pytest.approx(results["fp32"], rel=1e-2)
+    assert results["bf16"] != results["fp32"]

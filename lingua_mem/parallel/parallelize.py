@@ -80,7 +80,8 @@ def apply_compile(model: Transformer, device_type: str) -> None:
         block.compile()
 
 
-def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> Transformer:
+def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
+                value_compute_dtype: str = "fp32") -> Transformer:
     """Activation checkpointing, compile, memory parallelism and FSDP2 / HSDP, applied to
     `model` in place at every world size (one process: FSDP2 at degree 1, so one and N
     processes share one precision mechanism); returns it. A model on the meta device is
@@ -96,7 +97,10 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig) -> T
     # bf16 only where there is a reduction to make: FSDP2 rounds to its reduce dtype at size 1 too
     bf16_reduce = cfg.value_reduce_dtype == "bf16" and rows_mesh.size() > 1
     table_reduce = torch.bfloat16 if bf16_reduce else torch.float32
-    table_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=table_reduce)
+    # the tables' unsharded (gathered) dtype: what the bag reads (memory.value_compute_dtype);
+    # their sharded master weights stay fp32
+    table_dtype = torch.bfloat16 if value_compute_dtype == "bf16" else torch.float32
+    table_policy = MixedPrecisionPolicy(param_dtype=table_dtype, reduce_dtype=table_reduce)
     # a query BatchNorm keeps fp32 parameters, like its running statistics (fp32 buffers)
     fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
