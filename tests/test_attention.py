@@ -17,15 +17,15 @@ BOS = 256
 DOCS = [[BOS, 5, 6, 7, 8], [BOS, 9, 10], [BOS, 11, 12, 13, 14, 15, 16], [BOS, 3]]
 
 
-def tiny(attention: str):
+def tiny(attention: str, impl: str = "auto"):
     args = model_args(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, multiple_of=32,
                                   attention=attention),
                       MemoryConfig(layers=[1], n_keys=16, heads=2, knn=4, k_dim=32))
-    return build_model(args, seed=1)
+    return build_model(args, seed=1, attention_impl=impl)
 
 
 def test_a_packed_row_scores_each_document_as_alone_forward_and_backward():
-    model = tiny("doc_causal")
+    model = tiny("doc_causal", "sdpa")
     row = torch.tensor([sum(DOCS, [])])  # (1, 17)
     weights = torch.randn(row.shape[1], 258, generator=torch.Generator().manual_seed(0))
     packed = model(row, doc_ids=document_ids(row, BOS))[0]  # (T, V)
@@ -39,6 +39,17 @@ def test_a_packed_row_scores_each_document_as_alone_forward_and_backward():
         torch.testing.assert_close(packed_grads[name], p.grad, rtol=1e-4, atol=1e-4, msg=name)  # of ~100
     plain = model(row)[0]  # causal across documents: later documents see earlier ones
     assert not torch.allclose(plain[5:], alone[5:], atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # eager (unfused) on purpose
+def test_flex_attention_with_a_document_block_mask_equals_sdpa():
+    # the CUDA path (compiled there); on the CPU flex_attention runs eagerly, forward only
+    rows = torch.tensor([sum(DOCS, []) + [BOS, 1, 2], [BOS, *range(40, 59)]])  # (2, 20), other documents
+    doc_ids = document_ids(rows, BOS)
+    with torch.no_grad():
+        sdpa = tiny("doc_causal", "sdpa")(rows, doc_ids=doc_ids)
+        flex = tiny("doc_causal", "flex")(rows, doc_ids=doc_ids)
+    torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
 
 
 def test_a_causal_model_ignores_doc_ids():

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
@@ -45,6 +46,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated * sin).type_as(x)
 
 
+# flex_attention is fused only when compiled (on CUDA); eager, it is the reference (CPU tests)
+FLEX_ATTENTION_COMPILED = torch.compile(flex_attention, dynamic=False)
+
+
+def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask:
+    """doc_causal attention for doc_ids (B, T): key j <= query i of the same document. For
+    flex_attention a BlockMask (blocks of other documents skipped), for SDPA a bool mask
+    (B, 1, T, T)."""
+    b, t = doc_ids.shape
+    if impl == "flex":
+        def same_document(bi, h, qi, ki):
+            return (ki <= qi) & (doc_ids[bi, qi] == doc_ids[bi, ki])
+
+        return create_block_mask(same_document, b, None, t, t, device=doc_ids.device)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with RoPE through scaled_dot_product_attention."""
 
@@ -62,11 +81,12 @@ class Attention(nn.Module):
             init.trunc_normal_(lin.weight, std=s)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                mask: torch.Tensor | BlockMask | None = None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
-        """mask None: plain causal attention over x's T tokens (training). Else a bool mask
-        (B, 1, T, S) over S key slots: x's own (S = T), or with `cache` the cached slots
-        followed by x's (this call's keys and values are written into the cache)."""
+        """mask None: plain causal attention over x's T tokens (training). A BlockMask:
+        flex_attention (doc_causal on CUDA). Else a bool mask (B, 1, T, S) over S key slots:
+        x's own (S = T), or with `cache` the cached slots followed by x's (this call's keys
+        and values are written into the cache)."""
         b, t, _ = x.shape  # (B, T, dim)
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
@@ -74,8 +94,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.kv_heads != self.n_heads)
+        gqa = self.kv_heads != self.n_heads
+        if isinstance(mask, BlockMask):
+            flex = FLEX_ATTENTION_COMPILED if q.is_cuda else flex_attention
+            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, dim)
 
 
@@ -145,9 +170,10 @@ class Transformer(nn.Module):
     layer when not shared) and hands each memory block its table at call time.
     """
 
-    def __init__(self, args: ModelArgs, kernel: str = "auto"):
+    def __init__(self, args: ModelArgs, kernel: str = "auto", attention_impl: str = "auto"):
         super().__init__()
         self.args = args
+        self.attention_impl = attention_impl  # doc_causal's: auto (flex on CUDA, else sdpa) | sdpa | flex
         mem = args.memory
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
@@ -207,8 +233,10 @@ class Transformer(nn.Module):
         if positions is None and valid is None and cache is None:
             rope = (self.rope_cos[:t], self.rope_sin[:t])  # (T, hd)
             if doc_ids is not None and self.args.attention == "doc_causal":
-                causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
-                mask = ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)  # (B,1,T,T)
+                impl = self.attention_impl
+                if impl == "auto":
+                    impl = "flex" if tokens.is_cuda else "sdpa"
+                mask = document_mask(doc_ids, impl)
         else:
             start = cache.length if cache is not None else 0
             if positions is None:
@@ -234,11 +262,12 @@ class Transformer(nn.Module):
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", init: bool = True,
-                seed: int = 0, kernel: str = "auto") -> Transformer:
-    """Build on the meta device, materialise on `device`, then init_weights(seed). `kernel`:
-    the value bag's implementation (memory.kernel), not part of the model's arguments."""
+                seed: int = 0, kernel: str = "auto", attention_impl: str = "auto") -> Transformer:
+    """Build on the meta device, materialise on `device`, then init_weights(seed). `kernel`
+    (the value bag's, memory.kernel) and `attention_impl` (doc_causal's: sdpa | flex | auto)
+    are implementations, not part of the model's arguments."""
     with torch.device("meta"):
-        model = Transformer(args, kernel)
+        model = Transformer(args, kernel, attention_impl)
     if str(device) == "meta":
         return model
     model.to_empty(device=device)
