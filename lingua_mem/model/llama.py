@@ -6,6 +6,7 @@ on the meta device, then `to_empty`) and get their values from `init_weights`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,8 +47,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated * sin).type_as(x)
 
 
-# flex_attention is fused only when compiled (on CUDA); eager, it is the reference (CPU tests)
-FLEX_ATTENTION_COMPILED = torch.compile(flex_attention, dynamic=False)
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled (fused; on CUDA), made at first use: building the wrapper
+    imports the compiler (seconds), which no CPU run should pay. Eager flex_attention is the
+    reference (CPU tests)."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask:
@@ -96,7 +101,7 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
         gqa = self.kv_heads != self.n_heads
         if isinstance(mask, BlockMask):
-            flex = FLEX_ATTENTION_COMPILED if q.is_cuda else flex_attention
+            flex = compiled_flex_attention() if q.is_cuda else flex_attention
             y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
