@@ -33,16 +33,23 @@ SORTED_ABOVE_D = 128  # table_grad=auto: the sorted variant for D above this
 
 
 @triton.jit
+def _bag_slice(idx_ptr, w_ptr, n, start, M, BLOCK_M: tl.constexpr):
+    """Bag n's indices start .. start + BLOCK_M: (rows int64, weights fp32, in-range mask)."""
+    ms = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    m_ok = ms < M
+    rows = tl.load(idx_ptr + n * M + ms, mask=m_ok, other=0).to(tl.int64)
+    w = tl.load(w_ptr + n * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+    return rows, w, m_ok
+
+
+@triton.jit
 def _bag_forward(idx_ptr, w_ptr, table_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for start in range(0, M, BLOCK_M):
-        ms = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-        m_ok = ms < M
-        rows = tl.load(idx_ptr + n * M + ms, mask=m_ok, other=0).to(tl.int64)
-        w = tl.load(w_ptr + n * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+        rows, w, m_ok = _bag_slice(idx_ptr, w_ptr, n, start, M, BLOCK_M)
         vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :], mask=m_ok[:, None] & col_ok[None, :],
                        other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
         acc += tl.sum(w[:, None] * vals, axis=0)
@@ -75,10 +82,7 @@ def _bag_table_grad_atomic(idx_ptr, w_ptr, grad_out_ptr, grad_table_ptr, M, D, B
     col_ok = cols < D
     g = tl.load(grad_out_ptr + n.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(tl.float32)
     for start in range(0, M, BLOCK_M):
-        ms = start + tl.arange(0, BLOCK_M)
-        m_ok = ms < M
-        rows = tl.load(idx_ptr + n * M + ms, mask=m_ok, other=0).to(tl.int64)
-        w = tl.load(w_ptr + n * M + ms, mask=m_ok, other=0.0).to(tl.float32)
+        rows, w, m_ok = _bag_slice(idx_ptr, w_ptr, n, start, M, BLOCK_M)
         tl.atomic_add(grad_table_ptr + rows[:, None] * D + cols[None, :], w[:, None] * g[None, :],
                       mask=m_ok[:, None] & col_ok[None, :])
 
