@@ -70,7 +70,8 @@ def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask:
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention with RoPE through scaled_dot_product_attention."""
+    """Causal grouped-query attention with RoPE, through scaled_dot_product_attention (or
+    flex_attention for a document BlockMask)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -160,7 +161,7 @@ class Block(nn.Module):
             self.feed_forward.init_weights(init, std, out_std)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                values: ValueTable | None = None, mask: torch.Tensor | None = None,
+                values: ValueTable | None = None, mask: torch.Tensor | BlockMask | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
         if self.is_memory:
