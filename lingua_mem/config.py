@@ -35,6 +35,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     attention: str = "doc_causal"  # causal | doc_causal: attend within the token's own document only
+    # doc_causal's implementation: auto (xformers on CUDA when installed, else flex_attention;
+    # sdpa with a bool mask elsewhere) | sdpa | flex | xformers (off CUDA: a slow twin, for tests)
+    attention_impl: str = "auto"
 
 
 @dataclass
@@ -372,6 +375,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(o.scheduler, "optim.scheduler", ("cosine", "linear", "constant"))
     _check_choice(cfg.distributed.device, "distributed.device", ("auto", "cpu", "cuda"))
     _check_choice(cfg.memory.kernel, "memory.kernel", ("auto", "torch", "triton"))
+    _check_choice(cfg.model.attention_impl, "model.attention_impl", ("auto", "sdpa", "flex", "xformers"))
     _check_choice(cfg.memory.value_compute_dtype, "memory.value_compute_dtype", ("fp32", "bf16"))
     dist = cfg.distributed
     _check_choice(dist.activation_checkpointing, "distributed.activation_checkpointing",

@@ -26,7 +26,7 @@ from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration
-from lingua_mem.model.llama import build_model
+from lingua_mem.model.llama import build_model, resolve_attention
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
@@ -58,6 +58,7 @@ def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.distributed.device, meshes.dims.local_rank)
     try:
         resolve_kernel(cfg.memory.kernel, device.type)  # triton where it cannot run: one line, now
+        resolve_attention(cfg.model.attention_impl, device.type)  # xformers missing: the same
         return _train(cfg, meshes, device, meshes.dims.rank == 0)
     finally:
         meshes.close()
@@ -118,7 +119,8 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
 
     # built on meta and sharded before any weight exists; each rank then materialises
     # and initialises its own shards (to the values of the whole model, param_init.py)
-    model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel)
+    model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel,
+                        attention_impl=cfg.model.attention_impl)
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
     model.to_empty(device=device)

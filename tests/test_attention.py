@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from lingua_mem.config import MemoryConfig, ModelConfig, load_config, model_args
+from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, load_config, model_args
 from lingua_mem.data.loader import document_ids
-from lingua_mem.model.llama import build_model
+from lingua_mem.model.llama import BlockDiagonalMask, build_model, document_lengths, document_mask
 from lingua_mem.trainer import train
 
 BOS = 256
@@ -50,6 +50,40 @@ def test_flex_attention_with_a_document_block_mask_equals_sdpa():
         sdpa = tiny("doc_causal", "sdpa")(rows, doc_ids=doc_ids)
         flex = tiny("doc_causal", "flex")(rows, doc_ids=doc_ids)
     torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_document_lengths_run_row_after_row():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 1, 1]])
+    assert document_lengths(doc_ids) == [3, 2, 1, 1, 5]
+
+
+def test_xformers_block_diagonal_attention_equals_sdpa_forward_and_backward():
+    # the batch as one sequence of B*T tokens with one causal block per document, through
+    # xformers' own BlockDiagonalCausalMask; on the CPU its twin (the bias materialised)
+    # stands in for memory_efficient_attention, which has no CPU kernel
+    pytest.importorskip("xformers.ops.fmha")
+    rows = torch.tensor([sum(DOCS, []) + [BOS, 1, 2], [BOS, *range(40, 59)]])  # (2, 20)
+    doc_ids = document_ids(rows, BOS)
+    mask = document_mask(doc_ids, "xformers")
+    assert isinstance(mask, BlockDiagonalMask)
+    dense = mask.bias.materialize((40, 40), dtype=torch.float32) == 0  # (B*T, B*T)
+    bool_mask = document_mask(doc_ids, "sdpa")[:, 0]  # (B, T, T)
+    assert torch.equal(dense, torch.block_diag(*bool_mask))
+    weights = torch.randn(2, 20, 258, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for impl in ("sdpa", "xformers"):
+        model = tiny("doc_causal", impl)  # n_kv_heads 2 of 4 heads: grouped-query
+        logits = model(rows, doc_ids=doc_ids)
+        (logits * weights).sum().backward()
+        grads[impl] = (logits.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["xformers"][0], grads["sdpa"][0], rtol=1e-5, atol=1e-5)
+    for name, grad in grads["sdpa"][1].items():
+        torch.testing.assert_close(grads["xformers"][1][name], grad, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_an_unknown_attention_impl_is_one_line_naming_the_key():
+    with pytest.raises(ConfigError, match="model.attention_impl"):
+        load_config(["model.attention_impl=flash"])
 
 
 def test_a_causal_model_ignores_doc_ids():

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from lingua_mem.config import ConfigError
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
 from lingua_mem.model.args import ModelArgs
@@ -55,23 +57,85 @@ def compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask:
+@functools.cache
+def xformers_fmha():
+    """xformers.ops.fmha, or None when xformers is not installed (imported at first use)."""
+    try:
+        from xformers.ops import fmha
+    except ImportError:
+        return None
+    return fmha
+
+
+def resolve_attention(impl: str, device_type: str) -> str:
+    """doc_causal's implementation: auto is xformers on CUDA when installed, else flex on
+    CUDA, else sdpa. xformers off CUDA runs its CPU twin (the bias materialised, for tests)."""
+    if impl == "auto":
+        if device_type != "cuda":
+            return "sdpa"
+        return "xformers" if xformers_fmha() is not None else "flex"
+    if impl == "xformers" and xformers_fmha() is None:
+        raise ConfigError("model.attention_impl: xformers is not installed (pip install xformers, "
+                          "or the gpu extra)")
+    return impl
+
+
+@dataclass(frozen=True)
+class BlockDiagonalMask:
+    """xformers' block-diagonal causal bias over a batch's B*T tokens taken as one sequence
+    (one block per document, row after row)."""
+
+    bias: object  # xformers.ops.fmha.attn_bias.BlockDiagonalCausalMask
+
+
+def document_lengths(doc_ids: torch.Tensor) -> list[int]:
+    """The length of every document of doc_ids (B, T), row after row (a row's first token
+    starts a document)."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    offsets = starts.flatten().nonzero().flatten()  # (docs,) into the B*T tokens
+    end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
+    return torch.diff(offsets, append=end).tolist()  # one host sync: xformers wants them there
+
+
+def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask | BlockDiagonalMask:
     """doc_causal attention for doc_ids (B, T): key j <= query i of the same document. For
-    flex_attention a BlockMask (blocks of other documents skipped), for SDPA a bool mask
-    (B, 1, T, T)."""
+    flex_attention a BlockMask (blocks of other documents skipped), for xformers a
+    BlockDiagonalMask, for SDPA a bool mask (B, 1, T, T)."""
     b, t = doc_ids.shape
     if impl == "flex":
         def same_document(bi, h, qi, ki):
             return (ki <= qi) & (doc_ids[bi, qi] == doc_ids[bi, ki])
 
         return create_block_mask(same_document, b, None, t, t, device=doc_ids.device)
+    if impl == "xformers":
+        bias_type = xformers_fmha().attn_bias.BlockDiagonalCausalMask
+        return BlockDiagonalMask(bias_type.from_seqlens(document_lengths(doc_ids)))
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
 
 
+def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             mask: BlockDiagonalMask) -> torch.Tensor:
+    """q (B, H, T, hd), k and v (B, KV, T, hd) -> (B, H, T, hd), attending within the blocks
+    of `mask`: xformers' memory-efficient attention on CUDA; elsewhere its CPU twin, the
+    same bias materialised (B*T x B*T) through SDPA."""
+    b, h, t, hd = q.shape
+    if k.shape[1] != h:  # grouped-query: query head i reads kv head i // (H / KV)
+        k, v = (x.repeat_interleave(h // k.shape[1], dim=1) for x in (k, v))
+    q, k, v = (x.transpose(1, 2).reshape(1, b * t, h, hd) for x in (q, k, v))  # (1, B*T, H, hd)
+    if q.is_cuda:
+        y = xformers_fmha().memory_efficient_attention(q, k, v, attn_bias=mask.bias)
+    else:
+        dense = mask.bias.materialize((b * t, b * t), dtype=q.dtype, device=q.device)  # 0 / -inf
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # (1, H, B*T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=dense).transpose(1, 2)
+    return y.reshape(b, t, h, hd).transpose(1, 2)  # (B, H, T, hd)
+
+
 class Attention(nn.Module):
-    """Causal grouped-query attention with RoPE, through scaled_dot_product_attention (or
-    flex_attention for a document BlockMask)."""
+    """Causal grouped-query attention with RoPE, through scaled_dot_product_attention (or,
+    for a document mask, flex_attention or xformers)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -87,12 +151,12 @@ class Attention(nn.Module):
             init.trunc_normal_(lin.weight, std=s)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor | BlockMask | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
-        """mask None: plain causal attention over x's T tokens (training). A BlockMask:
-        flex_attention (doc_causal on CUDA). Else a bool mask (B, 1, T, S) over S key slots:
-        x's own (S = T), or with `cache` the cached slots followed by x's (this call's keys
-        and values are written into the cache)."""
+                mask: torch.Tensor | BlockMask | BlockDiagonalMask | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """mask None: plain causal attention over x's T tokens (training). A BlockMask or a
+        BlockDiagonalMask: flex_attention or xformers (doc_causal on CUDA). Else a bool mask
+        (B, 1, T, S) over S key slots: x's own (S = T), or with `cache` the cached slots
+        followed by x's (this call's keys and values are written into the cache)."""
         b, t, _ = x.shape  # (B, T, dim)
         q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, hd)
@@ -101,7 +165,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, KV, S, hd)
         gqa = self.kv_heads != self.n_heads
-        if isinstance(mask, BlockMask):
+        if isinstance(mask, BlockDiagonalMask):
+            y = block_diagonal_attention(q, k, v, mask)
+        elif isinstance(mask, BlockMask):
             flex = compiled_flex_attention() if q.is_cuda else flex_attention
             y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
         else:
@@ -179,7 +245,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, kernel: str = "auto", attention_impl: str = "auto"):
         super().__init__()
         self.args = args
-        self.attention_impl = attention_impl  # doc_causal's: auto (flex on CUDA, else sdpa) | sdpa | flex
+        self.attention_impl = attention_impl  # doc_causal's: auto | sdpa | flex | xformers
         mem = args.memory
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
@@ -239,9 +305,7 @@ class Transformer(nn.Module):
         if positions is None and valid is None and cache is None:
             rope = (self.rope_cos[:t], self.rope_sin[:t])  # (T, hd)
             if doc_ids is not None and self.args.attention == "doc_causal":
-                impl = self.attention_impl
-                if impl == "auto":
-                    impl = "flex" if tokens.is_cuda else "sdpa"
+                impl = resolve_attention(self.attention_impl, tokens.device.type)
                 mask = document_mask(doc_ids, impl)
         else:
             start = cache.length if cache is not None else 0
@@ -270,7 +334,7 @@ class Transformer(nn.Module):
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", init: bool = True,
                 seed: int = 0, kernel: str = "auto", attention_impl: str = "auto") -> Transformer:
     """Build on the meta device, materialise on `device`, then init_weights(seed). `kernel`
-    (the value bag's, memory.kernel) and `attention_impl` (doc_causal's: sdpa | flex | auto)
+    (the value bag's, memory.kernel) and `attention_impl` (doc_causal's, model.attention_impl)
     are implementations, not part of the model's arguments."""
     with torch.device("meta"):
         model = Transformer(args, kernel, attention_impl)
