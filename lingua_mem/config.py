@@ -163,7 +163,9 @@ class CheckpointConfig:
     keep_last: int = 3  # the newest complete checkpoints kept; 0 keeps all
     keep_every: int = 0  # also keep forever every checkpoint whose step is a multiple of this
     async_save: bool = False  # write in the background; the step loop does not wait for the disk
-    init_from: str | None = None  # a checkpoint dir: a new run starts from its weights only
+    # a new run starts from the weights only of: a checkpoints/<step> dir, a transformers Llama
+    # directory (its FFN at memory layers skipped) or a lingua_mem export (consolidate, export-hf)
+    init_from: str | None = None
     # signals that mean "preempted": finish the step, checkpoint, requeue under SLURM, exit 0
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
     requeue: bool = True  # under SLURM, `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
@@ -404,8 +406,10 @@ def validate(cfg: TrainConfig) -> None:
         _check_choice(name, "checkpoint.preempt_signals",
                       ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT", "SIGHUP"))
     if c.init_from is not None:
-        _check((Path(c.init_from) / ".metadata").is_file(), "checkpoint.init_from",
-               f"no checkpoint at {c.init_from} (expected a checkpoints/<step> directory)")
+        init = Path(c.init_from)
+        _check((init / ".metadata").is_file() or (init / "config.json").is_file(), "checkpoint.init_from",
+               f"no checkpoint at {c.init_from} (expected a checkpoints/<step> directory, or a Hugging "
+               "Face directory: config.json + safetensors)")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

@@ -433,8 +433,16 @@ class Checkpointer:
 
     def load_weights(self, path: str | Path, key: str = "checkpoint.init_from") -> None:
         """The model weights of checkpoint `path` only (init_from: a new run starts from them;
-        evaluation); a ConfigError names `key`."""
+        evaluation): a DCP checkpoint, or a Hugging Face directory (hf_import.py); a
+        ConfigError names `key`."""
         path = Path(path)
+        from lingua_mem.checkpoint.hf_import import is_hf_dir, load_hf_weights
+
+        if is_hf_dir(path):  # a transformers Llama or a lingua_mem export: by name, from safetensors
+            summary = load_hf_weights(self.model, path, self.model.args)
+            if self.rank == 0:
+                print(summary.line(path), flush=True)
+            return
         try:
             self._load(path, with_train_state=False)
         except (CheckpointError, ConfigError) as exc:  # ConfigError: a different model shape

@@ -13,7 +13,10 @@ part of the checkpoint, whatever layout wrote it, into full-shaped CPU tensors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,12 +24,18 @@ import torch
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from lingua_mem.checkpoint.checkpointer import check_model_shapes, missing_checkpoint, quiet_single_process
+from lingua_mem.checkpoint.dcp_stream import DCPStreamReader
+from lingua_mem.checkpoint.safetensors_stream import (
+    TensorSource,
+    read_tensors,
+    replace_dir,
+    weight_files,
+    write_sharded,
+)
 from lingua_mem.cli import fail
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, validate_model
 from lingua_mem.model.args import ModelArgs, validate_args
@@ -100,23 +109,100 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict, dict]:
     return args, sd, run_config
 
 
-def consolidate(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write out_dir/model.safetensors (every model tensor in full) and out_dir/config.json
-    (the model's arguments, the step and the run's tokenizer); returns the safetensors path.
-    ValueError (one line, naming the path or key) as read_checkpoint."""
-    path, out = Path(checkpoint_dir), Path(out_dir)
-    args, sd, run_config = read_checkpoint(path)
-    weights = out / "model.safetensors"
-    step = int(path.name) if path.name.isdigit() else None  # checkpoints/<step, 10 digits>/
-    tokenizer = (run_config.get("data") or {}).get("tokenizer") or {"name": "bytes", "path": None}
-    config = {"format": FORMAT, "step": step, "model": args.to_dict(), "tokenizer": tokenizer}
+def parse_size(text: str | int) -> int:
+    """Bytes of "5GB", "500MB", "64KiB", "1.5GB" or a plain integer; ValueError (one line)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = str(text).strip().upper()
+    number = raw.rstrip("KMGTIB")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({name: t.contiguous() for name, t in sd.items()}, str(weights), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        size = int(float(number) * units[raw[len(number):]])
+    except (KeyError, ValueError):
+        raise ValueError(f"--max-shard-size: {text!r} is not a size (e.g. 5GB, 500MB)") from None
+    if size <= 0:
+        raise ValueError(f"--max-shard-size: {text!r} must be positive")
+    return size
+
+
+def checkpoint_sources(path: Path, args: ModelArgs, rename=lambda name: name,
+                       dtype: torch.dtype | None = None) -> list[TensorSource]:
+    """Every model tensor of the training checkpoint at `path`, as sources that read it row
+    block by row block (dcp_stream), named rename(name) (None: left out), floating tensors
+    cast to `dtype` when given. ValueError (one line) when the checkpoint does not match args."""
+    meta_sd = build_model(args, "meta").state_dict()
+    check_model_shapes(path, {name: tuple(t.shape) for name, t in meta_sd.items()})
+    try:
+        reader = DCPStreamReader(path)
+    except Exception as exc:
+        raise ValueError(f"{path / '.metadata'}: unreadable ({_first_line(exc)})") from None
+
+    def read(fqn: str):
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            try:
+                return reader.read(fqn, r0, r1)
+            except Exception as exc:  # a truncated or corrupt .distcp file
+                name = fqn.removeprefix("model.")
+                raise ValueError(f"{path}: {name} unreadable ({_first_line(exc)})") from None
+        return rows
+
+    sources = []
+    for name, t in meta_sd.items():
+        new = rename(name)
+        if new is None:
+            continue
+        out_dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
+        sources.append(TensorSource(new, tuple(t.shape), out_dtype, read(f"model.{name}")))
+    return sources
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, force: bool):
+    """A staging directory beside `out` to write into; on success it replaces `out`, on any
+    error it is removed (nothing half-written is left). ValueError (one line) when `out`
+    exists and is not empty without `force`, or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: cannot write (a file, not a directory)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ValueError(f"{out}: exists and is not empty (give --force to replace it)")
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
     except OSError as exc:
         raise ValueError(f"{out}: cannot write ({_first_line(exc)})") from None
-    return weights
+    try:
+        yield staging
+        replace_dir(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ValueError(f"{out}: cannot write ({_first_line(exc)})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def run_tokenizer(run_config: dict) -> dict:
+    return (run_config.get("data") or {}).get("tokenizer") or {"name": "bytes", "path": None}
+
+
+def consolidate(checkpoint_dir: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 * 10**9,
+                force: bool = False) -> Path:
+    """Write out_dir/model.safetensors (or shards of at most max_shard_bytes and their index)
+    holding every model tensor in full, and out_dir/config.json (the model's arguments, the
+    step and the run's tokenizer), streaming: peak memory is one block, whatever the model's
+    size. Returns out_dir. ValueError (one line, naming the path or key) as read_checkpoint,
+    or for an out_dir that is not empty (without `force`)."""
+    path, out = Path(checkpoint_dir), Path(out_dir)
+    args, run_config = checkpoint_model_args(path)
+    sources = checkpoint_sources(path, args)
+    step = int(path.name) if path.name.isdigit() else None  # checkpoints/<step, 10 digits>/
+    config = {"format": FORMAT, "step": step, "model": args.to_dict(), "tokenizer": run_tokenizer(run_config)}
+    with staged_output(out, force) as staging:
+        write_sharded(staging, sources, max_shard_bytes)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
 
 
 def model_from_state_dict(args: ModelArgs, state_dict: dict,
@@ -129,12 +215,15 @@ def model_from_state_dict(args: ModelArgs, state_dict: dict,
 
 
 def consolidated_model_args(directory: str | Path) -> tuple[ModelArgs, dict]:
-    """(model args, config.json) of a consolidate() output directory, its weights unread."""
+    """(model args, its lingua_mem config) of a consolidate() or export-hf output directory
+    (config.json, or lingua_mem.json beside an HF config.json), its weights unread."""
     directory = Path(directory)
-    config_file, weights = directory / "config.json", directory / "model.safetensors"
-    for f in (config_file, weights):
-        if not f.is_file():
-            raise ValueError(f"{f}: missing (not a consolidated checkpoint?)")
+    config_file = directory / "lingua_mem.json"
+    if not config_file.is_file():
+        config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file}: missing (not a consolidated checkpoint?)")
+    weight_files(directory)  # the weights are there (names the missing file)
     try:
         raw = json.loads(config_file.read_text())
     except ValueError as exc:
@@ -154,23 +243,22 @@ def consolidated_model_args(directory: str | Path) -> tuple[ModelArgs, dict]:
 
 
 def read_consolidated(directory: str | Path) -> tuple[ModelArgs, dict, dict]:
-    """(model args, CPU tensors, config.json) of a consolidate() output directory."""
+    """(model args, CPU tensors under lingua_mem's names, its lingua_mem config) of a
+    consolidate() or export-hf output directory; floating tensors in fp32."""
+    from lingua_mem.checkpoint.hf_names import lingua_name
+
     args, raw = consolidated_model_args(directory)
-    weights = Path(directory) / "model.safetensors"
-    try:
-        sd = load_file(str(weights))
-    except Exception as exc:  # a truncated or corrupt file
-        raise ValueError(f"{weights}: unreadable ({_first_line(exc)})") from None
-    return args, sd, raw
+    sd = read_tensors(Path(directory), rename=lingua_name if raw.get("names") == "hf" else (lambda n: n))
+    return args, {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, raw
 
 
 def load_consolidated(directory: str | Path, device: torch.device | str = "cpu") -> Transformer:
-    """The model of a consolidate() output directory, on `device`, in eval mode."""
+    """The model of a consolidate() or export-hf output directory, on `device`, in eval mode."""
     args, sd, _ = read_consolidated(directory)
     try:
         return model_from_state_dict(args, sd, device)
     except RuntimeError as exc:  # a tensor missing, unexpected or of another shape
-        raise ValueError(f"{Path(directory) / 'model.safetensors'}: does not match config.json "
+        raise ValueError(f"{Path(directory)}: the weights do not match its config "
                          f"({_first_line(exc)})") from None
 
 
@@ -181,19 +269,31 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str]) -> int:
     parser = _Parser(prog="python -m lingua_mem.checkpoint",
-                     description="Consolidate a training checkpoint into model.safetensors + config.json.")
-    parser.add_argument("command", choices=["consolidate"])
+                     description="consolidate: a training checkpoint into safetensors + config.json "
+                                 "(lingua_mem's names); export-hf: into a directory transformers loads.")
+    parser.add_argument("command", choices=["consolidate", "export-hf"])
     parser.add_argument("checkpoint", help="a checkpoints/<step> directory")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (empty or new, or give --force)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--dtype", default="fp32", help="export-hf: fp32 | bf16 floating tensors")
+    parser.add_argument("--no-tokenizer", action="store_true", help="export-hf: write no tokenizer files")
     try:
         args = parser.parse_args(argv)
-        weights = consolidate(args.checkpoint, args.out)
+        shard = parse_size(args.max_shard_size)
+        if args.command == "consolidate":
+            out = consolidate(args.checkpoint, args.out, shard, args.force)
+        else:
+            from lingua_mem.checkpoint.hf_export import export_hf
+
+            out = export_hf(args.checkpoint, args.out, args.dtype, shard, args.force, not args.no_tokenizer)
     except ValueError as exc:  # ConfigError included
         return fail(exc)
-    with safe_open(str(weights), framework="pt") as f:  # the header only
-        n = len(f.keys())
-    size = weights.stat().st_size / 1e9
-    print(f"wrote {weights} ({n} tensors, {size:.3g} GB) and {weights.parent / 'config.json'}")
+    files = weight_files(out)
+    size = sum(f.stat().st_size for f in set(files.values())) / 1e9
+    shards = len(set(files.values()))
+    print(f"wrote {out}: {len(files)} tensors in {shards} safetensors file{'s' if shards > 1 else ''} "
+          f"({size:.3g} GB)")
     return 0
 
 

@@ -21,6 +21,7 @@ from lingua_mem.checkpoint.consolidate import (
     read_checkpoint,
     read_consolidated,
 )
+from lingua_mem.checkpoint.safetensors_stream import INDEX
 from lingua_mem.cli import one_line
 from lingua_mem.config import CheckpointConfig, ConfigError, DistributedConfig, TokenizerConfig
 from lingua_mem.data.tokenizer import build_tokenizer
@@ -39,16 +40,16 @@ class LoadedModel:
 
 
 def checkpoint_kind(path: Path) -> str:
-    """"training" (a checkpoints/<step> DCP directory), "consolidated" (model.safetensors +
-    config.json) or ConfigError naming `ckpt`."""
+    """"training" (a checkpoints/<step> DCP directory), "consolidated" (consolidate's or
+    export-hf's safetensors) or ConfigError naming `ckpt`."""
     if (path / ".metadata").is_file():
         return "training"
-    if (path / "model.safetensors").is_file():
+    if (path / "model.safetensors").is_file() or (path / INDEX).is_file():
         return "consolidated"
     if not path.exists():
         raise ConfigError(f"ckpt: {missing_checkpoint(path)}")
     raise ConfigError(f"ckpt: {path} is neither a training checkpoint (no .metadata) nor a "
-                      "consolidated export (no model.safetensors)")
+                      f"consolidated export (no model.safetensors or {INDEX})")
 
 
 def tokenizer_config(kind: str, meta: dict, override: TokenizerConfig, path: Path) -> TokenizerConfig:
