@@ -131,25 +131,27 @@ class DCPStreamReader:
             lo, hi = max(r0, c0), min(r1, c1)
             if lo >= hi:
                 continue
-            rows = self._read_rows(chunk, dtype, lo - c0, hi - c0)  # (hi - lo, *chunk.sizes[1:])
             dest = out[lo - r0:hi - r0]
             for d in range(1, len(size)):
                 dest = dest.narrow(d, chunk.offsets[d], chunk.sizes[d])
-            dest.copy_(rows)
+            self._read_rows(chunk, dtype, lo - c0, hi - c0, dest)  # (hi - lo, *chunk.sizes[1:])
         return out
 
-    def _read_rows(self, chunk: _Chunk, dtype: torch.dtype, a: int, b: int) -> torch.Tensor:
+    def _read_rows(self, chunk: _Chunk, dtype: torch.dtype, a: int, b: int, dest: torch.Tensor) -> None:
+        """Rows a:b of a chunk into dest: read straight into it when it is contiguous."""
         data_offset, how = self._locate(chunk, dtype)
         if how == "whole":
-            return self._read_whole(chunk, dtype)[a:b]
+            dest.copy_(self._read_whole(chunk, dtype)[a:b])
+            return
         row_bytes = math.prod(chunk.sizes[1:]) * dtype.itemsize
-        out = torch.empty((b - a, *chunk.sizes[1:]), dtype=dtype)
+        out = dest if dest.is_contiguous() else torch.empty((b - a, *chunk.sizes[1:]), dtype=dtype)
         with open(chunk.path, "rb") as f:
             f.seek(chunk.start + data_offset + a * row_bytes)
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             if f.readinto(view) != len(view):
                 raise ValueError(f"{chunk.path}: truncated (a tensor's bytes end early)")
-        return out
+        if out is not dest:
+            dest.copy_(out)
 
     def _read_whole(self, chunk: _Chunk, dtype: torch.dtype) -> torch.Tensor:
         with open(chunk.path, "rb") as f:

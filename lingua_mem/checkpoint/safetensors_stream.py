@@ -76,7 +76,7 @@ def _write_tensor(f, src: TensorSource, block_bytes: int) -> None:
         step = max(1, block_bytes // row_bytes)
         blocks = [(r, min(r + step, src.shape[0])) for r in range(0, src.shape[0], step)]
     for r0, r1 in blocks:
-        block = src.read(r0, r1).to(src.dtype).contiguous()
+        block = src.read(r0, r1).to(src.dtype).contiguous()  # no copy when already so
         expected = src.shape if not src.shape else (r1 - r0, *src.shape[1:])
         if tuple(block.shape) != tuple(expected):
             raise ValueError(f"{src.name}: read {tuple(block.shape)} for rows {r0}:{r1}, expected {expected}")
@@ -84,7 +84,7 @@ def _write_tensor(f, src: TensorSource, block_bytes: int) -> None:
 
 
 def write_sharded(out_dir: Path, sources: list[TensorSource], max_shard_bytes: int,
-                  metadata: dict[str, str] | None = None, block_bytes: int = 256 << 20) -> list[Path]:
+                  metadata: dict[str, str] | None = None, block_bytes: int = 64 << 20) -> list[Path]:
     """Write the sources into out_dir (which must exist) as one file or shards + index;
     returns the files written. Memory: one block of at most min(block_bytes, max_shard_bytes)."""
     block_bytes = max(1, min(block_bytes, max_shard_bytes))
