@@ -187,6 +187,27 @@ def test_init_from_a_llama_retrofits_memory_layers_and_trains(tmp_path, capsys):
     expected = F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten()).item()
     assert first["loss"] == pytest.approx(expected, rel=1e-5)
 
+    # two processes (FSDP2 over 2): each rank keeps its slice, the same first loss
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        argv = [*common, f"dump_dir={tmp_path / 'dense2'}", "memory.layers=[]", "distributed.dp_shard=2"]
+        procs.append(subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    two = json.loads((tmp_path / "dense2" / "metrics.jsonl").read_text().splitlines()[0])
+    losses = []
+    for rank in range(2):  # each rank's first batch, scored by the Llama
+        b = next(iter(build_loader(cfg.data, build_tokenizer(cfg.data.tokenizer), str(tmp_path / "probe2"),
+                                   rank, 2)))
+        with torch.no_grad():
+            logits = llama(b["inputs"]).logits
+        losses.append(F.cross_entropy(logits.flatten(0, 1), b["targets"].flatten()).item())
+    assert two["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5)
+
     # memory at layer 1: the Llama's FFN there is skipped, the memory starts from init
     train(load_config([*common, f"dump_dir={tmp_path / 'memory'}", "memory.layers=[1]", "memory.n_keys=16",
                        "memory.heads=2", "memory.knn=4"]))
