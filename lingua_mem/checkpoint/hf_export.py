@@ -94,6 +94,9 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "fp3
     args, run_config = checkpoint_model_args(path)
     tok_cfg = run_tokenizer(run_config)
     tok = build_tokenizer(TokenizerConfig(name=tok_cfg["name"], path=tok_cfg.get("path")))
+    if tok.n_words > args.vocab_size:
+        raise ValueError(f"{path}: the run's tokenizer ({tok_cfg['name']}) has {tok.n_words} tokens, the "
+                         f"model embeds only {args.vocab_size} (model.vocab_size)")
     sources = checkpoint_sources(path, args, rename=hf_name, dtype=DTYPES[dtype])
     step = int(path.name) if path.name.isdigit() else None
     config = hf_config(args, tok.bos_id, tok.eos_id, dtype)
