@@ -290,34 +290,52 @@ def test_lm_evals_stock_hf_model_runs_a_local_task_on_an_export(checkpoints, tmp
     assert acc == pytest.approx(right / len(docs))
 
 
-PEAK = """
-import sys
+PEAKS = """
+import json, sys
 from lingua_mem.checkpoint.consolidate import main
-code = main(sys.argv[1:]) if len(sys.argv) > 1 else 0
-# VmHWM: this process's own peak (ru_maxrss would carry over the forking parent's)
-print(next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")))  # KiB
-sys.exit(code)
+import lingua_mem.checkpoint.hf_export, transformers  # imported before the first measure
+
+
+def status(key):
+    return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(key)) * 1024
+
+
+peaks = []
+for argv in json.loads(sys.argv[1]):  # each command's peak above the memory it started from
+    open("/proc/self/clear_refs", "w").write("5")  # resets VmHWM to VmRSS
+    start = status("VmRSS")
+    if argv[0] == "full-load":  # the control: DCP's own load holds the whole model
+        from lingua_mem.checkpoint.consolidate import read_checkpoint
+        read_checkpoint(argv[1])
+    else:
+        assert main(argv) == 0
+    peaks.append(status("VmHWM") - start)
+print(json.dumps(peaks))
 """
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_consolidation_streams_in_bounded_memory(tmp_path):
-    # value tables of 16 and 256 MiB (32x the 8 MB shard): the peak does not grow with the table
-    peaks, tables = {}, {}
+    # value tables of 8 and 128 MiB (32x the 4 MB shard): the peak does not grow with the table
+    tables, commands = {}, []
     for n_keys in (64, 256):
-        memory = MemoryConfig(layers=[1], n_keys=n_keys, heads=2, knn=4, k_dim=32, v_dim=1024)
+        memory = MemoryConfig(layers=[1], n_keys=n_keys, heads=2, knn=4, k_dim=32, v_dim=512)
         model = build_model(model_args(DENSE, memory), seed=0)
         tables[n_keys] = model.values.shared.weight.detach().clone()
         ckpt = save_training_checkpoint(model, tmp_path / f"ckpt{n_keys}", memory)
         del model
         for command in ("consolidate", "export-hf"):
-            out = tmp_path / f"{command}{n_keys}"
-            argv = [command, str(ckpt), "--out", str(out), "--max-shard-size", "8MB"]
-            proc = subprocess.run([sys.executable, "-c", PEAK, *argv], cwd=ROOT, capture_output=True,
-                                  text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-            assert proc.returncode == 0, proc.stderr
-            peaks[command, n_keys] = int(proc.stdout.strip().splitlines()[-1]) * 1024  # bytes
-    growth = (tables[256].numel() - tables[64].numel()) * 4  # 240 MiB more to write
+            commands.append([command, str(ckpt), "--out", str(tmp_path / f"{command}{n_keys}"),
+                             "--max-shard-size", "4MB"])
+        commands.append(["full-load", str(ckpt)])
+    proc = subprocess.run([sys.executable, "-c", PEAKS, json.dumps(commands)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr
+    names = [(c[0], n) for n in (64, 256) for c in commands[:3]]
+    peaks = dict(zip(names, json.loads(proc.stdout.splitlines()[-1]), strict=True))
+    growth = (tables[256].numel() - tables[64].numel()) * 4  # 120 MiB more to write
+    assert peaks["full-load", 256] - peaks["full-load", 64] > growth, peaks  # the measure sees a table
     for command in ("consolidate", "export-hf"):
         assert peaks[command, 256] - peaks[command, 64] < 0.1 * growth, peaks
     index = json.loads((tmp_path / "consolidate256" / "model.safetensors.index.json").read_text())
@@ -329,42 +347,45 @@ def test_consolidation_streams_in_bounded_memory(tmp_path):
         assert torch.equal(f.get_tensor("values.shared.weight"), tables[256])
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lingua_mem.checkpoint", *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
-
-
-def test_bad_input_is_one_line_and_leaves_nothing_half_written(checkpoints, tmp_path):
+def test_bad_input_is_one_line_and_leaves_nothing_half_written(checkpoints, tmp_path, capsys):
     ckpt = checkpoints["1proc"]
-    missing = run_cli("export-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x"))
+
+    def cli(*argv: str) -> tuple[int, str, str]:  # the CLI in process (the public command: below)
+        code = main(list(argv))
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    # the public command, once: one line on stderr, exit 2, nothing created
+    argv = ["export-hf", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
+    missing = subprocess.run([sys.executable, "-m", "lingua_mem.checkpoint", *argv], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert f"no such checkpoint {tmp_path / 'nope'}" in missing.stderr and not (tmp_path / "x").exists()
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    busy = run_cli("export-hf", str(ckpt), "--out", str(out))
-    assert busy.returncode == 2
-    assert busy.stderr == f"error: {out}: exists and is not empty (give --force to replace it)\n"
+    code, _, err = cli("export-hf", str(ckpt), "--out", str(out))
+    assert code == 2 and err == f"error: {out}: exists and is not empty (give --force to replace it)\n"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     for bad, why in ((["--dtype", "fp8"], "--dtype: 'fp8' is not one of fp32, bf16"),
                      (["--max-shard-size", "lots"], "--max-shard-size: 'lots' is not a size")):
-        proc = run_cli("export-hf", str(ckpt), "--out", str(tmp_path / "y"), *bad)
-        assert proc.returncode == 2 and why in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        code, _, err = cli("export-hf", str(ckpt), "--out", str(tmp_path / "y"), *bad)
+        assert code == 2 and why in err and err.count("\n") == 1, err
 
-    forced = run_cli("export-hf", str(ckpt), "--out", str(out), "--force", "--dtype", "bf16")
-    assert forced.returncode == 0, forced.stderr
+    code, stdout, err = cli("export-hf", str(ckpt), "--out", str(out), "--force", "--dtype", "bf16")
+    assert code == 0, err
     assert not (out / "keep.txt").exists()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
-    assert forced.stdout.startswith(f"wrote {out}: ")
+    assert stdout.startswith(f"wrote {out}: ")
 
     corrupt = tmp_path / "corrupt"  # a copy of the checkpoint with its shard cut short
     subprocess.run(["cp", "-r", str(ckpt), str(corrupt)], check=True)
     for shard in corrupt.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:4096])
-    proc = run_cli("export-hf", str(corrupt), "--out", str(tmp_path / "z"))
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "unreadable" in proc.stderr, proc.stderr
+    code, _, err = cli("export-hf", str(corrupt), "--out", str(tmp_path / "z"))
+    assert code == 2 and err.count("\n") == 1 and "unreadable" in err, err
     assert not (tmp_path / "z").exists() and not list(tmp_path.glob(".z.partial-*"))
-    assert main(["export-hf", str(corrupt), "--out", str(out), "--force"]) == 2
+    assert cli("export-hf", str(corrupt), "--out", str(out), "--force")[0] == 2
     assert (out / "config.json").is_file()  # the earlier export survives a failed --force
