@@ -1,0 +1,1 @@
+"""Experiments run with lingua_mem, each one command: `python -m experiments.<name>`."""

@@ -1,0 +1,86 @@
+"""python -m experiments.knowledge --preset small|gpu|tiny --out DIR [--dry-run]
+
+Trains the preset's runs phase by phase (plan.py), each in its own train.py process; a run
+already done is read back, so rerunning the command continues an interrupted experiment.
+Prints progress (run i of n, its result, the ETA), then writes DIR/report.md,
+DIR/results.json, DIR/facts_vs_flops.png and DIR/bits_vs_params.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from pathlib import Path
+
+from experiments.knowledge import plan
+from experiments.knowledge.presets import PRESETS
+from experiments.knowledge.report import headline, plots, write_report
+from experiments.knowledge.run import RunFailed, train_run
+from lingua_mem.cli import fail
+from lingua_mem.config import ConfigError
+
+
+def n_runs(p) -> int:
+    per = len(p.lrs) + len(p.value_lrs) + len(p.n_keys) - 1
+    return per * len(p.sizes) + len(p.ablations) * min(p.ablation_sizes, len(p.sizes))
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.knowledge", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--out", default=None, help="default: dumps/knowledge/<preset>")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs of phase 1 and the plan")
+    a = ap.parse_args(argv)
+    p = PRESETS[a.preset]
+    out = Path(a.out or f"dumps/knowledge/{p.name}")
+    base = plan.common(p)
+    total = n_runs(p)
+    if a.dry_run:
+        print(f"preset {p.name}: {total} runs of {p.steps} steps x {p.batch_size * p.seq_len} tokens on "
+              f"{p.people} people's facts; expected {p.expected_minutes:g} min on {p.machine}")
+        for s in p.sizes:
+            for run in plan.dense_runs(p, s):
+                print(f"  {run.name}: {' '.join(run.overrides)}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    started = time.perf_counter()
+
+    def do(run: plan.Run) -> dict:
+        i = len(results) + 1
+        print(f"[{i}/{total}] {run.name} ...", flush=True)
+        r = train_run(run, base, out)
+        results.append(r)
+        elapsed = time.perf_counter() - started
+        eta = elapsed / i * (total - i)
+        print(f"[{i}/{total}] {run.name}: facts EM {r['facts_em']:.3f}, val loss {r['val_loss']:.3f}, "
+              f"{r['seconds']:.0f} s; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
+        return r
+
+    try:
+        for size_index, s in enumerate(p.sizes):
+            lr = plan.best([do(r) for r in plan.dense_runs(p, s)])["lr"]
+            vlr = plan.best([do(r) for r in plan.value_lr_runs(p, s, lr)])["value_lr"]
+            for r in plan.memory_runs(p, s, lr, vlr, ablate=size_index < p.ablation_sizes):
+                do(r)
+    except (RunFailed, ConfigError) as exc:
+        return fail(exc)
+    header = (f"# Knowledge experiment, preset {p.name}\n\n{datetime.date.today()}, {platform.node()} "
+              f"({platform.machine()}), `python -m experiments.knowledge --preset {p.name} --out {out}`, "
+              f"{(time.perf_counter() - started) / 60:.1f} min. {p.people} people ({6 * p.people} facts), "
+              f"{p.steps} steps of {p.batch_size} x {p.seq_len} tokens.")
+    report = write_report(results, out, header)
+    pictures = plots(results, out)
+    for h in headline(results):
+        print(f"{h['size']}: memory / dense facts EM at {h['flops']:.3g} FLOPs = {h['ratio']:.3g} "
+              f"({h['memory']} {h['memory_em']:.3f} vs {h['dense']} {h['dense_em']:.3f})")
+    print(f"wrote {report}, {out / 'results.json'}, {', '.join(map(str, pictures))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""Train one run of the plan (train.py in its own process) and read its results back.
+
+    <out>/runs/<name>/          the run's dump dir (metrics.jsonl, checkpoints, train.log)
+    <out>/runs/<name>/result.json   written last: a run with it is done and is not run again
+
+A failed run stops the experiment with one line naming its log; rerunning the same command
+continues (train.py resumes a run from its checkpoint, and finished runs are skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from experiments.knowledge.plan import Run
+from lingua_mem.config import load_config
+from lingua_mem.stats import config_stats
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def train_run(run: Run, base: list[str], out: Path) -> dict:
+    """The run's result (reads result.json when it is already done)."""
+    dump = out / "runs" / run.name
+    done = dump / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    argv = [*base, *run.overrides, f"dump_dir={dump}", f"name={run.name}"]
+    cfg = load_config(argv)  # a bad key fails here, before any run starts
+    dump.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(dump / "train.log", "a") as log:
+        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RunFailed(f"run {run.name} failed (exit {proc.returncode}); see {dump / 'train.log'}")
+    result = read_result(run, cfg, dump, time.perf_counter() - started)
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def read_result(run: Run, cfg, dump: Path, seconds: float) -> dict:
+    """Parameters, FLOPs, the eval curve and the final scores of a finished run."""
+    rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "facts_qa/exact_match" in r]
+    if not evals:
+        raise RunFailed(f"run {run.name}: no evaluation row in {dump / 'metrics.jsonl'}")
+    stats = config_stats(cfg)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum
+    curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
+              "flops": r["step"] * tokens_per_step * stats["flops_per_token"],
+              "facts_em": r["facts_qa/exact_match"], "val_loss": r["val/loss"],
+              "bits": r.get("facts_qa/bits", 0.0)} for r in evals]
+    last = evals[-1]
+    memory = {k: v for k, v in last.items() if k.startswith("memory/")}
+    tail = [r["loss"] for r in train_rows[-3:]]
+    return {"name": run.name, "size": run.size, "kind": run.kind, "variant": run.variant,
+            "n_keys": run.n_keys, "phase": run.phase, "overrides": list(run.overrides), "lr": cfg.optim.lr,
+            "value_lr": cfg.optim.value_lr, "total_params": stats["total_params"],
+            "dense_params": stats["dense_params"], "value_params": stats["memory_value_params"],
+            "flops_per_token": stats["flops_per_token"], "steps": cfg.steps,
+            "tokens": cfg.steps * tokens_per_step, "train_flops": curve[-1]["flops"],
+            "train_loss": sum(tail) / len(tail), "val_loss": last["val/loss"],
+            "facts_em": last["facts_qa/exact_match"], "facts_f1": last.get("facts_qa/f1", 0.0),
+            "bits": last.get("facts_qa/bits", 0.0),
+            "bits_per_param": last.get("facts_qa/bits_per_param", 0.0),
+            "bits_per_dense_param": last.get("facts_qa/bits_per_dense_param", 0.0),
+            "seconds": seconds, "curve": curve, "memory": memory}
