@@ -57,7 +57,8 @@ def main(argv: list[str]) -> int:
         results.append(r)
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (total - i)
-        print(f"[{i}/{total}] {run.name}: facts EM {r['facts_em']:.3f}, val loss {r['val_loss']:.3f}, "
+        print(f"[{i}/{total}] {run.name}: recall EM {r['recall_em']:.3f}, QA EM {r['qa_em']:.3f}, "
+              f"val loss {r['val_loss']:.3f}, "
               f"{r['seconds']:.0f} s; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
         return r
 
@@ -75,9 +76,10 @@ def main(argv: list[str]) -> int:
               f"{p.steps} steps of {p.batch_size} x {p.seq_len} tokens.")
     report = write_report(results, out, header)
     pictures = plots(results, out)
-    for h in headline(results):
-        print(f"{h['size']}: memory / dense facts EM at {h['flops']:.3g} FLOPs = {h['ratio']:.3g} "
-              f"({h['memory']} {h['memory_em']:.3f} vs {h['dense']} {h['dense_em']:.3f})")
+    for key in ("recall_em", "qa_em"):
+        for h in headline(results, key):
+            print(f"{h['size']}: memory / dense {key} at {h['flops']:.3g} FLOPs = {h['ratio']:.3g} "
+                  f"({h['memory']} {h['memory_em']:.3f} vs {h['dense']} {h['dense_em']:.3f})")
     print(f"wrote {report}, {out / 'results.json'}, {', '.join(map(str, pictures))}")
     return 0
 

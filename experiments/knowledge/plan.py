@@ -5,7 +5,7 @@
     3. memory      the other memory sizes, and the ablations of the first, at the best value_lr
 
 Phase 2 needs phase 1's best lr and phase 3 phase 2's best value_lr: "best" is the highest
-final facts-QA exact match, then the lowest val loss. Every run shares the corpus, steps,
+final recall exact match (facts stored), then the lowest val loss. Every run shares the corpus, steps,
 tokens, seed and schedule; a memory run differs from its dense base only in the FFN of the
 memory layers (and its value learning rate).
 """
@@ -38,7 +38,7 @@ def common(p: Preset) -> list[str]:
             "data.facts.seed=0", f"data.batch_size={p.batch_size}", f"data.seq_len={p.seq_len}",
             f"model.max_seq_len={p.seq_len}", f"optim.warmup={p.warmup}", "optim.scheduler=cosine",
             f"checkpoint.every={p.steps}", "checkpoint.keep_last=1", f"log_every={max(1, p.steps // 40)}",
-            f"eval.every={every}", "eval.tasks=val,facts_qa", f"eval.max_questions={6 * p.people}",
+            f"eval.every={every}", "eval.tasks=val,facts_qa", "eval.max_questions=0",
             "eval.max_tokens=0", "logging.console=true"]
 
 
@@ -78,5 +78,5 @@ def memory_runs(p: Preset, s: Size, lr: float, vlr: float, ablate: bool) -> list
 
 
 def best(results: list[dict]) -> dict:
-    """The run with the highest final facts EM, then the lowest final val loss."""
-    return max(results, key=lambda r: (r["facts_em"], -r["val_loss"]))
+    """The run with the highest final recall EM, then the lowest final val loss."""
+    return max(results, key=lambda r: (r["recall_em"], -r["val_loss"]))

@@ -1,10 +1,14 @@
 """The experiment's table, headline ratios and plots, from the runs' results.
 
+Two measures of knowledge: recall (a fact asked in the words training used: is it stored?)
+and QA (asked in words training never used: can the model answer it?). Bits of knowledge
+count the facts recalled.
+
 Equal compute: every run of a preset trains on the same tokens, and a memory model spends
 a different number of FLOPs per token than its dense base (its memory layers replace FFNs).
 The headline compares the best memory run and the best dense run of a size at the same
-training FLOPs: the smaller of their two budgets, each run's facts-QA exact match read off
-its evaluation curve there (linear between evaluations).
+training FLOPs: the smaller of their two budgets, each run's exact match read off its
+evaluation curve there (linear between evaluations).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 from pathlib import Path
 
 
-def at_flops(curve: list[dict], flops: float, key: str = "facts_em") -> float:
+def at_flops(curve: list[dict], flops: float, key: str = "recall_em") -> float:
     """`key` of an evaluation curve at `flops` training FLOPs (linear between points; 0 before
     the first evaluation's 0 FLOPs)."""
     points = [(0.0, 0.0)] + [(c["flops"], c[key]) for c in curve]
@@ -23,18 +27,19 @@ def at_flops(curve: list[dict], flops: float, key: str = "facts_em") -> float:
     return points[-1][1]
 
 
-def headline(results: list[dict]) -> list[dict]:
-    """Per size: the best dense and memory runs and their facts EM at equal training FLOPs."""
+def headline(results: list[dict], key: str = "recall_em") -> list[dict]:
+    """Per size: the best dense and memory runs (by `key`, then val loss) and their `key`
+    (recall_em: facts stored; qa_em: facts answered in new words) at equal training FLOPs."""
     rows = []
     for size in dict.fromkeys(r["size"] for r in results):
         dense = [r for r in results if r["size"] == size and r["kind"] == "dense"]
         memory = [r for r in results if r["size"] == size and r["kind"] == "memory"]
         if not dense or not memory:
             continue
-        key = lambda r: (r["facts_em"], -r["val_loss"])  # noqa: E731
-        d, m = max(dense, key=key), max(memory, key=key)
+        order = lambda r: (r[key], -r["val_loss"])  # noqa: E731
+        d, m = max(dense, key=order), max(memory, key=order)
         flops = min(d["train_flops"], m["train_flops"])
-        em_d, em_m = at_flops(d["curve"], flops), at_flops(m["curve"], flops)
+        em_d, em_m = at_flops(d["curve"], flops, key), at_flops(m["curve"], flops, key)
         rows.append({"size": size, "dense": d["name"], "memory": m["name"], "flops": flops,
                      "dense_em": em_d, "memory_em": em_m,
                      "ratio": em_m / em_d if em_d > 0 else float("inf") if em_m > 0 else float("nan")})
@@ -46,15 +51,15 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| run | params (dense / values) | FLOPs/token | tokens | train loss | val loss | facts EM | "
-            "bits | bits/param | bits/dense param | wall s |")
+    head = ("| run | params (dense / values) | FLOPs/token | tokens | train loss | val loss | recall EM | "
+            "QA EM | bits | bits/param | bits/dense param | wall s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         lines.append(f"| {r['name']} | {r['dense_params']:,} / {r['value_params']:,} | "
                      f"{r['flops_per_token']:,} | {r['tokens']:,} | {r['train_loss']:.3f} | "
-                     f"{r['val_loss']:.3f} | {r['facts_em']:.3f} | "
-                     f"{r['bits']:,.0f} | {r['bits_per_param']:.4f} | {r['bits_per_dense_param']:.4f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['val_loss']:.3f} | {r['recall_em']:.3f} | {r['qa_em']:.3f} | "
+                     f"{r['recall_bits']:,.0f} | {r['bits_per_param']:.4f} | "
+                     f"{r['bits_per_dense_param']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -71,7 +76,7 @@ def memory_table(results: list[dict]) -> str:
 
 
 def plots(results: list[dict], out: Path) -> list[Path]:
-    """facts EM against training FLOPs (every run), bits of knowledge against parameters."""
+    """recall EM against training FLOPs (every run), bits of knowledge against parameters."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,12 +87,12 @@ def plots(results: list[dict], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         xs = [0.0] + [c["flops"] for c in r["curve"]]
-        ys = [0.0] + [c["facts_em"] for c in r["curve"]]
+        ys = [0.0] + [c["recall_em"] for c in r["curve"]]
         ax.plot(xs, ys, ("--" if r["kind"] == "dense" else "-"), color=colours[r["size"]], marker=".",
                 alpha=0.8, label=r["name"])
     ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("facts QA exact match")
-    ax.set_title("facts learned against training compute (dashed: dense)")
+    ax.set_ylabel("facts recalled (exact match, training wording)")
+    ax.set_title("facts stored against training compute (dashed: dense)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     first = out / "facts_vs_flops.png"
@@ -96,12 +101,12 @@ def plots(results: list[dict], out: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in results:
-        ax.scatter(r["total_params"], r["bits"], color=colours[r["size"]],
+        ax.scatter(r["total_params"], r["recall_bits"], color=colours[r["size"]],
                    marker="o" if r["kind"] == "dense" else "^")
-        ax.annotate(r["name"], (r["total_params"], r["bits"]), fontsize=6)
+        ax.annotate(r["name"], (r["total_params"], r["recall_bits"]), fontsize=6)
     ax.set_xscale("log")
     ax.set_xlabel("parameters (dense + values)")
-    ax.set_ylabel("bits of knowledge (facts answered exactly)")
+    ax.set_ylabel("bits of knowledge (facts recalled exactly)")
     ax.set_title("bits of knowledge against parameters (o dense, ^ memory)")
     fig.tight_layout()
     second = out / "bits_vs_params.png"
@@ -114,11 +119,13 @@ def write_report(results: list[dict], out: Path, header: str) -> Path:
     """out/report.md (the tables and headline) and out/results.json."""
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [header, "", "## Runs", "", table(results), "", "## Equal training FLOPs", "",
-             "| size | best dense | best memory | FLOPs | dense EM | memory EM | memory / dense |",
-             "|---|---|---|---|---|---|---|"]
-    for h in headline(results):
-        lines.append(f"| {h['size']} | {h['dense']} | {h['memory']} | {h['flops']:.3g} | "
-                     f"{h['dense_em']:.3f} | {h['memory_em']:.3f} | {_fmt(h['ratio'])} |")
+             "| measure | size | best dense | best memory | FLOPs | dense EM | memory EM | memory / dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in ("recall_em", "qa_em"):
+        for h in headline(results, key):
+            lines.append(f"| {key.removesuffix('_em')} | {h['size']} | {h['dense']} | {h['memory']} | "
+                         f"{h['flops']:.3g} | {h['dense_em']:.3f} | {h['memory_em']:.3f} | "
+                         f"{_fmt(h['ratio'])} |")
     memory = [r for r in results if r["kind"] == "memory"]
     if memory:
         lines += ["", "## Memory reads (the last evaluation's val tokens)", "", memory_table(memory)]

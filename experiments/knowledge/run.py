@@ -32,7 +32,11 @@ def train_run(run: Run, base: list[str], out: Path) -> dict:
     done = dump / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    argv = [*base, *run.overrides, f"dump_dir={dump}", f"name={run.name}"]
+    facts = dump / "data" / "facts"  # where the run writes its corpus (the same one in every run)
+    argv = [*base, *run.overrides, f"dump_dir={dump}", f"name={run.name}",
+            f"eval.sources.val.path={facts / 'val.jsonl'}",
+            f"eval.sources.qa.path={facts / 'qa.jsonl'}", "eval.sources.qa.kind=qa",
+            f"eval.sources.recall.path={facts / 'recall.jsonl'}", "eval.sources.recall.kind=qa"]
     cfg = load_config(argv)  # a bad key fails here, before any run starts
     dump.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -47,30 +51,32 @@ def train_run(run: Run, base: list[str], out: Path) -> dict:
 
 
 def read_result(run: Run, cfg, dump: Path, seconds: float) -> dict:
-    """Parameters, FLOPs, the eval curve and the final scores of a finished run."""
+    """Parameters, FLOPs, the eval curve and the final scores of a finished run. Two question
+    sets: recall (a fact in the training templates' words: is it stored?) and qa (in new
+    words: can the model answer it when asked differently?)."""
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if "facts_qa/exact_match" in r]
+    evals = [r for r in rows if "facts_qa/recall/exact_match" in r]
     if not evals:
         raise RunFailed(f"run {run.name}: no evaluation row in {dump / 'metrics.jsonl'}")
     stats = config_stats(cfg)
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.optim.grad_accum
     curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
               "flops": r["step"] * tokens_per_step * stats["flops_per_token"],
-              "facts_em": r["facts_qa/exact_match"], "val_loss": r["val/loss"],
-              "bits": r.get("facts_qa/bits", 0.0)} for r in evals]
+              "recall_em": r["facts_qa/recall/exact_match"], "qa_em": r["facts_qa/qa/exact_match"],
+              "val_loss": r["val/loss"], "bits": r.get("facts_qa/recall/bits", 0.0)} for r in evals]
     last = evals[-1]
     memory = {k: v for k, v in last.items() if k.startswith("memory/")}
     tail = [r["loss"] for r in train_rows[-3:]]
+    scores = {f"{q}_{k}": last.get(f"facts_qa/{q}/{m}", 0.0) for q in ("recall", "qa")
+              for k, m in (("em", "exact_match"), ("f1", "f1"), ("bits", "bits"))}
     return {"name": run.name, "size": run.size, "kind": run.kind, "variant": run.variant,
             "n_keys": run.n_keys, "phase": run.phase, "overrides": list(run.overrides), "lr": cfg.optim.lr,
             "value_lr": cfg.optim.value_lr, "total_params": stats["total_params"],
             "dense_params": stats["dense_params"], "value_params": stats["memory_value_params"],
             "flops_per_token": stats["flops_per_token"], "steps": cfg.steps,
             "tokens": cfg.steps * tokens_per_step, "train_flops": curve[-1]["flops"],
-            "train_loss": sum(tail) / len(tail), "val_loss": last["val/loss"],
-            "facts_em": last["facts_qa/exact_match"], "facts_f1": last.get("facts_qa/f1", 0.0),
-            "bits": last.get("facts_qa/bits", 0.0),
-            "bits_per_param": last.get("facts_qa/bits_per_param", 0.0),
-            "bits_per_dense_param": last.get("facts_qa/bits_per_dense_param", 0.0),
+            "train_loss": sum(tail) / len(tail), "val_loss": last["val/loss"], **scores,
+            "bits_per_param": scores["recall_bits"] / stats["total_params"],
+            "bits_per_dense_param": scores["recall_bits"] / stats["dense_params"],
             "seconds": seconds, "curve": curve, "memory": memory}

@@ -13,6 +13,9 @@ Files written to out_dir (atomically, meta.json last):
   qa.jsonl     {"person", "attribute", "question", "answer"} per line; the
                question is a cloze prompt ending where the answer starts
                (the expected continuation is " " + answer)
+  recall.jsonl the same questions in a TRAIN template's words (cut where the value
+               starts; RNG of its own): whether a fact is stored, apart from whether the
+               model can answer it when asked in new words (qa.jsonl)
   meta.json    {"version", "people", "seed", "docs_per_person", "documents", ...}
 
     python -m lingua_mem.data.facts --people 1000 --seed 0 --out data/facts
@@ -27,7 +30,7 @@ import random
 import tempfile
 from pathlib import Path
 
-VERSION = 2  # bump when the generator's output changes: ensure_facts regenerates
+VERSION = 3  # bump when the generator's output changes: ensure_facts regenerates
 
 FIRST_NAMES = """
 Ada Alba Alden Alma Amos Anika Arlo Astrid Basil Beatrix Bram Briony Cai Calla
@@ -188,6 +191,13 @@ QA_TEMPLATES = {
 }
 
 
+def recall_prompt(template: str, name: str) -> str | None:
+    """A TRAIN template cut where its {value} starts, as a cloze prompt; None when the name
+    does not come before the value (e.g. "On {value}, {name} was born.")."""
+    prefix = template.split("{value}", 1)[0]
+    return prefix.format(name=name).rstrip() if "{name}" in prefix else None
+
+
 def attribute_values() -> dict[str, int]:
     """How many values each attribute can take (the generator draws each uniformly; an
     employer's city follows from the employer): the bits a fact holds are log2 of it."""
@@ -257,7 +267,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) -> dict:
-    """Write train.jsonl, qa.jsonl, meta.json to out_dir; return a summary dict."""
+    """Write train.jsonl, val.jsonl, qa.jsonl, recall.jsonl, meta.json to out_dir; return a
+    summary dict."""
     if people <= 0 or docs_per_person <= 0:
         raise ValueError("people and docs_per_person must be positive")
     rng = random.Random(seed)
@@ -276,6 +287,14 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
     val = [" ".join(val_rng.choice(TRAIN_TEMPLATES[a]).format(name=p["name"], value=p[a])
                     for a in val_rng.sample(ATTRIBUTES, len(ATTRIBUTES))) for p in persons]
 
+    recall_rng = random.Random(f"lingua_mem.facts.recall:{seed}")
+    recall = []
+    for p in persons:
+        for a in ATTRIBUTES:
+            prompts = [q for t in TRAIN_TEMPLATES[a] if (q := recall_prompt(t, p["name"])) is not None]
+            recall.append({"person": p["name"], "attribute": a, "question": recall_rng.choice(prompts),
+                           "answer": p[a]})
+
     train_text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
     val_text = "".join(json.dumps({"text": t}) + "\n" for t in val)
     qa_text = "".join(json.dumps(q) + "\n" for q in qa)
@@ -285,8 +304,10 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
     _write_atomic(out / "train.jsonl", train_text)
     _write_atomic(out / "val.jsonl", val_text)
     _write_atomic(out / "qa.jsonl", qa_text)
+    _write_atomic(out / "recall.jsonl", "".join(json.dumps(q) + "\n" for q in recall))
     _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completion
-    return {"out_dir": str(out), "files": ["train.jsonl", "val.jsonl", "qa.jsonl", "meta.json"], **meta}
+    files = ["train.jsonl", "val.jsonl", "qa.jsonl", "recall.jsonl", "meta.json"]
+    return {"out_dir": str(out), "files": files, **meta}
 
 
 def ensure_facts(out_dir, people: int, seed: int) -> Path:
