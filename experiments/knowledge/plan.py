@@ -39,7 +39,7 @@ def common(p: Preset) -> list[str]:
             f"model.max_seq_len={p.seq_len}", f"optim.warmup={p.warmup}", "optim.scheduler=cosine",
             f"checkpoint.every={p.steps}", "checkpoint.keep_last=1", f"log_every={max(1, p.steps // 40)}",
             f"eval.every={every}", "eval.tasks=val,facts_qa", "eval.max_questions=0",
-            "eval.max_tokens=0", "logging.console=true"]
+            "eval.max_tokens=0", "logging.console=true", *p.extra]
 
 
 def size_keys(s: Size) -> list[str]:

@@ -38,6 +38,7 @@ class Preset:
     warmup: int
     expected_minutes: float  # the whole preset on its machine (docs/science.md)
     machine: str
+    extra: tuple[str, ...] = ()  # config keys for every run (e.g. the GPU's compute dtype)
 
 
 PRESETS = {
@@ -51,7 +52,7 @@ PRESETS = {
                     sizes=(Size("d64", 64, 4, 4), Size("d96", 96, 4, 4)), memory_layers=(1, 3),
                     n_keys=(32, 64), heads=4, knn=8, lrs=(3e-3, 6e-3, 1.2e-2), value_lrs=(1e-2, 3e-2, 1e-1),
                     ablations=("vanilla", "unshared", "qk_norm"), ablation_sizes=1, evals=4, warmup=50,
-                    expected_minutes=50, machine="2-core CPU"),
+                    expected_minutes=41, machine="2-core CPU"),
     # one GPU: a corpus larger than either dense base holds at ~2 bits a parameter (200,000
     # people: 8.3M bits; d128x4 and d256x4 have 1.1M and 3.5M parameters), ~33 exposures a
     # fact; not run here: the time is an estimate (about 1M tokens/s on an H100 at these sizes)
@@ -59,5 +60,6 @@ PRESETS = {
                   sizes=(Size("d128", 128, 4, 4), Size("d256", 256, 4, 4)), memory_layers=(1, 3),
                   n_keys=(256, 512), heads=4, knn=32, lrs=(2e-3, 4e-3, 8e-3), value_lrs=(1e-2, 3e-2, 1e-1),
                   ablations=("vanilla", "unshared", "qk_norm"), ablation_sizes=2, evals=6, warmup=1000,
-                  expected_minutes=600, machine="1 GPU (H100 class)"),
+                  expected_minutes=600, machine="1 GPU (H100 class)",
+                  extra=("distributed.compute_dtype=bf16",)),
 }
