@@ -7,8 +7,10 @@ convert exactly; consolidation streams in bounded memory; bad input is one line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +31,15 @@ from lingua_mem.checkpoint.consolidate import main  # noqa: E402
 from lingua_mem.checkpoint.hf_export import export_hf  # noqa: E402
 from lingua_mem.checkpoint.hf_import import load_hf_weights  # noqa: E402
 from lingua_mem.checkpoint.hf_tokenizer import hf_tokenizer  # noqa: E402
-from lingua_mem.config import MemoryConfig, ModelConfig, TokenizerConfig, TrainConfig, load_config, model_args  # noqa: E402
+from lingua_mem.config import (  # noqa: E402
+    ConfigError,
+    MemoryConfig,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+    load_config,
+    model_args,
+)
 from lingua_mem.data import facts  # noqa: E402
 from lingua_mem.data.tokenizer import BytesTokenizer, build_tokenizer  # noqa: E402
 from lingua_mem.data.tokenizer import main as tokenizer_main  # noqa: E402
@@ -101,6 +111,12 @@ def test_a_memory_export_loads_in_transformers_with_the_training_models_logits(c
     tokens = batch()
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=0, atol=2e-5)
+    # init_from the export checks the settings it records, even those shapes do not show
+    other = build_model(dataclasses.replace(ours.args, rope_theta=5e5), "cpu")
+    with pytest.raises(ConfigError, match=re.escape(f"checkpoint.init_from: {out} has rope_theta=10000.0, "
+                                                    "this run's model.rope_theta is 500000.0")):
+        load_hf_weights(other, out, other.args)
+    assert load_hf_weights(build_model(ours.args, "cpu"), out, ours.args).new == []
     # lingua_mem reads the export back too (eval.py, init_from): step, tokenizer, weights
     back = load_model(out, "cpu", TokenizerConfig(name=""))
     assert back.step == 4 and isinstance(back.tokenizer, BytesTokenizer)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from lingua_mem.checkpoint.consolidate import consolidated_model_args
 from lingua_mem.checkpoint.hf_names import lingua_name
 from lingua_mem.checkpoint.safetensors_stream import weight_files
 from lingua_mem.config import ConfigError
@@ -36,27 +37,9 @@ def is_hf_dir(path: Path) -> bool:
     return True
 
 
-def _check_llama_config(path: Path, args: ModelArgs) -> str:
-    """ConfigError naming the first setting of a transformers Llama config that differs from
-    the run's model; returns the naming scheme of its tensors ("hf" or "lingua_mem")."""
-    if (path / "lingua_mem.json").is_file():  # an export of lingua_mem: names as recorded
-        raw = json.loads((path / "lingua_mem.json").read_text())
-        return raw.get("names", "lingua_mem")
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except ValueError as exc:
-        raise ConfigError(f"{KEY}: {path / 'config.json'}: unreadable ({exc})") from None
-    if raw.get("format") == "lingua_mem":
-        return "lingua_mem"
-    if raw.get("model_type") != "llama":
-        raise ConfigError(f"{KEY}: {path / 'config.json'}: model_type {raw.get('model_type')!r} is not "
-                          "llama (only Llama checkpoints and lingua_mem exports are read)")
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise ConfigError(f"{KEY}: {path / 'config.json'}: rope_type {rope_type!r} (only the default RoPE is "
-                          "implemented)")
-    heads = raw.get("num_attention_heads")
+def _check_settings(path: Path, found: dict, args: ModelArgs) -> None:
+    """ConfigError naming the first setting (transformers' name) whose value in `found`
+    differs from the run's model: those that change the function, shapes or not."""
     expected = {
         "hidden_size": ("model.dim", args.dim), "num_hidden_layers": ("model.n_layers", args.n_layers),
         "num_attention_heads": ("model.n_heads", args.n_heads),
@@ -68,15 +51,47 @@ def _check_llama_config(path: Path, args: ModelArgs) -> str:
         "tie_word_embeddings": ("model.tie_embeddings", args.tie_embeddings),
         "head_dim": ("model.dim / model.n_heads", args.head_dim),
     }
-    found = {**raw, "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
-             "num_key_value_heads": raw.get("num_key_value_heads") or heads,
-             "head_dim": raw.get("head_dim") or (raw.get("hidden_size", 0) // max(1, heads or 1)),
-             "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False))}
     for hf_key, (ours, value) in expected.items():
         theirs = found.get(hf_key)
         if theirs != value and not (isinstance(value, float) and theirs is not None
                                     and abs(float(theirs) - value) <= 1e-12 * max(1.0, abs(value))):
             raise ConfigError(f"{KEY}: {path} has {hf_key}={theirs}, this run's {ours} is {value}")
+
+
+def _check_config(path: Path, args: ModelArgs) -> str:
+    """ConfigError naming the first setting of the directory's model (a transformers Llama's
+    config.json, or a lingua_mem export's recorded arguments) that differs from the run's
+    dense model; returns the naming scheme of its tensors ("hf" or "lingua_mem")."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{KEY}: {path / 'config.json'}: unreadable ({exc})") from None
+    if (path / "lingua_mem.json").is_file() or raw.get("format") == "lingua_mem":  # an export
+        try:
+            theirs, meta = consolidated_model_args(path)
+        except ValueError as exc:
+            raise ConfigError(f"{KEY}: {exc}") from None
+        found = {"hidden_size": theirs.dim, "num_hidden_layers": theirs.n_layers,
+                 "num_attention_heads": theirs.n_heads, "num_key_value_heads": theirs.n_kv_heads,
+                 "vocab_size": theirs.vocab_size, "intermediate_size": theirs.ffn_hidden_dim,
+                 "rms_norm_eps": theirs.norm_eps, "rope_theta": theirs.rope_theta,
+                 "tie_word_embeddings": theirs.tie_embeddings, "head_dim": theirs.head_dim}
+        _check_settings(path, found, args)
+        return meta.get("names", "lingua_mem")
+    if raw.get("model_type") != "llama":
+        raise ConfigError(f"{KEY}: {path / 'config.json'}: model_type {raw.get('model_type')!r} is not "
+                          "llama (only Llama checkpoints and lingua_mem exports are read)")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ConfigError(f"{KEY}: {path / 'config.json'}: rope_type {rope_type!r} (only the default RoPE is "
+                          "implemented)")
+    heads = raw.get("num_attention_heads")
+    head_dim = raw.get("head_dim") or (raw.get("hidden_size", 0) // max(1, heads or 1))
+    _check_settings(path, {**raw, "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+                           "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+                           "head_dim": head_dim,
+                           "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False))}, args)
     return "hf"
 
 
@@ -102,7 +117,7 @@ class ImportSummary:
 def load_hf_weights(model: torch.nn.Module, path: Path, args: ModelArgs) -> ImportSummary:
     """Copy the tensors of the HF directory `path` into `model` (plain or parallelized: a
     DTensor gets its own slice); ConfigError (one line) for a config or shape that differs."""
-    names = _check_llama_config(path, args)
+    names = _check_config(path, args)
     rename = lingua_name if names == "hf" else (lambda n: n)
     targets = model.state_dict()  # FQN -> tensor or DTensor (its local shard is written in place)
     files = weight_files(path)
