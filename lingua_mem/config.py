@@ -214,6 +214,31 @@ class EvalConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters on the dense projections (finetune.mode=lora): W x + (alpha/rank) B A x,
+    W frozen, A (rank, in) and B (out, rank) trained, B starting at zero."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"])
+
+
+@dataclass
+class FinetuneConfig:
+    """What a run trains. full: every parameter (pretraining, full finetuning). sparse_memory:
+    only the value rows a step's batch reads most specifically against background usage
+    (Lin et al. 2025); every other parameter and row is frozen. lora: low-rank adapters only."""
+
+    mode: str = "full"  # full | sparse_memory | lora
+    # sparse_memory: the background read counts (python -m lingua_mem.memory.usage)
+    background: str | None = None
+    ranking: str = "tfidf"  # tfidf | kl: how a batch's rows are scored against the background
+    top_t: int = 500  # rows updated per step, per value table (selected over the global batch)
+    optimizer: str = "sgd"  # sgd | adamw: the selected rows' update (lr: optim.value_lr)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class TrainConfig:
     dump_dir: str = "dumps/run"
     name: str = "run"
@@ -228,6 +253,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 @dataclass
@@ -398,6 +424,7 @@ def validate(cfg: TrainConfig) -> None:
     validate_eval(cfg.eval)
     if cfg.eval.every:
         parse_tasks(cfg.eval.tasks, "eval.tasks", lm_eval=False)
+    validate_finetune(cfg)
     c = cfg.checkpoint
     _check(c.every >= 0, "checkpoint.every", "must be >= 0")
     _check(c.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
@@ -410,6 +437,29 @@ def validate(cfg: TrainConfig) -> None:
         _check((init / ".metadata").is_file() or (init / "config.json").is_file(), "checkpoint.init_from",
                f"no checkpoint at {c.init_from} (expected a checkpoints/<step> directory, or a Hugging "
                "Face directory: config.json + safetensors)")
+
+
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+
+def validate_finetune(cfg: TrainConfig) -> None:
+    f = cfg.finetune
+    _check_choice(f.mode, "finetune.mode", ("full", "sparse_memory", "lora"))
+    _check_choice(f.ranking, "finetune.ranking", ("tfidf", "kl"))
+    _check_choice(f.optimizer, "finetune.optimizer", ("sgd", "adamw"))
+    _check(f.top_t > 0, "finetune.top_t", "must be positive")
+    _check(f.lora.rank > 0, "finetune.lora.rank", "must be positive")
+    _check_positive_finite(f.lora.alpha, "finetune.lora.alpha")
+    _check(bool(f.lora.targets), "finetune.lora.targets", f"must name some of {', '.join(LORA_TARGETS)}")
+    for t in f.lora.targets:
+        _check_choice(t, "finetune.lora.targets", LORA_TARGETS)
+    if f.mode == "sparse_memory":
+        _check(bool(cfg.memory.layers), "finetune.mode", "sparse_memory needs memory layers (memory.layers)")
+        _check(bool(f.background), "finetune.background", "required for sparse_memory: the background read "
+               "counts (python -m lingua_mem.memory.usage ckpt=... out=...)")
+        _check(Path(f.background).is_file(), "finetune.background", f"no such file {f.background}")
+        _check(not cfg.distributed.compile, "distributed.compile", "cannot be used with "
+               "finetune.mode=sparse_memory (its read counts hook the memory layers in eager code)")
 
 
 def _one_line(exc: OmegaConfBaseException) -> str:

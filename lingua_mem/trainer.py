@@ -137,7 +137,7 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                                 to_dict(cfg), asdict(dims))
     start = checkpointer.resume()
     if start == 0 and cfg.checkpoint.init_from:
-        checkpointer.load_weights(cfg.checkpoint.init_from)
+        checkpointer.init_from(cfg.checkpoint.init_from)
 
     logger = None
     if is_main:

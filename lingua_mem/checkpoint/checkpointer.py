@@ -431,6 +431,11 @@ class Checkpointer:
                               "aside as *.corrupt); remove them, or use another dump_dir, to start afresh")
         return 0
 
+    def init_from(self, path: str | Path) -> None:
+        """checkpoint.init_from: a new run starts from the weights of `path` (a DCP checkpoint or a
+        Hugging Face directory)."""
+        self.load_weights(path)
+
     def load_weights(self, path: str | Path, key: str = "checkpoint.init_from") -> None:
         """The model weights of checkpoint `path` only (init_from: a new run starts from them;
         evaluation): a DCP checkpoint, or a Hugging Face directory (hf_import.py); a
