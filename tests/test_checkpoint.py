@@ -1,9 +1,11 @@
 """Checkpoints on disk: retention, the manifest, fallback past corrupt checkpoints (bit-exact
 resume from the previous one), half-written .tmp directories, model/checkpoint shape mismatches
-(exit 2, nothing written), init_from, checkpoint config errors, and a resume at the last step."""
+(exit 2, nothing written), init_from (a memory retrofit of a dense checkpoint on 1 and 2 processes,
+setting and shape mismatches), checkpoint config errors, and a resume at the last step."""
 
 import hashlib
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_parallel import free_port
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from lingua_mem.checkpoint.checkpointer import MANIFEST, complete_checkpoints, verify
@@ -43,6 +46,18 @@ def run_cli(dump_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+def run_2proc(dump_dir: Path, *overrides: str) -> list[tuple[int, str, str]]:
+    """train.py on 2 CPU processes (gloo), started as torchrun starts them; (rc, stdout, stderr) each."""
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "train.py", *cli_args(dump_dir, *overrides)], cwd=ROOT,
+                                      env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outputs = [p.communicate(timeout=300) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs, strict=True)]
+
+
 def rows(dump_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (dump_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -71,6 +86,14 @@ def model_state(ckpt: Path, tmp_path: Path) -> dict:
     out = tmp_path / f"{ckpt.parent.parent.name}-{ckpt.name}.pt"
     dcp_to_torch_save(ckpt, out)
     return torch.load(out, weights_only=False)
+
+
+def init_from_lines(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if line.startswith("init_from ")]
+
+
+def assert_nothing_written(dump_dir: Path) -> None:
+    assert not any((dump_dir / name).exists() for name in ("metrics.jsonl", "config.yaml", "checkpoints"))
 
 
 def first_shape_difference(a: list[str], b: list[str]) -> tuple[str, tuple, tuple]:
@@ -281,12 +304,14 @@ def test_init_from_starts_from_the_weights_only(tmp_path, capsys):
     source = a / "checkpoints" / "0000000004"
     capsys.readouterr()
     run_inproc(b, f"checkpoint.init_from={source}", *FROZEN, "steps=1", "checkpoint.every=1")
-    assert f"started from the weights of {source}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"started from the weights of {source}" in out
     assert ckpts(b) == ["0000000001"]
 
     a2 = model_state(a / "checkpoints" / "0000000002", tmp_path)
     a4 = model_state(source, tmp_path)
     b1 = model_state(b / "checkpoints" / "0000000001", tmp_path)
+    assert init_from_lines(out) == [f"init_from {source}: loaded {len(a4['model'])} tensors"]  # no more
     assert set(b1["model"]) == set(a4["model"])
     for k, v in a4["model"].items():
         assert torch.equal(b1["model"][k], v), k
@@ -302,12 +327,64 @@ def test_init_from_starts_from_the_weights_only(tmp_path, capsys):
     line = one_error_line(run_cli(tmp_path / "c", f"checkpoint.init_from={tmp_path / 'nope'}"))
     assert line.startswith("error: checkpoint.init_from: ") and str(tmp_path / "nope") in line
     assert not (tmp_path / "c").exists()
-    # a checkpoint of another model shape: the parameter and both shapes, nothing logged
+    # a checkpoint of another model: the first setting that differs and both values, nothing logged
     d = tmp_path / "d"
     line = one_error_line(run_cli(d, f"checkpoint.init_from={source}", "model.dim=32", "steps=1"))
-    assert "parameter tok_embeddings.weight " in line and "(258, 64)" in line and "(258, 32)" in line
-    assert not (d / "metrics.jsonl").exists() and not (d / "config.yaml").exists()
-    assert not (d / "checkpoints").exists()
+    assert line == f"error: checkpoint.init_from: {source} has model.dim=64, this run's model.dim is 32"
+    assert_nothing_written(d)
+    # the same settings, a memory of another size: the first tensor that differs and both shapes
+    other = ("memory.n_keys=8",)
+    name, saved, mine = first_shape_difference(cli_args(a), cli_args(a, *other))
+    with pytest.raises(ConfigError) as err:
+        run_inproc(tmp_path / "e", f"checkpoint.init_from={source}", *other, "steps=1")
+    assert str(err.value) == (f"checkpoint.init_from: {source}: parameter {name} has shape {saved} in the "
+                              f"checkpoint and {mine} in this model")
+    assert_nothing_written(tmp_path / "e")
+
+
+def test_init_from_a_dense_checkpoint_retrofits_memory_on_1_and_2_processes(tmp_path, capsys):
+    dense = tmp_path / "dense"
+    run_inproc(dense, "memory.layers=[]", "steps=2", "checkpoint.every=2")  # SMALL, less its memory
+    source = dense / "checkpoints" / "0000000002"
+    step1 = (*FROZEN, "steps=1", "checkpoint.every=1")  # the weights as they were loaded (or initialised)
+    run_inproc(tmp_path / "fresh", *step1)  # the memory config from its own init, the same seed
+    capsys.readouterr()
+    run_inproc(tmp_path / "one", f"checkpoint.init_from={source}", *step1)
+    line = init_from_lines(capsys.readouterr().out)
+
+    src = model_state(source, tmp_path)["model"]
+    fresh = model_state(tmp_path / "fresh" / "checkpoints" / "0000000001", tmp_path)["model"]
+    one = model_state(tmp_path / "one" / "checkpoints" / "0000000001", tmp_path)["model"]
+    ffn = sorted(set(src) - set(fresh))
+    memory = sorted(set(fresh) - set(src))  # the memory layer's tensors and the value table
+    shared = sorted(set(src) & set(fresh))
+    assert ffn == [f"layers.1.feed_forward.w{i}.weight" for i in (1, 2, 3)]
+    assert len(memory) == 8 and "values.shared.weight" in memory
+    assert line == [f"init_from {source}: loaded {len(shared)} tensors; skipped 3 not in this model: "
+                    f"{', '.join(ffn)}; 8 new, from init: {', '.join(memory[:4])}, ... (8 in all)"]
+    assert set(one) == set(fresh)
+    for k in shared:  # the dense checkpoint's, bit for bit (not this config's init: they differ)
+        assert torch.equal(one[k], src[k]) and not torch.equal(one[k], fresh[k]), k
+    for k in memory:
+        assert torch.equal(one[k], fresh[k]), k
+
+    # 2 processes, dense weights sharded (FSDP2) and the value table split (memory parallel):
+    # the same weights loaded, the same line printed once
+    results = run_2proc(tmp_path / "two", f"checkpoint.init_from={source}", *step1,
+                        "distributed.memory_parallel_size=2")
+    assert all(rc == 0 for rc, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert init_from_lines(results[0][1]) == line and init_from_lines(results[1][1]) == []
+    two = model_state(tmp_path / "two" / "checkpoints" / "0000000001", tmp_path)["model"]
+    assert set(two) == set(one)
+    for k, v in one.items():
+        assert torch.equal(two[k], v), k
+
+    # a setting the shapes do not show: named with both values, nothing written
+    with pytest.raises(ConfigError) as err:
+        run_inproc(tmp_path / "theta", f"checkpoint.init_from={source}", "model.rope_theta=500000")
+    assert str(err.value) == (f"checkpoint.init_from: {source} has model.rope_theta=10000.0, this run's "
+                              "model.rope_theta is 500000.0")
+    assert_nothing_written(tmp_path / "theta")
 
 
 def test_init_from_a_corrupt_checkpoint_is_a_config_error(tmp_path):

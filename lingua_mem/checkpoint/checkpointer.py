@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -106,26 +107,45 @@ def missing_checkpoint(path: Path) -> str:
     return f"no such checkpoint {path}" + (f"; {root} has {', '.join(there)}" if there else "")
 
 
-def check_model_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """ConfigError naming the first model tensor whose global shape differs from the
-    checkpoint's, or that only one side has; CheckpointError if the metadata is unreadable."""
+def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The global shape of every model tensor in checkpoint `path`, by FQN (from its
+    metadata, no weights read); CheckpointError if the metadata is unreadable."""
     try:
         saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     except Exception as exc:
         raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
+    # DCP flattens {"model": {fqn: ...}} to "model.<fqn>"
+    return {key.removeprefix("model."): tuple(meta.size) for key, meta in saved.items()
+            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+
+
+def check_model_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """ConfigError naming the first model tensor whose global shape differs from the
+    checkpoint's, or that only one side has; CheckpointError if the metadata is unreadable."""
+    saved = saved_shapes(path)
     for name, shape in shapes.items():
-        meta = saved.get(f"model.{name}")  # DCP flattens {"model": {fqn: ...}} to "model.<fqn>"
-        if not isinstance(meta, TensorStorageMetadata):
+        if name not in saved:
             raise ConfigError(f"checkpoint {path}: parameter {name} of this model is not in the checkpoint "
                               "(a different model config?)")
-        if tuple(meta.size) != tuple(shape):
-            raise ConfigError(f"checkpoint {path}: parameter {name} has shape {tuple(meta.size)} in the "
+        if saved[name] != tuple(shape):
+            raise ConfigError(f"checkpoint {path}: parameter {name} has shape {saved[name]} in the "
                               f"checkpoint and {tuple(shape)} in this model")
-    extra = sorted(k.removeprefix("model.") for k in saved
-                   if k.startswith("model.") and k.removeprefix("model.") not in shapes)
+    extra = sorted(set(saved) - set(shapes))
     if extra:
         raise ConfigError(f"checkpoint {path}: parameter {extra[0]} is in the checkpoint but not in this "
                           "model (a different model config?)")
+
+
+def match_by_name(path: Path, saved: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]):
+    """(loaded, skipped, new) of init_from a checkpoint: the names in both (of equal shape),
+    only in the checkpoint, only in the model; ConfigError naming the first tensor (in model
+    order) that both have with different shapes."""
+    for name, shape in shapes.items():
+        if name in saved and saved[name] != tuple(shape):
+            raise ConfigError(f"checkpoint.init_from: {path}: parameter {name} has shape {saved[name]} in "
+                              f"the checkpoint and {tuple(shape)} in this model")
+    return (sorted(set(saved) & set(shapes)), sorted(set(saved) - set(shapes)),
+            sorted(set(shapes) - set(saved)))
 
 
 @contextlib.contextmanager
@@ -359,8 +379,8 @@ class Checkpointer:
 
     # ---- load --------------------------------------------------------------------------
 
-    def _load(self, path: Path, with_train_state: bool) -> dict | None:
-        """Load `path` into the model (and optimizer, schedule, data, RNG); the train state or None."""
+    def _verify(self, path: Path) -> None:
+        """verify() on every rank (each checksums its share); the first error on all."""
         error = None
         try:
             verify(path, self.rank, self.world)
@@ -368,15 +388,26 @@ class Checkpointer:
             error = str(exc)
         if (error := _agree(error, self.distributed)) is not None:
             raise CheckpointError(error)
-        state = self._state(with_optimizer=with_train_state)
-        check_model_shapes(path, {name: tuple(t.shape) for name, t in state["model"].items()})
+
+    def _read(self, state: dict, path: Path, partial: bool) -> None:
+        """DCP-load `path` into `state` in place (each rank its own shards); what the checkpoint
+        holds beyond `state` is not read. `partial`: DCP's allow_partial_load (a tensor of
+        `state` may be missing from the checkpoint)."""
         try:
             with quiet_single_process():
                 dcp.load(state, checkpoint_id=str(path), no_dist=not self.distributed,
-                         planner=DefaultLoadPlanner(allow_partial_load=not with_train_state))
+                         planner=DefaultLoadPlanner(allow_partial_load=partial))
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise CheckpointError(f"{path}: DCP load failed ({type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300]})") from None
+
+    def _load(self, path: Path, with_train_state: bool) -> dict | None:
+        """Load `path` into the model (and optimizer, schedule, data, RNG); the train state or None.
+        Strict: every model tensor, in both, of one shape."""
+        self._verify(path)
+        state = self._state(with_optimizer=with_train_state)
+        check_model_shapes(path, {name: tuple(t.shape) for name, t in state["model"].items()})
+        self._read(state, path, partial=not with_train_state)
         set_model_state_dict(self.model, state["model"])
         if not with_train_state:
             return None
@@ -432,23 +463,49 @@ class Checkpointer:
         return 0
 
     def init_from(self, path: str | Path) -> None:
-        """checkpoint.init_from: a new run starts from the weights of `path` (a DCP checkpoint or a
-        Hugging Face directory)."""
-        self.load_weights(path)
-
-    def load_weights(self, path: str | Path, key: str = "checkpoint.init_from") -> None:
-        """The model weights of checkpoint `path` only (init_from: a new run starts from them;
-        evaluation): a DCP checkpoint, or a Hugging Face directory (hf_import.py); a
-        ConfigError names `key`."""
-        path = Path(path)
+        """checkpoint.init_from: a new run starts from the weights of `path`, a Hugging Face
+        directory (hf_import.py) or a DCP training checkpoint, checked and loaded alike: the
+        settings first, then by name (tensors only in `path` are skipped, those only in this
+        model keep their init: memory retrofitted into a dense model, LoRA adapters); rank 0
+        prints one line of what happened. Any error is a one-line ConfigError
+        "checkpoint.init_from: ...", on every rank."""
         from lingua_mem.checkpoint.hf_import import is_hf_dir, load_hf_weights
 
+        path = Path(path)
         if is_hf_dir(path):  # a transformers Llama or a lingua_mem export: by name, from safetensors
             summary = load_hf_weights(self.model, path, self.model.args)
-            if self.rank == 0:
-                print(summary.line(path), flush=True)
-            return
+        else:
+            summary = self._init_from_checkpoint(path)
+        if self.rank == 0:
+            print(summary.line(path), flush=True)
+
+    def _init_from_checkpoint(self, path: Path):
+        """init_from a DCP checkpoint of any layout; its ImportSummary."""
+        from lingua_mem.checkpoint.consolidate import checkpoint_model_args
+        from lingua_mem.checkpoint.hf_import import KEY, ImportSummary, check_model_args
+
         try:
-            self._load(path, with_train_state=False)
+            self._verify(path)
+            theirs, _ = checkpoint_model_args(path)  # the model and memory sections of its config.yaml
+            saved = saved_shapes(path)
+        except ValueError as exc:  # CheckpointError and ConfigError included
+            raise ConfigError(f"{KEY}: {exc}") from None
+        check_model_args(path, theirs, self.model.args)  # what shapes do not show (rope_theta, eps...)
+        state = get_model_state_dict(self.model)  # DTensors of global shape under any layout
+        summary = ImportSummary(*match_by_name(path, saved, {n: tuple(t.shape) for n, t in state.items()}))
+        loaded = {name: state[name] for name in summary.loaded}
+        try:
+            self._read({"model": loaded}, path, partial=True)  # neither "optim" nor the skipped are read
+        except CheckpointError as exc:
+            raise ConfigError(f"{KEY}: {exc}") from None
+        # strict=False: the new tensors are not in `loaded` and keep their init
+        set_model_state_dict(self.model, loaded, options=StateDictOptions(strict=False))
+        return summary
+
+    def load_weights(self, path: str | Path, key: str) -> None:
+        """The model weights of DCP checkpoint `path` only, exactly (evaluation): every tensor
+        of the model, of its shape, and no other; a ConfigError names `key`."""
+        try:
+            self._load(Path(path), with_train_state=False)
         except (CheckpointError, ConfigError) as exc:  # ConfigError: a different model shape
             raise ConfigError(f"{key}: {exc}") from None

@@ -5,6 +5,9 @@ The weights load by name into the run's model, whatever its parallel layout: eac
 one tensor at a time from the safetensors files and keeps its own slice of it. A Llama's
 FFN weights at the run's memory layers are skipped and the memory layers keep their init
 (retrofitting memory into a dense model); the summary is one line.
+
+init_from a DCP training checkpoint (Checkpointer.init_from) checks its recorded settings
+with the same check_settings and prints the same ImportSummary line.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ def is_hf_dir(path: Path) -> bool:
     return True
 
 
-def _check_settings(path: Path, found: dict, args: ModelArgs) -> None:
-    """ConfigError naming the first setting (transformers' name) whose value in `found`
-    differs from the run's model: those that change the function, shapes or not."""
-    expected = {
+def _settings(args: ModelArgs) -> dict[str, tuple[str, object]]:
+    """Every setting init_from compares, those that change the function, shapes or not:
+    transformers' name -> (the run config's name for it, its value in `args`)."""
+    return {
         "hidden_size": ("model.dim", args.dim), "num_hidden_layers": ("model.n_layers", args.n_layers),
         "num_attention_heads": ("model.n_heads", args.n_heads),
         "num_key_value_heads": ("model.n_kv_heads", args.n_kv_heads),
@@ -51,11 +54,35 @@ def _check_settings(path: Path, found: dict, args: ModelArgs) -> None:
         "tie_word_embeddings": ("model.tie_embeddings", args.tie_embeddings),
         "head_dim": ("model.dim / model.n_heads", args.head_dim),
     }
-    for hf_key, (ours, value) in expected.items():
+
+
+def _differs(theirs, value) -> bool:
+    """!=, except floats equal up to rounding (a value written in another precision)."""
+    if theirs == value:
+        return False
+    if isinstance(value, float) and theirs is not None:
+        try:
+            return abs(float(theirs) - value) > 1e-12 * max(1.0, abs(value))
+        except (TypeError, ValueError):
+            return True
+    return True
+
+
+def check_settings(path: Path, found: dict, args: ModelArgs, hf_names: bool = True) -> None:
+    """ConfigError (one line) naming the first setting whose value in `found` (keyed by
+    transformers' names) differs from the run's model `args`, and both values. The checked
+    model is named as its own config names it: transformers' keys for a Llama's config.json
+    or an export, the run config's (model.dim, ...) for a lingua_mem training checkpoint."""
+    for hf_key, (ours, value) in _settings(args).items():
         theirs = found.get(hf_key)
-        if theirs != value and not (isinstance(value, float) and theirs is not None
-                                    and abs(float(theirs) - value) <= 1e-12 * max(1.0, abs(value))):
-            raise ConfigError(f"{KEY}: {path} has {hf_key}={theirs}, this run's {ours} is {value}")
+        if _differs(theirs, value):
+            raise ConfigError(f"{KEY}: {path} has {hf_key if hf_names else ours}={theirs}, this run's "
+                              f"{ours} is {value}")
+
+
+def check_model_args(path: Path, theirs: ModelArgs, args: ModelArgs, hf_names: bool = False) -> None:
+    """check_settings for a model whose arguments are known (an export, a training checkpoint)."""
+    check_settings(path, {hf_key: value for hf_key, (_, value) in _settings(theirs).items()}, args, hf_names)
 
 
 def _check_config(path: Path, args: ModelArgs) -> str:
@@ -71,12 +98,7 @@ def _check_config(path: Path, args: ModelArgs) -> str:
             theirs, meta = consolidated_model_args(path)
         except ValueError as exc:
             raise ConfigError(f"{KEY}: {exc}") from None
-        found = {"hidden_size": theirs.dim, "num_hidden_layers": theirs.n_layers,
-                 "num_attention_heads": theirs.n_heads, "num_key_value_heads": theirs.n_kv_heads,
-                 "vocab_size": theirs.vocab_size, "intermediate_size": theirs.ffn_hidden_dim,
-                 "rms_norm_eps": theirs.norm_eps, "rope_theta": theirs.rope_theta,
-                 "tie_word_embeddings": theirs.tie_embeddings, "head_dim": theirs.head_dim}
-        _check_settings(path, found, args)
+        check_model_args(path, theirs, args, hf_names=True)
         return meta.get("names", "lingua_mem")
     if raw.get("model_type") != "llama":
         raise ConfigError(f"{KEY}: {path / 'config.json'}: model_type {raw.get('model_type')!r} is not "
@@ -88,10 +110,10 @@ def _check_config(path: Path, args: ModelArgs) -> str:
                           "implemented)")
     heads = raw.get("num_attention_heads")
     head_dim = raw.get("head_dim") or (raw.get("hidden_size", 0) // max(1, heads or 1))
-    _check_settings(path, {**raw, "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
-                           "num_key_value_heads": raw.get("num_key_value_heads") or heads,
-                           "head_dim": head_dim,
-                           "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False))}, args)
+    check_settings(path, {**raw, "rope_theta": rope.get("rope_theta", raw.get("rope_theta", 10000.0)),
+                          "num_key_value_heads": raw.get("num_key_value_heads") or heads,
+                          "head_dim": head_dim,
+                          "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False))}, args)
     return "hf"
 
 
