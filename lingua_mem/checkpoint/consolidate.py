@@ -6,6 +6,8 @@
 `consolidate` runs in one plain process (no torch.distributed): it reads only the "model"
 part of the checkpoint, whatever layout wrote it, into full-shaped CPU tensors.
 `load_consolidated` rebuilds the model from the two files, again without torch.distributed.
+A LoRA run's checkpoint (finetune.mode: lora) consolidates to the plain model: each adapted
+weight merged with its adapters (W + alpha/rank B A), the lora tensors left out.
 
     python -m lingua_mem.checkpoint consolidate <checkpoint dir> --out DIR
 """
@@ -37,7 +39,23 @@ from lingua_mem.checkpoint.safetensors_stream import (
     write_sharded,
 )
 from lingua_mem.cli import fail
-from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, validate_model
+from lingua_mem.config import (
+    ConfigError,
+    FinetuneConfig,
+    LoraConfig,
+    MemoryConfig,
+    ModelConfig,
+    validate_model,
+)
+from lingua_mem.finetune.lora import (
+    LORA_PARAMS,
+    apply_lora,
+    lora_prefixes,
+    lora_scale,
+    merge_lora,
+    merged_weight,
+    validate_lora,
+)
 from lingua_mem.model.args import ModelArgs, validate_args
 from lingua_mem.model.llama import Transformer, build_model
 
@@ -82,16 +100,46 @@ def checkpoint_model_args(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict]:
     return _training_model_args(raw, config_file), OmegaConf.to_container(raw, resolve=False)
 
 
+def checkpoint_lora(run_config: dict, where: str | Path) -> LoraConfig | None:
+    """The LoRA settings of a run whose config (config.yaml as a dict) has finetune.mode: lora
+    (its checkpoints hold <linear>.lora_a and .lora_b beside the frozen weights), else None.
+    ConfigError naming `where` and the key for a bad finetune section."""
+    raw = run_config.get("finetune") or {}
+    try:
+        finetune = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FinetuneConfig), raw))
+    except OmegaConfBaseException as exc:
+        key = f"finetune.{exc.full_key}" if getattr(exc, "full_key", None) else "finetune"
+        raise ConfigError(f"{where}: {key}: {str(exc).strip().splitlines()[0]}") from None
+    if finetune.mode != "lora":
+        return None
+    try:
+        validate_lora(finetune.lora)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return finetune.lora
+
+
+def checkpoint_meta_model(args: ModelArgs, lora: LoraConfig | None) -> Transformer:
+    """The model on meta as the run trained it (adapted when `lora`): its state dict names
+    every tensor of the checkpoint, with its full shape and dtype (no memory used)."""
+    model = build_model(args, "meta")
+    if lora is not None:
+        apply_lora(model, lora)
+    return model
+
+
 def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict, dict]:
     """(model args, every model tensor in full on the CPU, the run's config.yaml as a dict) of
     a training checkpoint written by any layout, read in this one process (no
-    torch.distributed). ValueError (one line, naming the path or key) when the checkpoint is
-    missing, unreadable or does not match its own config.yaml."""
+    torch.distributed). A LoRA run's adapters are merged into their weights (merge_lora):
+    the tensors are a plain model's. ValueError (one line, naming the path or key) when the
+    checkpoint is missing, unreadable or does not match its own config.yaml."""
     path = Path(checkpoint_dir)
     args, run_config = checkpoint_model_args(path)
+    lora = checkpoint_lora(run_config, path / "config.yaml")
 
     # the model on meta gives every state-dict entry's FQN, full shape and dtype (no memory used)
-    meta_sd = build_model(args, "meta").state_dict()
+    meta_sd = checkpoint_meta_model(args, lora).state_dict()
     check_model_shapes(path, {name: tuple(t.shape) for name, t in meta_sd.items()})
 
     # full-shaped CPU tensors; DCP fills them from however many shards wrote them. Only the
@@ -106,6 +154,8 @@ def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict, dict]:
         raise ValueError(f"{path}: DCP load failed ({_first_line(inner)})") from None
     except Exception as exc:
         raise ValueError(f"{path}: DCP load failed ({_first_line(exc)})") from None
+    if lora is not None:
+        sd = merge_lora(sd, lora_scale(lora))
     return args, sd, run_config
 
 
@@ -130,9 +180,13 @@ def checkpoint_sources(path: Path, args: ModelArgs, rename=lambda name: name,
                        dtype: torch.dtype | None = None) -> list[TensorSource]:
     """Every model tensor of the training checkpoint at `path`, as sources that read it row
     block by row block (dcp_stream), named rename(name) (None: left out), floating tensors
-    cast to `dtype` when given. ValueError (one line) when the checkpoint does not match args."""
-    meta_sd = build_model(args, "meta").state_dict()
+    cast to `dtype` when given. A LoRA run's (its config.yaml's finetune.mode) are a plain
+    model's: each adapted weight merged row block by row block (merge_lora's arithmetic), the
+    lora tensors left out. ValueError (one line) when the checkpoint does not match args."""
+    lora = checkpoint_lora(checkpoint_model_args(path)[1], path / "config.yaml")
+    meta_sd = checkpoint_meta_model(args, lora).state_dict()
     check_model_shapes(path, {name: tuple(t.shape) for name, t in meta_sd.items()})
+    adapted = set(lora_prefixes(meta_sd))
     try:
         reader = DCPStreamReader(path)
     except Exception as exc:
@@ -147,13 +201,28 @@ def checkpoint_sources(path: Path, args: ModelArgs, rename=lambda name: name,
                 raise ValueError(f"{path}: {name} unreadable ({_first_line(exc)})") from None
         return rows
 
+    def read_merged(prefix: str):
+        weight, lora_b = read(f"model.{prefix}.weight"), read(f"model.{prefix}.lora_b")
+        lora_a = read(f"model.{prefix}.lora_a")
+        rank = meta_sd[f"{prefix}.lora_a"].shape[0]
+
+        def rows(r0: int, r1: int) -> torch.Tensor:
+            # weight rows (r1 - r0, in) + scale * lora_b rows (r1 - r0, r) @ lora_a (r, in): small
+            return merged_weight(weight(r0, r1), lora_a(0, rank), lora_b(r0, r1), scale)
+        return rows
+
+    scale = lora_scale(lora) if lora is not None else 1.0
     sources = []
     for name, t in meta_sd.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix in adapted and leaf in LORA_PARAMS:  # merged into the weight
+            continue
         new = rename(name)
         if new is None:
             continue
         out_dtype = dtype if dtype is not None and t.dtype.is_floating_point else t.dtype
-        sources.append(TensorSource(new, tuple(t.shape), out_dtype, read(f"model.{name}")))
+        source = read_merged(prefix) if prefix in adapted and leaf == "weight" else read(f"model.{name}")
+        sources.append(TensorSource(new, tuple(t.shape), out_dtype, source))
     return sources
 
 

@@ -6,6 +6,10 @@ Several processes (torchrun, srun), or bf16: the model parallelized as in traini
 (FSDP2, memory-parallel value tables; bf16 is FSDP2's parameter dtype), each rank
 loading its shards, so memory parallelism works as it does in training and each rank
 evaluates its share of the data.
+
+A LoRA run's training checkpoint (finetune.mode: lora): on one process read as the plain
+model, its adapters merged (read_checkpoint); parallelized, the adapted model as trained
+(LoRALinear: the same function, W x + alpha/rank B A x), each rank loading its shards.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 
 from lingua_mem.checkpoint.checkpointer import Checkpointer, missing_checkpoint
 from lingua_mem.checkpoint.consolidate import (
+    checkpoint_lora,
+    checkpoint_meta_model,
     checkpoint_model_args,
     consolidated_model_args,
     model_from_state_dict,
@@ -23,10 +29,10 @@ from lingua_mem.checkpoint.consolidate import (
 )
 from lingua_mem.checkpoint.safetensors_stream import INDEX
 from lingua_mem.cli import one_line
-from lingua_mem.config import CheckpointConfig, ConfigError, DistributedConfig, TokenizerConfig
+from lingua_mem.config import CheckpointConfig, ConfigError, DistributedConfig, LoraConfig, TokenizerConfig
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.model.args import ModelArgs
-from lingua_mem.model.llama import Transformer, build_model
+from lingua_mem.model.llama import Transformer
 
 
 @dataclass
@@ -123,7 +129,8 @@ def load_model(ckpt: str | Path | CheckpointInfo, device, tokenizer: TokenizerCo
         else:
             _, sd, _ = read_checkpoint(path)
         if parallel:
-            model = _parallel_model(args, sd, path, device, meshes, distributed)
+            lora = checkpoint_lora(info.run_config, path / "config.yaml") if sd is None else None
+            model = _parallel_model(args, sd, path, device, meshes, distributed, lora)
         else:
             model = model_from_state_dict(args, sd, device)
     except ValueError as exc:  # ConfigError included: names the path or key
@@ -134,15 +141,17 @@ def load_model(ckpt: str | Path | CheckpointInfo, device, tokenizer: TokenizerCo
     return LoadedModel(model.eval(), args, info.tokenizer, info.step, path, info.run_config)
 
 
-def _parallel_model(args: ModelArgs, sd: dict | None, path: Path, device, meshes, distributed):
+def _parallel_model(args: ModelArgs, sd: dict | None, path: Path, device, meshes, distributed,
+                    lora: LoraConfig | None = None):
     """The model parallelized as in training; a training checkpoint's shards are read by DCP
-    (each rank its own), an export's full tensors are sharded by parallelize."""
+    (each rank its own), an export's full tensors are sharded by parallelize. A LoRA run's
+    (`lora`) is built adapted, as it was trained, and keeps its adapters."""
     from lingua_mem.parallel import parallelize
 
     if sd is not None:
         model = model_from_state_dict(args, sd, "cpu")
         return parallelize(model, meshes, distributed).to(device)
-    model = parallelize(build_model(args, "meta"), meshes, distributed)
+    model = parallelize(checkpoint_meta_model(args, lora), meshes, distributed)
     model.to_empty(device=device)
     model.init_rope()
     Checkpointer(CheckpointConfig(), path.parent.parent, model, None).load_weights(path, key="ckpt")

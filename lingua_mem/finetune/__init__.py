@@ -1,0 +1,1 @@
+"""Finetuning methods applied to a built model (plain PyTorch, before parallelize): LoRA."""
