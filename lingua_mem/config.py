@@ -276,6 +276,46 @@ class EvalCommandConfig:
     lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
+@dataclass
+class UsageCommandConfig:
+    """python -m lingua_mem.memory.usage: background read counts of a checkpoint's value rows."""
+
+    ckpt: str = ""  # a checkpoints/<step> directory, or a consolidated export directory
+    out: str = ""  # "": <ckpt>/memory_usage.safetensors
+    batches: int = 64  # per process
+    # defaults: the run's own data section (config.yaml of a training checkpoint), then these keys
+    data: DataConfig = field(default_factory=DataConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def validate_usage_command(cfg: UsageCommandConfig) -> None:
+    _check(bool(cfg.ckpt), "ckpt", "required (a checkpoints/<step> directory or a consolidated export)")
+    _check(cfg.batches > 0, "batches", "must be positive")
+    _check(cfg.data.batch_size > 0, "data.batch_size", "must be positive")
+    _check(cfg.data.seq_len > 0, "data.seq_len", "must be positive")
+    for name, src in cfg.data.sources.items():
+        _check(bool(src.path), f"data.sources.{name}.path", "must be set")
+    _check_choice(cfg.data.prefetch, "data.prefetch", ("none", "thread", "process"))
+    d = cfg.distributed
+    _check_choice(d.device, "distributed.device", ("auto", "cpu", "cuda"))
+    _check_choice(d.compute_dtype, "distributed.compute_dtype", ("fp32", "bf16"))
+    _check(d.memory_parallel_size > 0, "distributed.memory_parallel_size", "must be positive")
+
+
+def run_data_defaults(args: list[str]) -> dict | None:
+    """{"data": the data section of the run whose checkpoint `ckpt=` names} (None: none
+    readable), for commands whose data defaults to what the model was trained on."""
+    ckpt = next((a.split("=", 1)[1] for a in args if a.startswith("ckpt=")), None)
+    path = Path(ckpt) / "config.yaml" if ckpt else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path)).get("data")
+    except Exception:  # an unreadable config.yaml is reported when the checkpoint is read
+        return None
+    return {"data": data} if isinstance(data, dict) else None
+
+
 EVAL_TASKS = ("val", "facts_qa", "generate")
 
 
@@ -468,10 +508,10 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
-def load_config(args: list[str], schema: type = TrainConfig, check=validate):
+def load_config(args: list[str], schema: type = TrainConfig, check=validate, base: dict | None = None):
     """Build a config from `config=<yaml>` and `key=value` items.
 
-    Merge order: dataclass defaults <- YAML <- dotlist. Returns a dataclass
+    Merge order: dataclass defaults <- `base` <- YAML <- dotlist. Returns a dataclass
     instance of `schema`, validated by `check`.
     """
     yaml_path = None
@@ -485,6 +525,11 @@ def load_config(args: list[str], schema: type = TrainConfig, check=validate):
         else:
             dotlist.append(arg)
     merged = OmegaConf.structured(schema)
+    if base is not None:
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.create(base))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{_one_line(exc)} (in the run's config.yaml)") from None
     if yaml_path is not None:  # its errors name the file
         path = Path(yaml_path)
         if not path.is_file():

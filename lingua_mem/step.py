@@ -43,13 +43,15 @@ class StepResult(NamedTuple):
 
 
 def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, dense_params: list,
-               value_params: list) -> StepResult:
+               value_params: list, after_backward=None) -> StepResult:
     """One optimizer step over this rank's micro-batches ({"inputs", "targets"} on the device).
 
     Gradients are reduced once, after the last micro-batch (FSDP2), and clipped once
     (dense and value tables apart). The returned tensors are read only when logged; with
     `optim.skip_nonfinite` a step whose gradient norm is not finite makes no update (that
     costs one host sync per step: the norms are global, so every rank skips alike).
+    `after_backward()`, if given, runs once the gradients are reduced, before clipping (sparse
+    memory finetuning masks the value tables' gradients there).
     """
     loss_sum = torch.zeros((), device=micro_batches[0]["inputs"].device)
     for i, batch in enumerate(micro_batches):
@@ -58,6 +60,8 @@ def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, 
         loss = forward_loss(model, batch)
         (loss / len(micro_batches)).backward()
         loss_sum += loss.detach()
+    if after_backward is not None:
+        after_backward()
     grad_norm = clip_grads(dense_params, optim.clip)
     value_grad_norm = clip_grads(value_params, optim.value_clip)
     loss = loss_sum / len(micro_batches)

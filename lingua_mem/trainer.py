@@ -121,14 +121,20 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     # and initialises its own shards (to the values of the whole model, param_init.py)
     model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel,
                         attention_impl=cfg.model.attention_impl)
+    prepare_finetune(model, cfg.finetune)  # LoRA adapters, frozen parameters: before sharding
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
+    if cfg.finetune.mode == "lora":
+        from lingua_mem.finetune.lora import init_lora
+
+        init_lora(model, cfg.seed)
     model.train()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cfg.finetune)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.optim)
     dense_params, value_params = split_params(model)
+    sparse = _sparse_finetune(cfg, model, optimizer)
     peak = bf16_peak_flops(device) if cfg.distributed.compute_dtype == "bf16" else None
 
     # resume from the newest complete checkpoint of this dump_dir, or start from init_from's
@@ -152,6 +158,12 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                   f"{dims.world_size} process(es) ({dist.get_backend_config()}): dp_replicate "
                   f"{dims.dp_replicate} x dp_shard "
                   f"{dims.dp_shard}, memory parallel {dims.mp}", flush=True)
+            if cfg.finetune.mode != "full":
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                what = describe_sparse(cfg.finetune, sparse.usage) if sparse else (
+                    f"LoRA rank {cfg.finetune.lora.rank} on {', '.join(cfg.finetune.lora.targets)}")
+                print(f"finetune.mode={cfg.finetune.mode}: {what}; {trainable:,} trainable parameters",
+                      flush=True)
             if start:
                 print(f"resumed from {checkpoint_dir(cfg.dump_dir, start)}", flush=True)
                 if start >= cfg.steps:
@@ -183,7 +195,9 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
             micro_batches = [{k: v.to(device, non_blocking=True) for k, v in batch.items()}
                              for batch in (next(batches) for _ in range(cfg.optim.grad_accum))]
             lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
-            result = train_step(model, optimizer, micro_batches, cfg.optim, dense_params, value_params)
+            with sparse.counting() if sparse else nullcontext():  # the step's reads, not an evaluation's
+                result = train_step(model, optimizer, micro_batches, cfg.optim, dense_params, value_params,
+                                    after_backward=sparse.after_backward if sparse else None)
             loss, grad_norm, value_grad_norm = result.loss, result.grad_norm, result.value_grad_norm
             skipped_steps += result.skipped
             if not result.skipped:
@@ -203,6 +217,8 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                                     peak, tokens_per_s, tokens_per_step)
                 if cfg.optim.skip_nonfinite:
                     last["skipped_steps"] = skipped_steps
+                if sparse:
+                    last.update(sparse.stats)  # the same on every rank
                 if logger is not None:
                     logger.log(last, seconds_per_step=(time.perf_counter() - window_start) / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
@@ -238,9 +254,42 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     finally:
         preemption.close()
         loader.close()
+        if sparse:
+            sparse.close()
         if logger is not None:
             logger.close()
     return last
+
+
+def prepare_finetune(model, cfg) -> None:
+    """What finetune.mode trains, set on the built (meta) model: LoRA adapters (the rest
+    frozen), or the value tables alone (sparse_memory); full trains everything."""
+    if cfg.mode == "lora":
+        from lingua_mem.finetune.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+    elif cfg.mode == "sparse_memory":
+        from lingua_mem.finetune.sparse_memory import freeze_all_but_values
+
+        freeze_all_but_values(model)
+
+
+def _sparse_finetune(cfg: TrainConfig, model, optimizer):
+    """The per-step row selection of finetune.mode=sparse_memory (None for the other modes);
+    the background counts are read and checked against the model's tables here."""
+    if cfg.finetune.mode != "sparse_memory":
+        return None
+    from lingua_mem.finetune.sparse_memory import SparseMemoryFinetune
+    from lingua_mem.memory.usage import load_usage
+
+    n_values = {key: table.weight.shape[0] for key, table in model.values.items()}
+    return SparseMemoryFinetune(model, cfg.finetune, load_usage(cfg.finetune.background, n_values), optimizer)
+
+
+def describe_sparse(cfg, usage) -> str:
+    from lingua_mem.finetune.sparse_memory import describe
+
+    return describe(cfg, usage)
 
 
 def _eval_data(cfg: TrainConfig, tokenizer):
@@ -335,7 +384,7 @@ def _log_metrics(step, loss, grad_norm, value_grad_norm, lrs, loader, dims, devi
     row = {
         "step": step,
         "loss": counts[0] / dims.world_size,
-        "lr": lrs["dense"],
+        "lr": lrs.get("dense", 0.0),  # none: sparse memory finetuning trains the values only
         "value_lr": lrs.get("values", 0.0),
         "grad_norm": grad_norm.item(),
         "value_grad_norm": value_grad_norm.item(),

@@ -1,0 +1,190 @@
+"""Sparse memory finetuning (finetune.mode=sparse_memory; Lin et al. 2025, "Continual
+Learning via Sparse Memory Finetuning"): each step updates only the value rows its batch reads
+much more than the pretraining data did; every other parameter is frozen.
+
+Each optimizer step, on every process alike:
+  1. the memory layers' reads during the step's micro-batches are counted per value table
+     (memory.usage.RowReads) and summed over all processes: c_i for row i;
+  2. the rows read are scored against the background usage (python -m lingua_mem.memory.usage:
+     r_i reads, b_i of its B batches reading row i):
+        tfidf   (c_i / sum c) * log((B + 1) / (b_i + 1))
+        kl      p_i * log(p_i / q_i),  p = c / sum c,  q_i = (r_i + 1) / (sum r + n_values)
+     (kl: row i's term of KL(p || q), the background add-one smoothed);
+  3. the top finetune.top_t rows of positive score are selected (ties: the lower row), the
+     same rows on every process, since every process scores the same summed counts;
+  4. the tables' gradients are zeroed outside those rows (before clipping), and
+     SparseRowOptimizer changes those rows only: plain SGD, or AdamW whose moments of the
+     other rows stay as they are (lazy Adam, as torch.optim.SparseAdam: one step count per
+     table). Weight decay (optim.value_weight_decay) touches the selected rows only too.
+Frozen (requires_grad=False, set before parallelize): the dense weights, the memory layers'
+keys, query, gate and output projections, every table row not selected.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from lingua_mem.config import FinetuneConfig
+from lingua_mem.memory.usage import RowReads, Usage
+
+
+def freeze_all_but_values(model: nn.Module) -> None:
+    """requires_grad=False on every parameter but the value tables' (on the built model,
+    before parallelize: FSDP2 takes the flags as they are then)."""
+    values = {id(p) for table in model.value_tables() for p in table.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in values)
+
+
+def score_rows(counts: torch.Tensor, usage: Usage, key: str, ranking: str) -> torch.Tensor:
+    """counts (n_values,) int64: this step's reads -> scores (n_values,) float64 (0 where unread)."""
+    c = counts.double()
+    total = c.sum()
+    if total == 0:
+        return c
+    p = c / total
+    if ranking == "tfidf":
+        df = usage.batches[key].to(c.device).double()
+        return p * torch.log((usage.n_batches + 1) / (df + 1))
+    background = usage.reads[key].to(c.device).double()
+    q = (background + 1) / (background.sum() + background.numel())
+    return torch.where(p > 0, p * torch.log(p.clamp_min(1e-300) / q), torch.zeros_like(p))
+
+
+def select_rows(scores: torch.Tensor, top_t: int) -> torch.Tensor:
+    """The (at most) top_t rows of positive score, highest first, ties to the lower row; int64."""
+    order = torch.sort(-scores, stable=True).indices  # stable: equal scores keep row order
+    order = order[:top_t]
+    return order[scores[order] > 0]
+
+
+def local_rows(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The global `rows` of a (possibly row-sharded DTensor) table that this process holds,
+    as indices into its local shard."""
+    if not isinstance(param, DTensor):
+        return rows
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    rows = rows.to(param.device)
+    mine = (rows >= offset[0]) & (rows < offset[0] + shape[0])
+    return rows[mine] - offset[0]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class SparseRowOptimizer(torch.optim.Optimizer):
+    """Updates only the rows `set_rows` named for each parameter (local row indices; none set:
+    no update, as in DCP's state-initialising step). kind sgd: w -= lr g. kind adamw: the
+    named rows' moments and weights as AdamW's, the others' untouched; bias correction by
+    the table's step count (lazy Adam)."""
+
+    def __init__(self, params, lr: float, kind: str = "sgd", betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "kind": kind, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+        self.rows: dict[int, torch.Tensor] = {}  # id(param) -> local row indices of the next step
+
+    def set_rows(self, param: torch.Tensor, rows: torch.Tensor) -> None:
+        self.rows[id(param)] = rows
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["kind"] == "adamw" and not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                rows = self.rows.pop(id(p), None)
+                if rows is None or rows.numel() == 0:
+                    continue
+                w, g = _local(p), _local(p.grad)[rows]  # g: (rows, cols)
+                if decay:
+                    w[rows] *= 1 - lr * decay
+                if group["kind"] == "sgd":
+                    w[rows] -= lr * g
+                    continue
+                state["step"] += 1
+                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+                m[rows] = beta1 * m[rows] + (1 - beta1) * g
+                v[rows] = beta2 * v[rows] + (1 - beta2) * g * g
+                t = float(state["step"])
+                m_hat = m[rows] / (1 - beta1**t)
+                v_hat = v[rows] / (1 - beta2**t)
+                w[rows] -= lr * m_hat / (v_hat.sqrt() + eps)
+        return None
+
+
+def build_sparse_optimizer(model: nn.Module, finetune: FinetuneConfig, optim) -> SparseRowOptimizer:
+    """One group, "values": the tables' rows at optim.value_lr (its schedule applies)."""
+    params = [t.weight for t in model.value_tables()]
+    group = {"name": "values", "params": params, "lr": optim.value_lr, "peak_lr": optim.value_lr,
+             "weight_decay": optim.value_weight_decay}
+    return SparseRowOptimizer([group], optim.value_lr, finetune.optimizer, (optim.beta1, optim.beta2),
+                              optim.eps, optim.value_weight_decay)
+
+
+class SparseMemoryFinetune:
+    """The per-step row selection of a run (see the module's docstring).
+
+        with finetune.counting():
+            train_step(..., after_backward=finetune.after_backward)
+    """
+
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, usage: Usage, optimizer: SparseRowOptimizer):
+        self.model, self.cfg, self.usage, self.optimizer = model, cfg, usage, optimizer
+        self.reads = RowReads(model).__enter__()  # hooks for the whole run; counting only in counting()
+        self.reads.enabled = False
+        self.rows: dict[str, torch.Tensor] = {}  # key -> the last step's selected rows (global)
+        self.stats: dict[str, float] = {}
+
+    def close(self) -> None:
+        self.reads.__exit__()
+
+    @contextmanager
+    def counting(self):
+        """Count the reads of the forwards inside (a training step's, not an evaluation's)."""
+        self.reads.enabled = True
+        try:
+            yield
+        finally:
+            self.reads.enabled = False
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Select this step's rows (a collective: the counts are summed over all processes),
+        zero the tables' gradients elsewhere and name the rows to the optimizer."""
+        counts = self.reads.take(reduce=True)
+        read = updated = 0
+        for key, c in counts.items():
+            rows = select_rows(score_rows(c, self.usage, key, self.cfg.ranking), self.cfg.top_t)
+            self.rows[key] = rows
+            read, updated = read + int((c > 0).sum()), updated + rows.numel()
+            param = self.model.values[key].weight
+            if param.grad is None:
+                continue
+            mine = local_rows(param, rows)
+            grad = _local(param.grad)
+            keep = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+            keep[mine] = True
+            grad[~keep] = 0
+            self.optimizer.set_rows(param, mine)
+        self.stats = {"finetune/rows_read": float(read), "finetune/rows_updated": float(updated)}
+
+
+def describe(cfg: FinetuneConfig, usage: Usage) -> str:
+    return (f"sparse memory finetuning: the top {cfg.top_t} rows per step by {cfg.ranking} against "
+            f"{usage.n_batches} background batches ({usage.tokens:,} tokens, step {usage.meta.get('step')}), "
+            f"{cfg.optimizer}; everything else frozen")
+
