@@ -10,20 +10,14 @@ continues (train.py resumes a run from its checkpoint, and finished runs are ski
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from experiments.knowledge.plan import Run
+from experiments.train_process import RunFailed, run_logged
 from lingua_mem.config import load_config
 from lingua_mem.stats import config_stats
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-class RunFailed(RuntimeError):
-    pass
+__all__ = ["RunFailed", "read_result", "train_run"]
 
 
 def train_run(run: Run, base: list[str], out: Path) -> dict:
@@ -38,14 +32,8 @@ def train_run(run: Run, base: list[str], out: Path) -> dict:
             f"eval.sources.qa.path={facts / 'qa.jsonl'}", "eval.sources.qa.kind=qa",
             f"eval.sources.recall.path={facts / 'recall.jsonl'}", "eval.sources.recall.kind=qa"]
     cfg = load_config(argv)  # a bad key fails here, before any run starts
-    dump.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    with open(dump / "train.log", "a") as log:
-        proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise RunFailed(f"run {run.name} failed (exit {proc.returncode}); see {dump / 'train.log'}")
-    result = read_result(run, cfg, dump, time.perf_counter() - started)
+    seconds = run_logged(["train.py", *argv], dump / "train.log", f"run {run.name}")
+    result = read_result(run, cfg, dump, seconds)
     done.write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -1,0 +1,133 @@
+"""The stages of the continual-learning experiment, each a command of the project in its own
+process, each done once (its output is read back when the command is run again):
+
+    <out>/data/A, <out>/data/B     the two facts corpora (seeds 0 and 1); a_recall.jsonl and
+                                   b_recall.jsonl: their recall questions, minus any person whose
+                                   name both corpora hold
+    <out>/runs/pretrain/           train.py on A; its last checkpoint is every finetuning's start
+    <out>/usage.safetensors        python -m lingua_mem.memory.usage on A's training data
+    <out>/runs/pretrain/evals/     eval.py of the pretrained model: the finetunings' step 0
+    <out>/runs/<method>_lr<x>/     train.py on B from the pretrained weights (result.json last)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from experiments.continual.presets import FULL_VALUE_LR_RATIO, Method, Preset
+from experiments.train_process import RunFailed, run_logged
+from lingua_mem.config import load_config
+from lingua_mem.data.facts import ensure_facts
+
+BASE = ["config=configs/debug.yaml", "log_every=25"]
+SOURCES = ("heldout", "a_recall", "b_recall")
+
+
+def _people(path: Path) -> set[str]:
+    return {json.loads(line)["person"] for line in path.read_text().splitlines() if line.strip()}
+
+
+def corpora(p: Preset, out: Path) -> dict[str, Path]:
+    """A and B, and their recall questions without the people both corpora name (a name in
+    both would be taught two sets of facts: neither question would measure what it means to)."""
+    a = ensure_facts(out / "data" / "A", p.people_a, 0)
+    b = ensure_facts(out / "data" / "B", p.people_b, 1)
+    shared = _people(a / "recall.jsonl") & _people(b / "recall.jsonl")
+    files = {"A": a, "B": b, "heldout": a / "val.jsonl", "shared_people": len(shared)}
+    for name, corpus in (("a_recall", a), ("b_recall", b)):
+        target = out / "data" / f"{name}.jsonl"
+        if not target.is_file():
+            lines = [line for line in (corpus / "recall.jsonl").read_text().splitlines()
+                     if line.strip() and json.loads(line)["person"] not in shared]
+            tmp = target.with_suffix(".tmp")
+            tmp.write_text("\n".join(lines) + "\n")
+            tmp.replace(target)
+        files[name] = target
+    return files
+
+
+def eval_keys(p: Preset, files: dict) -> list[str]:
+    """The three measures of every evaluation: held-out A text (loss), A recall, B recall."""
+    return [f"eval.sources.heldout.path={files['heldout']}",
+            f"eval.sources.a_recall.path={files['a_recall']}", "eval.sources.a_recall.kind=qa",
+            f"eval.sources.b_recall.path={files['b_recall']}", "eval.sources.b_recall.kind=qa",
+            f"eval.max_questions={p.max_questions}", "eval.max_tokens=16384", "eval.analytics=false"]
+
+
+def pretrain(p: Preset, out: Path, files: dict) -> Path:
+    """The pretrained model's checkpoint (trained on A unless it is there)."""
+    dump = out / "runs" / "pretrain"
+    ckpt = dump / "checkpoints" / f"{p.pretrain_steps:010d}"
+    if not (ckpt / "manifest.json").is_file():
+        argv = [*BASE, *p.model, *p.pretrain, f"dump_dir={dump}", "name=pretrain",
+                f"steps={p.pretrain_steps}",
+                f"data.sources.a.path={files['A'] / 'train.jsonl'}", f"checkpoint.every={p.pretrain_steps}",
+                "checkpoint.keep_last=1"]
+        load_config(argv)
+        run_logged(["train.py", *argv], dump / "train.log", "pretraining")
+    return ckpt
+
+
+def background(p: Preset, out: Path, ckpt: Path) -> Path:
+    """The pretrained model's value-row usage over A's training data (its own data section)."""
+    target = out / "usage.safetensors"
+    if not target.is_file():
+        run_logged(["-m", "lingua_mem.memory.usage", f"ckpt={ckpt}", f"out={target}",
+                    f"batches={p.usage_batches}"], out / "usage.log", "background usage")
+    return target
+
+
+def start_point(p: Preset, out: Path, ckpt: Path, files: dict) -> dict:
+    """The three measures of the pretrained model (every finetuning's step 0)."""
+    target = out / "runs" / "pretrain" / "evals" / f"{p.pretrain_steps}.json"
+    if not target.is_file():
+        run_logged(["eval.py", f"ckpt={ckpt}", "tasks=val,facts_qa", *eval_keys(p, files)],
+                   out / "runs" / "pretrain" / "eval.log", "evaluating the pretrained model")
+    return point(0, json.loads(target.read_text())["metrics"])
+
+
+def point(step: int, m: dict) -> dict:
+    return {"step": step, "b_recall": m["facts_qa/b_recall/exact_match"],
+            "a_recall": m["facts_qa/a_recall/exact_match"], "b_f1": m["facts_qa/b_recall/f1"],
+            "a_f1": m["facts_qa/a_recall/f1"], "heldout_loss": m["val/loss"]}
+
+
+def run_name(method: Method, lr: float) -> str:
+    return f"{method.name}_lr{lr:g}"
+
+
+def finetune(p: Preset, out: Path, method: Method, lr: float, ckpt: Path, usage: Path, files: dict,
+             start: dict) -> dict:
+    """One finetuning of the pretrained model on B; its evaluation curve from step 0."""
+    name = run_name(method, lr)
+    dump = out / "runs" / name
+    done = dump / "result.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rates = [f"{method.lr_key}={lr:g}"]
+    if method.mode == "full":  # the value tables train too, at pretraining's ratio of rates
+        rates.append(f"optim.value_lr={lr * FULL_VALUE_LR_RATIO:g}")
+    if method.mode == "sparse_memory":
+        rates.append(f"finetune.background={usage}")
+    argv = [*BASE, *p.model, f"dump_dir={dump}", f"name={name}", f"steps={p.finetune_steps}",
+            f"checkpoint.init_from={ckpt}", f"finetune.mode={method.mode}", *method.overrides, *rates,
+            f"data.sources.b.path={files['B'] / 'train.jsonl'}", "optim.warmup=0", "optim.scheduler=constant",
+            f"eval.every={max(1, p.finetune_steps // p.evals)}", "eval.tasks=val,facts_qa",
+            *eval_keys(p, files)]
+    cfg = load_config(argv)  # a bad key fails here, before the run starts
+    if (dump / "metrics.jsonl").exists():  # an interrupted run (no checkpoints): again from its start
+        (dump / "metrics.jsonl").unlink()
+    seconds = run_logged(["train.py", *argv], dump / "train.log", f"run {name}")
+    rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    curve = [start] + [point(r["step"], r) for r in rows if r.get("eval")]
+    if len(curve) < 2:
+        raise RunFailed(f"run {name}: no evaluation in {dump / 'metrics.jsonl'}")
+    trainable = [r for r in rows if "loss" in r]
+    result = {"name": name, "method": method.name, "mode": method.mode, "lr_key": method.lr_key, "lr": lr,
+              "overrides": list(method.overrides), "steps": cfg.steps,
+              "tokens": cfg.steps * cfg.data.batch_size * cfg.data.seq_len, "seconds": seconds,
+              "train_loss": trainable[-1]["loss"], "curve": curve,
+              "rows_updated": trainable[-1].get("finetune/rows_updated")}
+    done.write_text(json.dumps(result, indent=2) + "\n")
+    return result
