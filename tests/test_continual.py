@@ -51,10 +51,13 @@ def test_matched_learning_reads_the_curves_between_evaluations():
     assert at_b_recall(fast, 0.2, "a_recall") == pytest.approx(0.3)
     assert at_b_recall(slow, 0.2, "a_recall") == pytest.approx(0.4)
     assert at_b_recall(slow, 0.3, "a_recall") is None and at_b_recall(fast, 0.0, "step") == 0
+    flat = curve((0.0, 0.5, 1.0), (0.02, 0.5, 1.0))  # never learns B: not where the others are compared
     results = [{"name": "f", "method": "full", "lr": 1, "lr_key": "optim.lr", "curve": fast},
-               {"name": "s", "method": "sparse", "lr": 1, "lr_key": "optim.value_lr", "curve": slow}]
+               {"name": "s", "method": "sparse", "lr": 1, "lr_key": "optim.value_lr", "curve": slow},
+               {"name": "n", "method": "none", "lr": 1, "lr_key": "optim.value_lr", "curve": flat}]
     target, rows = matched(results, start)
-    assert target == pytest.approx(0.2)  # the highest B recall both methods reach
+    assert target == pytest.approx(0.2)  # the highest B recall both learning methods reach
     by = {r["method"]: r for r in rows}
     assert by["full"]["a_drop"] == pytest.approx(0.4) and by["sparse"]["a_drop"] == pytest.approx(0.2)
     assert by["full"]["step"] == pytest.approx(5) and by["sparse"]["heldout_increase"] == pytest.approx(0.2)
+    assert by["none"]["a_recall"] is None and by["none"]["b_recall"] == pytest.approx(0.02)

@@ -5,6 +5,7 @@ process), and the three finetune modes from train.py with a resume."""
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -12,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_checkpoint import ROOT, model_state, run_cli
+from test_checkpoint import ROOT, cli_args, model_state, run_cli
 from test_parallel import MEMORY, MODEL, OPTIM, PER_RANK_BATCH, SEQ, free_port, full_state
 
-from lingua_mem.config import DistributedConfig, FinetuneConfig, model_args
+from lingua_mem.config import ConfigError, DistributedConfig, FinetuneConfig, load_config, model_args
 from lingua_mem.finetune.sparse_memory import (
     SparseMemoryFinetune,
     build_sparse_optimizer,
@@ -221,8 +222,9 @@ FINETUNE = ["data.facts.seed=1", "optim.warmup=0", "optim.scheduler=constant", "
 def test_three_modes_from_train_py_and_a_sparse_resume(pretrained, tmp_path):
     source = tensors(pretrained)
     background = pretrained / "memory_usage.safetensors"
+    # AdamW: its moments must resume too
     sparse = ["finetune.mode=sparse_memory", f"finetune.background={background}", "finetune.top_t=8",
-              "optim.value_lr=0.5"]
+              "finetune.optimizer=adamw", "optim.value_lr=1e-2"]
     runs = {"full": ["finetune.mode=full"], "lora": ["finetune.mode=lora", "finetune.lora.rank=4"],
             "sparse_memory": sparse}
     final = {}
@@ -252,12 +254,15 @@ def test_three_modes_from_train_py_and_a_sparse_resume(pretrained, tmp_path):
     for k, v in final["sparse_memory"].items():
         assert torch.equal(again[k], v), k
 
-    # bad input: one line naming the key
+    # bad input: one line naming the key; a file that is not usage counts is found at start-up
     for args, words in ((["finetune.mode=sparse_memory"], "finetune.background: required"),
-                        ([*sparse[:1], f"finetune.background={pretrained / 'meta.json'}"],
-                         "meta.json: unreadable"),
-                        (["finetune.mode=sparse"], "finetune.mode: 'sparse' is not one of")):
-        proc = run_cli(tmp_path / "bad", f"checkpoint.init_from={pretrained}", "steps=1", *args)
-        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
-        assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+                        (["finetune.mode=sparse"], "finetune.mode: 'sparse' is not one of"),
+                        (["finetune.mode=lora", "finetune.lora.targets=[wq,query]"],
+                         "finetune.lora.targets")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            load_config(cli_args(tmp_path / "bad", *args))
+    proc = run_cli(tmp_path / "bad", f"checkpoint.init_from={pretrained}", "steps=1", *sparse[:1],
+                   f"finetune.background={pretrained / 'meta.json'}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "meta.json: unreadable" in proc.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 

@@ -76,10 +76,13 @@ def main(argv: list[str]) -> int:
     report, best, target = write_report(results, start, out, header)
     picture = plot(results, target, best, out)
     for b in best:
+        if b["a_recall"] is None:
+            say(f"{b['method']}: never reached B recall {target:.3f} (at most {b['b_recall']:.3f}, "
+                f"{b['run']})")
+            continue
         drop = "-" if b["a_drop"] is None else f"{100 * b['a_drop']:.0f}%"
         say(f"at B recall {target:.3f}: {b['method']} ({b['run']}) A recall {b['a_recall']:.3f} "
-            f"(drop {drop}), "
-            f"held-out loss {b['heldout_loss']:.4f} vs {start['heldout_loss']:.4f}")
+            f"(drop {drop}), held-out loss {b['heldout_loss']:.4f} vs {start['heldout_loss']:.4f}")
     say(f"wrote {report}, {out / 'results.json'}, {picture}")
     return 0
 

@@ -21,18 +21,23 @@ def at_b_recall(curve: list[dict], target: float, key: str) -> float | None:
     return None
 
 
-def matched_target(results: list[dict]) -> float:
-    """The highest B recall every method reaches in some run: where they are all compared."""
+LEARNED = 0.05  # a method has learned B once some run of it gains this much B recall
+
+
+def matched_target(results: list[dict], start: dict) -> float:
+    """The highest B recall every method that learned B reaches in some run: where they are
+    all compared (a method that never gains LEARNED is reported as not having learned)."""
     best = {}
     for r in results:
         best[r["method"]] = max(best.get(r["method"], 0.0), max(c["b_recall"] for c in r["curve"]))
-    return min(best.values()) if best else 0.0
+    learned = [b for b in best.values() if b >= start["b_recall"] + LEARNED]
+    return min(learned) if learned else start["b_recall"]
 
 
 def matched(results: list[dict], start: dict) -> tuple[float, list[dict]]:
     """(target, per method its run that forgets least at the target: the highest A recall
-    there, then the lowest held-out loss)."""
-    target = matched_target(results)
+    there, then the lowest held-out loss; None values for a method that never reaches it)."""
+    target = matched_target(results, start)
     rows = []
     for method in dict.fromkeys(r["method"] for r in results):
         candidates = []
@@ -44,6 +49,12 @@ def matched(results: list[dict], start: dict) -> tuple[float, list[dict]]:
             if a is not None:
                 candidates.append((a, -loss, r, loss))
         if not candidates:
+            best = max((r for r in results if r["method"] == method),
+                       key=lambda r: max(c["b_recall"] for c in r["curve"]))
+            highest = max(c["b_recall"] for c in best["curve"])
+            rows.append({"method": method, "run": best["name"], "lr": best["lr"], "lr_key": best["lr_key"],
+                         "step": None, "b_recall": highest, "a_recall": None,
+                         "a_kept": None, "a_drop": None, "heldout_loss": None, "heldout_increase": None})
             continue
         a, _, r, loss = max(candidates, key=lambda c: (c[0], c[1]))
         step = at_b_recall(r["curve"], target, "step")
@@ -60,16 +71,18 @@ def _f(x, digits: int = 3) -> str:
 
 
 def matched_table(target: float, rows: list[dict], start: dict) -> str:
-    lines = [f"At B recall {target:.3f} (the highest every method reaches). Before finetuning: A recall "
+    lines = [f"At B recall {target:.3f}: the highest that every method which learned B (gained at least "
+             f"{LEARNED:.2f} B recall in some run) reaches. Before finetuning: A recall "
              f"{start['a_recall']:.3f}, B recall {start['b_recall']:.3f}, held-out loss "
-             f"{start['heldout_loss']:.4f}.", "",
+             f"{start['heldout_loss']:.4f}. A method that never reached it shows its best run's highest "
+             "B recall and dashes.", "",
              "| method | best run | step at target | B recall | A recall | A recall drop | held-out loss | "
              "held-out loss increase |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         drop = "-" if r["a_drop"] is None else f"{100 * r['a_drop']:.0f}%"
+        increase = "-" if r["heldout_increase"] is None else f"{r['heldout_increase']:+.4f}"
         lines.append(f"| {r['method']} | {r['run']} | {_f(r['step'], 0)} | {r['b_recall']:.3f} | "
-                     f"{r['a_recall']:.3f} | {drop} | {r['heldout_loss']:.4f} | "
-                     f"{r['heldout_increase']:+.4f} |")
+                     f"{_f(r['a_recall'])} | {drop} | {_f(r['heldout_loss'], 4)} | {increase} |")
     return "\n".join(lines)
 
 
@@ -85,7 +98,8 @@ def runs_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"full": "tab:red", "lora": "tab:orange", "sparse": "tab:blue", "sparse_adamw": "tab:cyan"}
+COLORS = {"full": "tab:red", "lora": "tab:orange", "sparse": "tab:gray", "sparse_adamw": "tab:olive",
+          "sparse_kl": "tab:blue", "sparse_kl_adamw": "tab:cyan"}
 
 
 def plot(results: list[dict], target: float, best: list[dict], out: Path) -> Path:

@@ -1,10 +1,11 @@
 """The stages of the continual-learning experiment, each a command of the project in its own
 process, each done once (its output is read back when the command is run again):
 
-    <out>/data/A, <out>/data/B     the two facts corpora (seeds 0 and 1); a_recall.jsonl and
-                                   b_recall.jsonl: their recall questions, minus any person whose
+    <out>/runs/pretrain/           train.py on A (the generated facts corpus, seed 0, in its
+                                   data/facts); its last checkpoint is every finetuning's start
+    <out>/data/B                   the new facts corpus (seed 1); <out>/data/a_recall.jsonl and
+                                   b_recall.jsonl: both recall question sets, minus any person whose
                                    name both corpora hold
-    <out>/runs/pretrain/           train.py on A; its last checkpoint is every finetuning's start
     <out>/usage.safetensors        python -m lingua_mem.memory.usage on A's training data
     <out>/runs/pretrain/evals/     eval.py of the pretrained model: the finetunings' step 0
     <out>/runs/<method>_lr<x>/     train.py on B from the pretrained weights (result.json last)
@@ -31,7 +32,7 @@ def _people(path: Path) -> set[str]:
 def corpora(p: Preset, out: Path) -> dict[str, Path]:
     """A and B, and their recall questions without the people both corpora name (a name in
     both would be taught two sets of facts: neither question would measure what it means to)."""
-    a = ensure_facts(out / "data" / "A", p.people_a, 0)
+    a = ensure_facts(out / "runs" / "pretrain" / "data" / "facts", p.people_a, 0)  # where train.py reads it
     b = ensure_facts(out / "data" / "B", p.people_b, 1)
     shared = _people(a / "recall.jsonl") & _people(b / "recall.jsonl")
     files = {"A": a, "B": b, "heldout": a / "val.jsonl", "shared_people": len(shared)}
@@ -60,10 +61,15 @@ def pretrain(p: Preset, out: Path, files: dict) -> Path:
     dump = out / "runs" / "pretrain"
     ckpt = dump / "checkpoints" / f"{p.pretrain_steps:010d}"
     if not (ckpt / "manifest.json").is_file():
+        facts = files["A"]
         argv = [*BASE, *p.model, *p.pretrain, f"dump_dir={dump}", "name=pretrain",
-                f"steps={p.pretrain_steps}",
-                f"data.sources.a.path={files['A'] / 'train.jsonl'}", f"checkpoint.every={p.pretrain_steps}",
-                "checkpoint.keep_last=1"]
+                f"steps={p.pretrain_steps}", f"data.facts.people={p.people_a}", "data.facts.seed=0",
+                f"checkpoint.every={p.pretrain_steps}", "checkpoint.keep_last=1",
+                # A's learning curve (evaluating does not change the training)
+                f"eval.every={max(1, p.pretrain_steps // 4)}", "eval.tasks=val,facts_qa",
+                f"eval.sources.val.path={facts / 'val.jsonl'}",
+                f"eval.sources.recall.path={facts / 'recall.jsonl'}",
+                "eval.sources.recall.kind=qa", f"eval.max_questions={p.max_questions}"]
         load_config(argv)
         run_logged(["train.py", *argv], dump / "train.log", "pretraining")
     return ckpt

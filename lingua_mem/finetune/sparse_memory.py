@@ -166,6 +166,7 @@ class SparseMemoryFinetune:
         """Select this step's rows (a collective: the counts are summed over all processes),
         zero the tables' gradients elsewhere and name the rows to the optimizer."""
         counts = self.reads.take(reduce=True)
+        self.optimizer.rows.clear()  # a step skipped (optim.skip_nonfinite) leaves none behind
         read = updated = 0
         for key, c in counts.items():
             rows = select_rows(score_rows(c, self.usage, key, self.cfg.ranking), self.cfg.top_t)
