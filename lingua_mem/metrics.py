@@ -93,10 +93,13 @@ class MetricLogger:
         if self.console:
             eta = format_duration((self.total_steps - metrics["step"]) * seconds_per_step)
             mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+            rows = "finetune/rows_updated" in metrics  # sparse memory finetuning: the values alone train
+            lr = f"vlr {metrics['value_lr']:.2e}" if rows else f"lr {metrics['lr']:.2e}"
+            updated = f" | rows {metrics['finetune/rows_updated']:.0f}" if rows else ""
             print(f"step {metrics['step']:>6}/{self.total_steps} | loss {metrics['loss']:.4f} | "
-                  f"lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} "
-                  f"vnorm {metrics['value_grad_norm']:.3f} | {metrics['tokens_per_s']:,.0f} tok/s{mfu} | "
-                  f"eta {eta}", flush=True)
+                  f"{lr} | gnorm {metrics['grad_norm']:.3f} "
+                  f"vnorm {metrics['value_grad_norm']:.3g}{updated} | "
+                  f"{metrics['tokens_per_s']:,.0f} tok/s{mfu} | eta {eta}", flush=True)
 
     def log_eval(self, metrics: dict, seconds: float, samples: list[dict] = ()) -> None:
         """An evaluation's row ({"step", "tokens", "eval": true, "val/loss", ...}); generated

@@ -69,8 +69,10 @@ def main(argv: list[str]) -> int:
         return fail(exc)
     header = (f"# Continual-learning experiment, preset {p.name}\n\n{datetime.date.today()}, "
               f"{platform.node()} "
-              f"({platform.machine()}), `python -m experiments.continual --preset {p.name} --out {out}`, "
-              f"{(time.perf_counter() - started) / 60:.1f} min. A: {p.people_a} people (seed 0), pretrained "
+              f"({platform.machine()}), `python -m experiments.continual --preset {p.name} --out {out}`; "
+              f"the finetunings took {sum(r['seconds'] for r in results) / 60:.1f} min in all (this "
+              f"invocation {(time.perf_counter() - started) / 60:.1f}). A: {p.people_a} people (seed 0), "
+              "pretrained "
               f"{p.pretrain_steps} steps; B: {p.people_b} new people (seed 1), {p.finetune_steps} "
               "finetuning steps per run.")
     report, best, target = write_report(results, start, out, header)
