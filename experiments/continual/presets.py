@@ -32,6 +32,7 @@ class Preset:
     max_questions: int  # per question set (A recall is sampled; B's are all asked when fewer)
     expected_minutes: float
     machine: str
+    usage: tuple[str, ...] = ()  # config keys of the background count (e.g. its batch size)
 
 
 FULL_VALUE_LR_RATIO = 10 / 3  # full finetuning: value_lr = lr x this, pretraining's ratio
@@ -67,4 +68,20 @@ PRESETS = {
                  Method("sparse_kl_adamw", "sparse_memory", "optim.value_lr", (1e-3, 1e-2),
                         ("finetune.ranking=kl", "finetune.top_t=512", "finetune.optimizer=adamw"))),
         max_questions=300, expected_minutes=45, machine="2-core CPU"),
+    # the debug model with 64x its memory (512**2 = 262,144 rows): fewer reads per row, so
+    # that rows can be specific to what reads them; background batches of one sequence, so
+    # that a row's document frequency does not saturate (32k picks a batch over 262k rows)
+    "large_memory": Preset(
+        name="large_memory", model=("memory.n_keys=512",), people_a=100, people_b=30, pretrain_steps=1200,
+        pretrain=("optim.warmup=50", "log_every=50"), finetune_steps=200, evals=5, usage_batches=512,
+        usage=("data.batch_size=1",),
+        methods=(Method("full", "full", "optim.lr", (1e-4, 3e-4)),
+                 Method("lora", "lora", "optim.lr", (1e-3, 3e-3)),
+                 Method("sparse", "sparse_memory", "optim.value_lr", (100.0,),
+                        ("finetune.top_t=512", "finetune.optimizer=sgd")),
+                 Method("sparse_adamw", "sparse_memory", "optim.value_lr", (1e-2,),
+                        ("finetune.top_t=512", "finetune.optimizer=adamw")),
+                 Method("sparse_kl_adamw", "sparse_memory", "optim.value_lr", (1e-2,),
+                        ("finetune.ranking=kl", "finetune.top_t=512", "finetune.optimizer=adamw"))),
+        max_questions=300, expected_minutes=35, machine="2-core CPU"),
 }

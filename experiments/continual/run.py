@@ -80,7 +80,7 @@ def background(p: Preset, out: Path, ckpt: Path) -> Path:
     target = out / "usage.safetensors"
     if not target.is_file():
         run_logged(["-m", "lingua_mem.memory.usage", f"ckpt={ckpt}", f"out={target}",
-                    f"batches={p.usage_batches}"], out / "usage.log", "background usage")
+                    f"batches={p.usage_batches}", *p.usage], out / "usage.log", "background usage")
     return target
 
 
