@@ -68,11 +68,12 @@ PRESETS = {
                  Method("sparse_kl_adamw", "sparse_memory", "optim.value_lr", (1e-3, 1e-2),
                         ("finetune.ranking=kl", "finetune.top_t=512", "finetune.optimizer=adamw"))),
         max_questions=300, expected_minutes=45, machine="2-core CPU"),
-    # the debug model with 64x its memory (512**2 = 262,144 rows): fewer reads per row, so
-    # that rows can be specific to what reads them; background batches of one sequence, so
-    # that a row's document frequency does not saturate (32k picks a batch over 262k rows)
+    # the debug model with 16x its memory (256**2 = 65,536 rows; 512**2 trains at 1.5k tok/s
+    # here, too slow): fewer reads per row, so that rows can be specific to what reads them;
+    # background batches of one sequence, so that a row's document frequency does not
+    # saturate (32k picks a batch over 65k rows)
     "large_memory": Preset(
-        name="large_memory", model=("memory.n_keys=512",), people_a=100, people_b=30, pretrain_steps=1200,
+        name="large_memory", model=("memory.n_keys=256",), people_a=100, people_b=30, pretrain_steps=1200,
         pretrain=("optim.warmup=50", "log_every=50"), finetune_steps=200, evals=5, usage_batches=512,
         usage=("data.batch_size=1",),
         methods=(Method("full", "full", "optim.lr", (1e-4, 3e-4)),
