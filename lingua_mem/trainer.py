@@ -160,7 +160,7 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
                   f"{dims.dp_shard}, memory parallel {dims.mp}", flush=True)
             if cfg.finetune.mode != "full":
                 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-                what = describe_sparse(cfg.finetune, sparse.usage) if sparse else (
+                what = sparse.describe() if sparse else (
                     f"LoRA rank {cfg.finetune.lora.rank} on {', '.join(cfg.finetune.lora.targets)}")
                 print(f"finetune.mode={cfg.finetune.mode}: {what}; {trainable:,} trainable parameters",
                       flush=True)
@@ -284,12 +284,6 @@ def _sparse_finetune(cfg: TrainConfig, model, optimizer):
 
     n_values = {key: table.weight.shape[0] for key, table in model.values.items()}
     return SparseMemoryFinetune(model, cfg.finetune, load_usage(cfg.finetune.background, n_values), optimizer)
-
-
-def describe_sparse(cfg, usage) -> str:
-    from lingua_mem.finetune.sparse_memory import describe
-
-    return describe(cfg, usage)
 
 
 def _eval_data(cfg: TrainConfig, tokenizer):

@@ -152,6 +152,13 @@ class SparseMemoryFinetune:
     def close(self) -> None:
         self.reads.__exit__()
 
+    def describe(self) -> str:
+        """One line for the console: what is selected, against what, by which optimizer."""
+        cfg, usage = self.cfg, self.usage
+        return (f"sparse memory finetuning: the top {cfg.top_t} rows per step by {cfg.ranking} against "
+                f"{usage.n_batches} background batches ({usage.tokens:,} tokens, step "
+                f"{usage.meta.get('step')}), {cfg.optimizer}; everything else frozen")
+
     @contextmanager
     def counting(self):
         """Count the reads of the forwards inside (a training step's, not an evaluation's)."""
@@ -182,10 +189,4 @@ class SparseMemoryFinetune:
             grad[~keep] = 0
             self.optimizer.set_rows(param, mine)
         self.stats = {"finetune/rows_read": float(read), "finetune/rows_updated": float(updated)}
-
-
-def describe(cfg: FinetuneConfig, usage: Usage) -> str:
-    return (f"sparse memory finetuning: the top {cfg.top_t} rows per step by {cfg.ranking} against "
-            f"{usage.n_batches} background batches ({usage.tokens:,} tokens, step {usage.meta.get('step')}), "
-            f"{cfg.optimizer}; everything else frozen")
 
