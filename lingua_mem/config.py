@@ -482,17 +482,23 @@ def validate(cfg: TrainConfig) -> None:
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
+def validate_lora(lora: LoraConfig) -> None:
+    """ConfigError naming the finetune.lora key of a bad setting (training's config, and the
+    config.yaml of a LoRA run's checkpoint when it is read)."""
+    _check(isinstance(lora.rank, int) and lora.rank > 0, "finetune.lora.rank", "must be a positive integer")
+    _check_positive_finite(lora.alpha, "finetune.lora.alpha")
+    _check(bool(lora.targets), "finetune.lora.targets", f"must name some of {', '.join(LORA_TARGETS)}")
+    for t in lora.targets:
+        _check_choice(t, "finetune.lora.targets", LORA_TARGETS)
+
+
 def validate_finetune(cfg: TrainConfig) -> None:
     f = cfg.finetune
     _check_choice(f.mode, "finetune.mode", ("full", "sparse_memory", "lora"))
     _check_choice(f.ranking, "finetune.ranking", ("tfidf", "kl"))
     _check_choice(f.optimizer, "finetune.optimizer", ("sgd", "adamw"))
     _check(f.top_t > 0, "finetune.top_t", "must be positive")
-    _check(f.lora.rank > 0, "finetune.lora.rank", "must be positive")
-    _check_positive_finite(f.lora.alpha, "finetune.lora.alpha")
-    _check(bool(f.lora.targets), "finetune.lora.targets", f"must name some of {', '.join(LORA_TARGETS)}")
-    for t in f.lora.targets:
-        _check_choice(t, "finetune.lora.targets", LORA_TARGETS)
+    validate_lora(f.lora)
     if f.mode == "sparse_memory":
         _check(bool(cfg.memory.layers), "finetune.mode", "sparse_memory needs memory layers (memory.layers)")
         _check(bool(f.background), "finetune.background", "required for sparse_memory: the background read "

@@ -45,6 +45,7 @@ from lingua_mem.config import (
     LoraConfig,
     MemoryConfig,
     ModelConfig,
+    validate_lora,
     validate_model,
 )
 from lingua_mem.finetune.lora import (
@@ -54,7 +55,6 @@ from lingua_mem.finetune.lora import (
     lora_scale,
     merge_lora,
     merged_weight,
-    validate_lora,
 )
 from lingua_mem.model.args import ModelArgs, validate_args
 from lingua_mem.model.llama import Transformer, build_model

@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lingua_mem.config import ConfigError, LoraConfig
+from lingua_mem.config import ConfigError, LoraConfig, validate_lora
 from lingua_mem.model.llama import Attention, FeedForward
 from lingua_mem.param_init import ParamInit
 
-ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")
+ATTENTION_TARGETS = ("wq", "wk", "wv", "wo")  # config.LORA_TARGETS, by module
 FFN_TARGETS = ("w1", "w2", "w3")
 LORA_PARAMS = ("lora_a", "lora_b")
 # init_lora draws from ParamInit(seed + LORA_SEED_OFFSET): streams apart from the base model's
@@ -83,19 +83,6 @@ class LoRALinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
-
-
-def validate_lora(cfg: LoraConfig) -> None:
-    """ConfigError naming the finetune.lora key of a bad setting."""
-    if not isinstance(cfg.rank, int) or cfg.rank < 1:
-        raise ConfigError(f"finetune.lora.rank: {cfg.rank!r} must be a positive integer")
-    if not cfg.alpha > 0:
-        raise ConfigError(f"finetune.lora.alpha: {cfg.alpha!r} must be positive")
-    known = ATTENTION_TARGETS + FFN_TARGETS
-    unknown = [t for t in cfg.targets if t not in known]
-    if unknown or not cfg.targets:
-        raise ConfigError(f"finetune.lora.targets: {list(cfg.targets)!r}: each one of {', '.join(known)} "
-                          "(at least one)")
 
 
 def _blocks(model: nn.Module):
