@@ -251,7 +251,7 @@ def test_activation_checkpointing_gives_the_same_gradients(mode):
     """On one process, as the trainer runs it: a world-1 group and FSDP2 at degree 1 (whose
     hooks run inside the checkpointed memory blocks, for the value table)."""
     torch.manual_seed(0)
-    model = build_model(model_args(MODEL, MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16,
+    model = build_model(model_args(MODEL, MemoryConfig(layers=[0, 1, 2], n_keys=8, heads=2, knn=4, k_dim=16,
                                                 qk_norm=True)))
     checkpointed = copy.deepcopy(model)
     cfg = DistributedConfig(activation_checkpointing=mode)

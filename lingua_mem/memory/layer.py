@@ -23,6 +23,23 @@ from lingua_mem.param_init import ParamInit
 SAVED_OPS = frozenset({torch.ops.aten.topk.default}) | kernels.SAVED_OPS
 
 
+class Bag:
+    """One read of a value table: indices and weights, (N, M) each.
+
+    A table call takes one Bag, not two tensors, on purpose: FSDP2 hooks a post-backward
+    onto every call's tensor arguments that need gradients, so a table shared by k memory
+    layers would be reduce-scattered and re-gathered k times in each backward, and re-gathered
+    inside a later layer's activation-checkpointed recompute (which selective checkpointing
+    refuses). FSDP2 looks into tuples, lists, dicts and dataclasses, not into a plain object:
+    inside a Bag the weights are not seen, the table stays gathered from its first read to
+    the end of the backward and its gradient is reduced once, there."""
+
+    __slots__ = ("indices", "weights")
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor):
+        self.indices, self.weights = indices, weights
+
+
 class ValueTable(nn.Module):
     """The memory's values: (n_values, v_dim), read as weighted bags of rows."""
 
@@ -34,9 +51,9 @@ class ValueTable(nn.Module):
     def init_weights(self, init: ParamInit) -> None:
         init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
-    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # indices, weights: (N, M) -> (N, v_dim)
-        return embedding_bag(indices, weights, self.weight, self.kernel)
+    def forward(self, bag: Bag) -> torch.Tensor:
+        # bag.indices, bag.weights: (N, M) -> (N, v_dim)
+        return embedding_bag(bag.indices, bag.weights, self.weight, self.kernel)
 
 
 class MemoryReads(nn.Module):
@@ -115,7 +132,7 @@ class ProductKeyMemory(nn.Module):
         shape = x.shape  # (B, T, dim)
         x = x.reshape(-1, self.dim)  # (N, dim)
         indices, weights = self.reads(*self.lookup(x))
-        out = values(indices, weights).to(x.dtype)  # (N, v_dim); tables stay fp32
+        out = values(Bag(indices, weights)).to(x.dtype)  # (N, v_dim); tables stay fp32
         if self.gate is not None:
             out = out * F.silu(self.gate(x))
         if self.out is not None:

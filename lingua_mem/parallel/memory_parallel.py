@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from lingua_mem.kernels.embedding_bag import embedding_bag
-from lingua_mem.memory.layer import ValueTable
+from lingua_mem.memory.layer import Bag, ValueTable
 
 # newer torch releases renamed the flat-tensor collectives; older ones only have the old names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -103,10 +103,10 @@ class MemoryParallelValueTable(ValueTable):
         self.weight = nn.Parameter(DTensor.from_local(local, mp_mesh, [Shard(1)], run_check=False,
                                                       shape=table.weight.shape, stride=(self.v_dim, 1)))
 
-    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n = indices.shape[0]  # this rank's tokens
-        all_indices = _all_gather_rows(indices, self.group)  # (mp*N, M), no gradient
-        all_weights = _AllGatherRows.apply(weights, self.group)  # (mp*N, M)
+    def forward(self, bag: Bag) -> torch.Tensor:
+        n = bag.indices.shape[0]  # this rank's tokens
+        all_indices = _all_gather_rows(bag.indices, self.group)  # (mp*N, M), no gradient
+        all_weights = _AllGatherRows.apply(bag.weights, self.group)  # (mp*N, M)
         table = _ScaleGrad.apply(self.weight.to_local(), 1.0 / self.mp)  # (n_values, v_dim/mp)
         part = embedding_bag(all_indices, all_weights, table, self.kernel)  # (mp*N, v_dim/mp)
         mine = _AllToAllRows.apply(part, self.group)  # (mp*N, v_dim/mp): block c = columns of rank c

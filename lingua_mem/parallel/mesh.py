@@ -118,12 +118,18 @@ def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
             # is registered (FSDP's import registers "fake"), and then warns on destroy
             dist.group.WORLD._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
     try:
-        dense = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard),
-                                 mesh_dim_names=("dp_replicate", "dp_shard"))
-        memory = init_device_mesh(device_type, (world_size // dims.mp, dims.mp),
-                                  mesh_dim_names=("mp_replicate", "mp"))
+        return build_meshes(dims, device_type, owns_process_group=owns)
     except BaseException:
         if owns:
             dist.destroy_process_group()
         raise
-    return Meshes(dims, device_type, dense, memory, owns_process_group=owns)
+
+
+def build_meshes(dims: ParallelDims, device_type: str, owns_process_group: bool = False) -> Meshes:
+    """The dense and memory meshes of `dims` over the started process group (a real one, or
+    the plan's fake one: lingua_mem.plan)."""
+    dense = init_device_mesh(device_type, (dims.dp_replicate, dims.dp_shard),
+                             mesh_dim_names=("dp_replicate", "dp_shard"))
+    memory = init_device_mesh(device_type, (dims.world_size // dims.mp, dims.mp),
+                              mesh_dim_names=("mp_replicate", "mp"))
+    return Meshes(dims, device_type, dense, memory, owns_process_group=owns_process_group)
