@@ -1,11 +1,14 @@
 """Launch one training run on SLURM.
 
     python -m lingua_mem.launch config=configs/memory_373m.yaml nodes=2 gpus_per_node=8 \
-        partition=... [account=... qos=... time=... profile=...] [key=value ...] [--dry-run]
+        partition=... [account=... qos=... time=... gpu=h100 profile=...] [key=value ...] \
+        [--dry-run] [--force]
 
 Launcher keys (lingua_mem.launch.slurm.LaunchConfig) and training config keys mix on
-one command line. The config is validated first (the same errors as train.py); then the
-dump dir is created with a snapshot of the code and the resolved config, the sbatch
+one command line. The config is validated first (the same errors as train.py) and, on GPU
+nodes, planned (lingua_mem.plan): a layout whose peak memory per GPU does not fit the `gpu`
+is refused with the nearest one that does, unless --force. Then the dump dir is created
+with a snapshot of the code and the resolved config, the sbatch
 script is rendered and submitted, and the job id and log path are printed.
 """
 
@@ -21,11 +24,15 @@ from lingua_mem.launch import slurm
 
 @reports(ConfigError)
 def main(argv: list[str]) -> int:
-    dry_run = "--dry-run" in argv
-    launch_items, train_items = slurm.split_args([a for a in argv if a != "--dry-run"])
+    dry_run, force = "--dry-run" in argv, "--force" in argv
+    launch_items, train_items = slurm.split_args([a for a in argv if a not in ("--dry-run", "--force")])
     launch = slurm.load_launch_config(launch_items)
     cfg = load_config(train_items)
     slurm.check_layout(launch, cfg)
+    if not force:  # the plan: does the peak memory per GPU fit (lingua_mem.plan)
+        verdict = slurm.check_fits(launch, cfg)
+        if verdict:
+            print(f"plan: {verdict}", file=sys.stderr)
     launch.job_name = launch.job_name or cfg.name
     dump_dir = Path(cfg.dump_dir).resolve()
     config, code_dir = slurm.run_config_path(dump_dir), dump_dir / "launch" / "code"

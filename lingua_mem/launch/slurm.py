@@ -47,6 +47,9 @@ class LaunchConfig:
     signal_seconds: int = 120  # SIGUSR1 this long before the time limit: checkpoint and requeue
     max_attempts: int = 3  # failures at the same step before a job stops requeueing itself
     backend: str = "sbatch"  # sbatch | submitit
+    # the nodes' GPU (lingua_mem.plan.hardware: h100 | h200 | a100): a job whose planned peak
+    # memory per GPU does not fit it is refused before submission (--force submits anyway)
+    gpu: str = "h100"
 
 
 LAUNCH_KEYS = set(LaunchConfig.__dataclass_fields__)
@@ -73,6 +76,9 @@ def _check_launch(c: LaunchConfig) -> None:
     need(c.max_attempts > 0, "max_attempts", "must be positive")
     need(c.signal_seconds >= 0, "signal_seconds", "must be >= 0")
     need(c.backend in ("sbatch", "submitit"), "backend", f"{c.backend!r} is not one of sbatch, submitit")
+    from lingua_mem.plan.hardware import ACCELERATORS
+
+    need(c.gpu in ACCELERATORS, "gpu", f"{c.gpu!r} is not one of {', '.join(ACCELERATORS)}")
     need(c.time is None or _TIME.fullmatch(c.time) is not None, "time",
          f"{c.time!r} is not a SLURM time (minutes, [days-]hours:minutes:seconds, days-hours, ...)")
     need(c.mem is None or _MEM.fullmatch(c.mem) is not None, "mem",
@@ -117,6 +123,26 @@ def check_layout(c: LaunchConfig, cfg: TrainConfig) -> None:
         resolve_dims(cfg.distributed, world)
     except ConfigError as exc:
         raise ConfigError(f"{exc} ({c.nodes} node(s) x {c.tasks_per_node} task(s))") from None
+
+
+def check_fits(c: LaunchConfig, cfg: TrainConfig) -> str | None:
+    """The plan of the job on its GPUs (lingua_mem.plan): its one-line verdict when the peak
+    memory per GPU fits, else ConfigError naming the figure and the nearest layout that fits.
+    None on a CPU cluster (gpus_per_node=0: nothing to plan)."""
+    if c.gpus_per_node == 0:
+        return None
+    from lingua_mem.plan.estimate import make_plan, nearest_fit
+    from lingua_mem.plan.hardware import HEADROOM, GiB
+
+    plan = make_plan(cfg, c.nodes, c.gpus_per_node, c.gpu)
+    if plan.fits:
+        return plan.verdict()
+    near = nearest_fit(cfg, c.nodes, c.gpus_per_node, c.gpu, max_nodes=4 * c.nodes)
+    hint = f"nearest layout that fits: {near.layout()}" if near else "no layout up to 4x the nodes fits"
+    raise ConfigError(f"gpu: the plan's peak of {plan.step.peak / GiB:.1f} GiB per GPU does not fit "
+                      f"{plan.budget / GiB:.1f} GiB of the {plan.gpu.name} ({HEADROOM:.0%} kept free) on "
+                      f"{c.nodes} x {c.gpus_per_node}; {hint} (python -m lingua_mem.plan for the details, "
+                      "--force to submit anyway)")
 
 
 def check_cluster(c: LaunchConfig) -> None:

@@ -1,6 +1,6 @@
 """Sweep any config keys: one SLURM job array, one task (run) per point.
 
-    python -m lingua_mem.launch.sweep sweep=configs/sweeps/sizes.yaml [launcher keys] [--dry-run]
+    python -m lingua_mem.launch.sweep sweep=configs/sweeps/sizes.yaml [launcher keys] [--dry-run] [--force]
 
 A sweep file:
     name: sizes                    # W&B group and run-name prefix
@@ -55,8 +55,8 @@ def expand(spec: dict) -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    dry_run = "--dry-run" in argv
-    items = [a for a in argv if a != "--dry-run"]
+    dry_run, force = "--dry-run" in argv, "--force" in argv
+    items = [a for a in argv if a not in ("--dry-run", "--force")]
     try:
         sweep_file = next((a.split("=", 1)[1] for a in items if a.startswith("sweep=")), None)
         if sweep_file is None or not Path(sweep_file).is_file():
@@ -83,6 +83,8 @@ def main(argv: list[str]) -> int:
                 cfg = load_config(base + list(spec.get("overrides") or []) + train_items + keyed + [
                     f"dump_dir={root / pname}", f"name={name}_{pname}", f"logging.wandb.group={name}"])
                 slurm.check_layout(launch, cfg)
+                if not force:
+                    slurm.check_fits(launch, cfg)
             except ConfigError as exc:
                 raise ConfigError(f"sweep point {pname}: {exc}") from None
             configs.append((pname, cfg))
