@@ -12,6 +12,7 @@
 # 5. eval.py on the debug run's step-30 checkpoint on CUDA (val, facts QA, generation)
 # 6. benchmarks/generate.py on CUDA: generation tokens/s with and without the KV cache
 # 7. benchmarks/embedding_bag.py on CUDA: the torch path against the Triton kernels (GB/s)
+# 8. benchmarks/plan_vs_measured.py: the scale plan's peak memory against max_memory_allocated
 # then one summary table. Exit 0 when every part ran (and the debug losses fell), 1 otherwise.
 # Without CUDA it says so and exits 0.
 #
@@ -64,6 +65,7 @@ if [ "$DEVICE" = cuda ]; then
   EVAL=(eval.max_questions=300)
   GEN=(--device cuda --batch 16 --new 128)
   BAG=(--device cuda --shapes 134m,373m,1.3b)
+  PLAN=(--device cuda)
 else  # rehearsal: the same commands, shapes small enough for a CPU
   DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
   M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
@@ -71,6 +73,7 @@ else  # rehearsal: the same commands, shapes small enough for a CPU
   EVAL=(eval.max_questions=16 eval.max_tokens=2048 eval.generate.max_new_tokens=16)
   GEN=(--device cpu --batch 2 --new 16 --repeats 1)
   BAG=(--device cpu --shapes 134m --rows 4096 --tokens 4 --bag 8 --repeats 1)
+  PLAN=(--device cpu --steps 2)
   export TRITON_INTERPRET=1
 fi
 COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16)
@@ -103,6 +106,7 @@ if "$PY" -c "import triton" 2>/dev/null; then
 else
   echo "== embedding_bag: skipped (triton is not installed)"
 fi
+run plan_vs_measured 240 "$PY" benchmarks/plan_vs_measured.py "${PLAN[@]}" --out "$OUT/plan_vs_measured.json"
 
 "$PY" - "$OUT" <<'PY' || failed+=(summary)
 import json, sys
@@ -147,6 +151,12 @@ if bag.exists():
         print(f"embedding_bag {r['shape']}: fwd torch {r['fwd_gbs']['torch']:,.0f} GB/s, triton "
               f"{r['fwd_gbs']['triton']:,.0f} GB/s ({r['fwd_of_copy']:.2f} of copy {r['copy_gbs']:,.0f}); "
               f"fwd+bwd {r['fwd_bwd_speedup']:.1f}x torch")
+plan = out / "plan_vs_measured.json"
+if plan.exists():
+    for r in json.loads(plan.read_text()):
+        measured = f"{r['measured_gib']:.2f}" if r["measured_gib"] is not None else "n/a"
+        ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] is not None else "n/a"
+        print(f"plan {r['case']}: predicted {r['predicted_gib']:.2f} GiB, measured {measured}, ratio {ratio}")
 sys.exit(1 if bad else 0)
 PY
 
