@@ -112,7 +112,8 @@ def test_plan_accounts_for_checkpointing_and_memory_parallel_traffic():
     assert step.peak >= sum(step.params.values()) + sum(step.optimizer.values())
     # memory parallelism: per memory layer, the group all-gathers indices (int64) and weights
     # (fp32) of its 2 ranks' tokens, and all-to-alls the bag output forward and its gradient back
-    tokens, m, v_dim = cfg.data.batch_size * cfg.data.seq_len, cfg.memory.heads * cfg.memory.knn, cfg.model.dim
+    tokens, v_dim = cfg.data.batch_size * cfg.data.seq_len, cfg.model.dim
+    m = cfg.memory.heads * cfg.memory.knn
     by_op = {(c.op, c.group): c for c in step.collectives}
     assert by_op[("all_gather", "mp")].bytes == 3 * 2 * tokens * m * (8 + 4)
     assert by_op[("all_to_all", "mp")].bytes == 3 * 2 * (2 * tokens * v_dim // 2 * 4)
@@ -127,8 +128,8 @@ def test_plan_accounts_for_checkpointing_and_memory_parallel_traffic():
 def test_memory_8b_fits_its_documented_layout():
     """docs/scaling.md: memory_8b on 8 nodes x 8 H100, the table split over all 64 GPUs by
     columns, selective activation checkpointing."""
-    proc = subprocess.run([sys.executable, "-m", "lingua_mem.plan", "config=configs/memory_8b.yaml", "nodes=8",
-                           "gpus_per_node=8", "distributed.memory_parallel_size=64",
+    proc = subprocess.run([sys.executable, "-m", "lingua_mem.plan", "config=configs/memory_8b.yaml",
+                           "nodes=8", "gpus_per_node=8", "distributed.memory_parallel_size=64",
                            "distributed.activation_checkpointing=selective", "format=json"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -156,8 +157,8 @@ def test_launcher_refuses_a_job_that_cannot_fit(tmp_path):
     """82.7 GiB per GPU on an 80 GB H100 (a 4096-sequence micro-batch): refused in one line
     with the nearest layout that fits; --force renders it anyway."""
     dump = tmp_path / "big"
-    args = [sys.executable, "-m", "lingua_mem.launch", "config=configs/debug.yaml", "nodes=1", "gpus_per_node=8",
-            "data.batch_size=4096", "partition=gpu", f"dump_dir={dump}", "--dry-run"]
+    args = [sys.executable, "-m", "lingua_mem.launch", "config=configs/debug.yaml", "nodes=1",
+            "gpus_per_node=8", "data.batch_size=4096", "partition=gpu", f"dump_dir={dump}", "--dry-run"]
     env = dict(os.environ, PATH=str(Path(sys.executable).parent))  # no sbatch needed
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -166,5 +167,6 @@ def test_launcher_refuses_a_job_that_cannot_fit(tmp_path):
     assert "does not fit 71.3 GiB of the H100" in lines[0]
     assert "nearest layout that fits: 1 x 8 H100" in lines[0] and "activation checkpointing full" in lines[0]
     assert proc.stdout == "" and not dump.exists()
-    forced = subprocess.run(args + ["--force"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    forced = subprocess.run(args + ["--force"], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=300)
     assert forced.returncode == 0 and "#SBATCH --nodes=1" in forced.stdout, forced.stderr
