@@ -51,6 +51,7 @@ def planned_peak(items: list[str]) -> int:
 def measured_peak(items: list[str], device: str, steps: int) -> int | None:
     cfg = load_config(items + ["model.attention=causal"])
     meshes = init_distributed(cfg.distributed, device)
+    model = optimizer = None
     try:
         model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel)
         parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)

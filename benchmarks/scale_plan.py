@@ -21,8 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lingua_mem.config import load_config  # noqa: E402
-from lingua_mem.plan.estimate import AC_MODES, make_plan  # noqa: E402
+from lingua_mem.config import (
+    AC_MODES,  # noqa: E402
+    load_config,  # noqa: E402
+)
+from lingua_mem.plan.estimate import make_plan  # noqa: E402
 from lingua_mem.plan.hardware import GiB, accelerator  # noqa: E402
 from lingua_mem.stats import config_stats  # noqa: E402
 

@@ -15,6 +15,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lingua_mem.model.args import MemoryArgs, ModelArgs, llama_ffn_hidden_dim, validate_args
 
+# distributed.activation_checkpointing, least recompute first
+AC_MODES = ("none", "selective", "full")
+
 
 class ConfigError(ValueError):
     """A bad configuration: the message is one line and names the key."""
@@ -446,8 +449,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_choice(cfg.model.attention_impl, "model.attention_impl", ("auto", "sdpa", "flex", "xformers"))
     _check_choice(cfg.memory.value_compute_dtype, "memory.value_compute_dtype", ("fp32", "bf16"))
     dist = cfg.distributed
-    _check_choice(dist.activation_checkpointing, "distributed.activation_checkpointing",
-                  ("none", "selective", "full"))
+    _check_choice(dist.activation_checkpointing, "distributed.activation_checkpointing", AC_MODES)
     _check(not (cfg.memory.query_batchnorm and dist.activation_checkpointing != "none"),
            "distributed.activation_checkpointing", "cannot be used with memory.query_batchnorm "
            "(recomputing the forward would update the BatchNorm running statistics twice)")

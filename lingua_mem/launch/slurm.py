@@ -76,9 +76,9 @@ def _check_launch(c: LaunchConfig) -> None:
     need(c.max_attempts > 0, "max_attempts", "must be positive")
     need(c.signal_seconds >= 0, "signal_seconds", "must be >= 0")
     need(c.backend in ("sbatch", "submitit"), "backend", f"{c.backend!r} is not one of sbatch, submitit")
-    from lingua_mem.plan.hardware import ACCELERATORS
+    from lingua_mem.plan.hardware import accelerator
 
-    need(c.gpu in ACCELERATORS, "gpu", f"{c.gpu!r} is not one of {', '.join(ACCELERATORS)}")
+    accelerator(c.gpu)  # an unknown name: ConfigError naming the key
     need(c.time is None or _TIME.fullmatch(c.time) is not None, "time",
          f"{c.time!r} is not a SLURM time (minutes, [days-]hours:minutes:seconds, days-hours, ...)")
     need(c.mem is None or _MEM.fullmatch(c.mem) is not None, "mem",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from lingua_mem.cli import reports
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.plan.estimate import format_plan, make_plan, nearest_fit
-from lingua_mem.plan.hardware import ACCELERATORS
+from lingua_mem.plan.hardware import accelerator
 
 
 @dataclass
@@ -35,8 +35,7 @@ def _check(a: PlanArgs) -> None:
         raise ConfigError("nodes: must be positive")
     if a.gpus_per_node < 1:
         raise ConfigError("gpus_per_node: must be positive (the plan is of GPU ranks)")
-    if a.gpu not in ACCELERATORS:
-        raise ConfigError(f"gpu: {a.gpu!r} is not one of {', '.join(ACCELERATORS)}")
+    accelerator(a.gpu)  # a name it does not know: ConfigError naming the key
     if a.format not in ("text", "json"):
         raise ConfigError(f"format: {a.format!r} is not one of text, json")
 

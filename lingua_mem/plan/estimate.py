@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from lingua_mem.config import TrainConfig
+from lingua_mem.config import AC_MODES, TrainConfig
 from lingua_mem.plan.fake_step import Collective, StepMeasure, measure_step
 from lingua_mem.plan.hardware import HEADROOM, Accelerator, GiB, accelerator
-
-AC_MODES = ("none", "selective", "full")  # least recompute first
 
 
 def wire_bytes(c: Collective) -> float:

@@ -172,7 +172,7 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
-def _attention_flops(query, key, *rest, backward=False):
+def _attention_flops(query, key, backward=False):
     # flash attention on the fake CPU (not in FlopCounterMode's table): QK^T and PV, 2 FLOPs a
     # multiply-add, in full (no causal saving: the MFU convention); backward twice forward
     b, h, s_q, d = query if isinstance(query, torch.Size) else query.shape
