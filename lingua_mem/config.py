@@ -13,14 +13,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from lingua_mem.errors import ConfigError  # noqa: F401 (re-exported: config is where users look)
 from lingua_mem.model.args import MemoryArgs, ModelArgs, llama_ffn_hidden_dim, validate_args
 
 # distributed.activation_checkpointing, least recompute first
 AC_MODES = ("none", "selective", "full")
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message is one line and names the key."""
 
 
 @dataclass

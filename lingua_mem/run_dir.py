@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from lingua_mem.config import ConfigError
+from lingua_mem.errors import ConfigError
 
 LOCK = "run.lock"
 

@@ -17,7 +17,8 @@ import sys
 import torch.nn as nn
 
 from lingua_mem.cli import reports
-from lingua_mem.config import ConfigError, TrainConfig, load_config, model_args
+from lingua_mem.config import TrainConfig, load_config, model_args
+from lingua_mem.errors import ConfigError
 from lingua_mem.memory import ProductKeyMemory
 from lingua_mem.model.llama import Transformer, build_model
 

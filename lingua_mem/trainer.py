@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 
 from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir, complete_checkpoints
 from lingua_mem.cli import one_line
-from lingua_mem.config import ConfigError, TrainConfig, model_args, parse_tasks, to_dict
+from lingua_mem.config import TrainConfig, model_args, parse_tasks, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
+from lingua_mem.errors import ConfigError
 from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration
 from lingua_mem.model.llama import build_model, resolve_attention

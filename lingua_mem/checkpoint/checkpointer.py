@@ -42,7 +42,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lingua_mem.cli import Stopped, one_line
-from lingua_mem.config import CheckpointConfig, ConfigError
+from lingua_mem.config import CheckpointConfig
+from lingua_mem.errors import ConfigError
 
 MANIFEST = "manifest.json"
 

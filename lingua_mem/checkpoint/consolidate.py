@@ -40,7 +40,6 @@ from lingua_mem.checkpoint.safetensors_stream import (
 )
 from lingua_mem.cli import fail
 from lingua_mem.config import (
-    ConfigError,
     FinetuneConfig,
     LoraConfig,
     MemoryConfig,
@@ -48,6 +47,7 @@ from lingua_mem.config import (
     validate_lora,
     validate_model,
 )
+from lingua_mem.errors import ConfigError
 from lingua_mem.finetune.lora import (
     LORA_PARAMS,
     apply_lora,

@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from lingua_mem.checkpoint.consolidate import consolidated_model_args
 from lingua_mem.checkpoint.hf_names import lingua_name
 from lingua_mem.checkpoint.safetensors_stream import weight_files
-from lingua_mem.config import ConfigError
+from lingua_mem.errors import ConfigError
 from lingua_mem.model.args import ModelArgs
 
 KEY = "checkpoint.init_from"

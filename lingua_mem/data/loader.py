@@ -30,11 +30,12 @@ from pathlib import Path
 
 import torch
 
-from lingua_mem.config import ConfigError, DataConfig
+from lingua_mem.config import DataConfig
 from lingua_mem.data.facts import ensure_facts
 from lingua_mem.data.prefetch import PrefetchLoader
 from lingua_mem.data.sources import JsonlSource, Source, open_source
 from lingua_mem.data.tokenizer import build_tokenizer
+from lingua_mem.errors import ConfigError
 
 __all__ = ["PackedLoader", "LoaderSpec", "build_loader", "build_packed_loader", "document_ids"]
 

@@ -42,7 +42,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from lingua_mem.config import ConfigError, SourceConfig
+from lingua_mem.config import SourceConfig
+from lingua_mem.errors import ConfigError
 
 SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz"), "parquet": (".parquet",), "text": (".txt", ".txt.gz")}
 FORMATS = ("auto", *SUFFIXES, "hf")

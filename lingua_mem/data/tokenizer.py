@@ -24,7 +24,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from lingua_mem.config import ConfigError, TokenizerConfig
+from lingua_mem.config import TokenizerConfig
+from lingua_mem.errors import ConfigError
 
 
 @runtime_checkable

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lingua_mem.config import ConfigError
 from lingua_mem.data.facts import attribute_values
+from lingua_mem.errors import ConfigError
 from lingua_mem.eval.generate import cut_at_stop, generate_ids
 from lingua_mem.eval.shard import gather, rank_batches
 

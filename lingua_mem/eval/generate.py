@@ -155,7 +155,8 @@ class GenerateCommand:
 
 def main(argv: list[str]) -> int:
     from lingua_mem.cli import reports
-    from lingua_mem.config import ConfigError, TokenizerConfig, load_config, validate_generate
+    from lingua_mem.config import TokenizerConfig, load_config, validate_generate
+    from lingua_mem.errors import ConfigError
     from lingua_mem.eval.load import load_model
     from lingua_mem.trainer import resolve_device
 

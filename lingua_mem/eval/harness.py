@@ -58,7 +58,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import model_registry, register_model
 
-from lingua_mem.config import ConfigError, GenerateConfig, TokenizerConfig
+from lingua_mem.config import GenerateConfig, TokenizerConfig
+from lingua_mem.errors import ConfigError
 from lingua_mem.eval.generate import generate
 from lingua_mem.eval.load import LoadedModel, load_model
 

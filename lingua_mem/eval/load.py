@@ -29,8 +29,9 @@ from lingua_mem.checkpoint.consolidate import (
 )
 from lingua_mem.checkpoint.safetensors_stream import INDEX
 from lingua_mem.cli import one_line
-from lingua_mem.config import CheckpointConfig, ConfigError, DistributedConfig, LoraConfig, TokenizerConfig
+from lingua_mem.config import CheckpointConfig, DistributedConfig, LoraConfig, TokenizerConfig
 from lingua_mem.data.tokenizer import build_tokenizer
+from lingua_mem.errors import ConfigError
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.llama import Transformer
 

@@ -10,8 +10,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lingua_mem.config import ConfigError, EvalCommandConfig, parse_tasks
+from lingua_mem.config import EvalCommandConfig, parse_tasks
 from lingua_mem.data.facts import ensure_facts
+from lingua_mem.errors import ConfigError
 from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
 from lingua_mem.eval.suite import default_sources, evaluate, prepare
 from lingua_mem.parallel import init_distributed

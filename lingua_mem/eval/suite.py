@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lingua_mem.config import ConfigError, EvalConfig, EvalSourceConfig
+from lingua_mem.config import EvalConfig, EvalSourceConfig
+from lingua_mem.errors import ConfigError
 from lingua_mem.eval import facts_qa
 from lingua_mem.eval.analytics import MemoryReadStats
 from lingua_mem.eval.generate import generate

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from lingua_mem.config import ConfigError, EvalSourceConfig, SourceConfig
+from lingua_mem.config import EvalSourceConfig, SourceConfig
 from lingua_mem.data.loader import document_ids
 from lingua_mem.data.sources import (
     READERS,
@@ -28,6 +28,7 @@ from lingua_mem.data.sources import (
     read_dataset,
     resolve_files,
 )
+from lingua_mem.errors import ConfigError
 from lingua_mem.eval.shard import rank_batches
 from lingua_mem.step import forward_loss
 

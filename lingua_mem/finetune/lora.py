@@ -30,7 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lingua_mem.config import ConfigError, LoraConfig, validate_lora
+from lingua_mem.config import LoraConfig, validate_lora
+from lingua_mem.errors import ConfigError
 from lingua_mem.model.llama import Attention, FeedForward
 from lingua_mem.param_init import ParamInit
 

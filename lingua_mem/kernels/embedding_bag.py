@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from lingua_mem.config import ConfigError
+from lingua_mem.errors import ConfigError
 
 KERNELS = ("auto", "torch", "triton")
 

@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from lingua_mem.cli import reports
-from lingua_mem.config import ConfigError, load_config
+from lingua_mem.config import load_config
+from lingua_mem.errors import ConfigError
 from lingua_mem.launch import slurm
 
 

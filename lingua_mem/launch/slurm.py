@@ -20,7 +20,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lingua_mem.config import ConfigError, TrainConfig, load_config, to_dict
+from lingua_mem.config import TrainConfig, load_config, to_dict
+from lingua_mem.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: lingua_mem/, train.py, slurm/
 TEMPLATE = REPO / "slurm" / "job.sbatch"

@@ -25,7 +25,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lingua_mem.cli import fail
-from lingua_mem.config import ConfigError, load_config
+from lingua_mem.config import load_config
+from lingua_mem.errors import ConfigError
 from lingua_mem.launch import slurm
 
 

@@ -122,7 +122,7 @@ def load_usage(path: str | Path, n_values: dict[str, int], key: str = "finetune.
     (one line, naming `key`) for a file that is not usage counts or does not fit."""
     from safetensors import safe_open
 
-    from lingua_mem.config import ConfigError
+    from lingua_mem.errors import ConfigError
 
     path = Path(path)
     try:
@@ -183,8 +183,9 @@ def _reshard(model) -> None:
 
 def run(cfg) -> Usage:
     """The command (every process): load the checkpoint, count, write (rank 0)."""
-    from lingua_mem.config import ConfigError, TokenizerConfig
+    from lingua_mem.config import TokenizerConfig
     from lingua_mem.data.loader import build_loader
+    from lingua_mem.errors import ConfigError
     from lingua_mem.eval.load import inspect_checkpoint, load_model
     from lingua_mem.parallel import init_distributed
     from lingua_mem.run_dir import check_writable
@@ -239,13 +240,8 @@ def _sources(data) -> dict:
 
 def main(argv: list[str]) -> int:
     from lingua_mem.cli import STOPPED, Stopped, fail
-    from lingua_mem.config import (
-        ConfigError,
-        UsageCommandConfig,
-        load_config,
-        run_data_defaults,
-        validate_usage_command,
-    )
+    from lingua_mem.config import UsageCommandConfig, load_config, run_data_defaults, validate_usage_command
+    from lingua_mem.errors import ConfigError
 
     if "--help" in argv or "-h" in argv:
         print(__doc__.strip())

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from lingua_mem.config import ConfigError, DistributedConfig
+from lingua_mem.config import DistributedConfig
+from lingua_mem.errors import ConfigError
 
 
 @dataclass(frozen=True)

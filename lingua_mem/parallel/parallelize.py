@@ -16,7 +16,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from lingua_mem.config import ConfigError, DistributedConfig
+from lingua_mem.config import DistributedConfig
+from lingua_mem.errors import ConfigError
 from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer
 from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
 from lingua_mem.parallel.mesh import Meshes

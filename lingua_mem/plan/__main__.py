@@ -15,7 +15,8 @@ import sys
 from dataclasses import dataclass
 
 from lingua_mem.cli import reports
-from lingua_mem.config import ConfigError, load_config
+from lingua_mem.config import load_config
+from lingua_mem.errors import ConfigError
 from lingua_mem.plan.estimate import format_plan, make_plan, nearest_fit
 from lingua_mem.plan.hardware import accelerator
 

@@ -36,7 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from lingua_mem.config import ConfigError, TrainConfig, model_args
+from lingua_mem.config import TrainConfig, model_args
+from lingua_mem.errors import ConfigError
 from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import parallelize, resolve_dims

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lingua_mem.config import ConfigError
+from lingua_mem.errors import ConfigError
 
 GiB = 2**30
 
