@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
 
         print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
         return 0
-    from lingua_mem.trainer import train
+    from lingua_mem.train.trainer import train
 
     try:
         train(cfg)

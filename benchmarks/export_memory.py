@@ -42,7 +42,7 @@ if what == "full-load":
 elif what == "idle":  # the modules imported, nothing read
     import lingua_mem.checkpoint.consolidate, lingua_mem.checkpoint.hf_export, transformers  # noqa: F401
 else:
-    from lingua_mem.checkpoint.consolidate import main
+    from lingua_mem.checkpoint.__main__ import main
     assert main(sys.argv[2:]) == 0
 # VmHWM: this process's own peak (ru_maxrss would carry over the forking parent's)
 print(next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")))  # KiB

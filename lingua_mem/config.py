@@ -230,7 +230,7 @@ class FinetuneConfig:
     (Lin et al. 2025); every other parameter and row is frozen. lora: low-rank adapters only."""
 
     mode: str = "full"  # full | sparse_memory | lora
-    # sparse_memory: the background read counts (python -m lingua_mem.memory.usage)
+    # sparse_memory: the background read counts (python -m lingua_mem.eval.usage)
     background: str | None = None
     ranking: str = "tfidf"  # tfidf | kl: how a batch's rows are scored against the background
     top_t: int = 500  # rows updated per step, per value table (selected over the global batch)
@@ -278,7 +278,7 @@ class EvalCommandConfig:
 
 @dataclass
 class UsageCommandConfig:
-    """python -m lingua_mem.memory.usage: background read counts of a checkpoint's value rows."""
+    """python -m lingua_mem.eval.usage: background read counts of a checkpoint's value rows."""
 
     ckpt: str = ""  # a checkpoints/<step> directory, or a consolidated export directory
     out: str = ""  # "": <ckpt>/memory_usage.safetensors
@@ -501,7 +501,7 @@ def validate_finetune(cfg: TrainConfig) -> None:
     if f.mode == "sparse_memory":
         _check(bool(cfg.memory.layers), "finetune.mode", "sparse_memory needs memory layers (memory.layers)")
         _check(bool(f.background), "finetune.background", "required for sparse_memory: the background read "
-               "counts (python -m lingua_mem.memory.usage ckpt=... out=...)")
+               "counts (python -m lingua_mem.eval.usage ckpt=... out=...)")
         _check(Path(f.background).is_file(), "finetune.background", f"no such file {f.background}")
         _check(not cfg.distributed.compile, "distributed.compile", "cannot be used with "
                "finetune.mode=sparse_memory (its read counts hook the memory layers in eager code)")

@@ -37,6 +37,21 @@ def _step_of(line: str) -> int | None:
         return None
 
 
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl (the JSON objects with an int "step"); other lines (one cut
+    short by a kill) are skipped, and a missing file has none."""
+    path = Path(path)
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"

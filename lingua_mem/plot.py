@@ -23,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lingua_mem.cli import fail
+from lingua_mem.metrics import read_rows
 
 try:
     from matplotlib.figure import Figure  # no pyplot: no screen, no global figure state
@@ -38,17 +39,6 @@ PANELS = [  # (title, series, eval metric)
 ]
 
 
-def _json_rows(path: Path) -> list[dict]:
-    """The JSON objects of a .jsonl file that have a "step"; other lines are skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
-    return rows
 
 
 def _flops(tokens, flops_per_token) -> float | None:
@@ -71,7 +61,7 @@ def load_run(dump_dir: str | Path) -> dict:
     dump_dir = Path(dump_dir)
     train, evals = {}, {}  # step -> row; the last row of a step wins
     metrics_file = dump_dir / "metrics.jsonl"
-    for row in _json_rows(metrics_file) if metrics_file.is_file() else []:
+    for row in read_rows(metrics_file) if metrics_file.is_file() else []:
         (evals if row.get("eval") is True else train)[row["step"]] = row
     for path in sorted((dump_dir / "evals").glob("*.json")):  # the eval command's
         try:

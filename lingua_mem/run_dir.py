@@ -169,3 +169,11 @@ class RunLock:
                 self.path.unlink()
         except (OSError, ValueError):
             pass
+
+
+def take_lock(dump_dir: str | Path) -> RunLock:
+    """The run's lock on dump_dir, created if need be (the lock may be its first file)."""
+    Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    lock = RunLock(dump_dir)
+    lock.acquire()
+    return lock

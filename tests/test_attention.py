@@ -11,7 +11,7 @@ import torch
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, load_config, model_args
 from lingua_mem.data.loader import document_ids
 from lingua_mem.model.llama import BlockDiagonalMask, build_model, document_lengths, document_mask
-from lingua_mem.trainer import train
+from lingua_mem.train.trainer import train
 
 BOS = 256
 DOCS = [[BOS, 5, 6, 7, 8], [BOS, 9, 10], [BOS, 11, 12, 13, 14, 15, 16], [BOS, 3]]

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from lingua_mem.checkpoint.checkpointer import MANIFEST, complete_checkpoints, verify
 from lingua_mem.config import ConfigError, load_config, model_args
 from lingua_mem.model.llama import build_model
-from lingua_mem.trainer import train
+from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a small Memory+ model (one memory layer) on short batches: a step takes milliseconds

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
-from lingua_mem.checkpoint.consolidate import consolidate, load_consolidated, main
+from lingua_mem.checkpoint.__main__ import main
+from lingua_mem.checkpoint.consolidate import consolidate, load_consolidated
 from lingua_mem.config import (
     ConfigError,
     DistributedConfig,

@@ -28,7 +28,7 @@ from lingua_mem.eval.facts_qa import f1_score, normalize, score
 from lingua_mem.eval.generate import generate, generate_ids
 from lingua_mem.eval.validate import prepare_text, validate
 from lingua_mem.model.llama import build_model
-from lingua_mem.trainer import train
+from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=64", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64",

@@ -26,9 +26,9 @@ from lingua_mem.finetune.sparse_memory import (
 )
 from lingua_mem.memory.usage import RowReads, Usage, count_usage, load_usage
 from lingua_mem.model.llama import build_model
-from lingua_mem.optim import split_params
 from lingua_mem.parallel import init_distributed, parallelize
-from lingua_mem.step import train_step
+from lingua_mem.train.optim import split_params
+from lingua_mem.train.step import train_step
 
 TOP_T, STEPS, BACKGROUND = 6, 3, 4
 
@@ -182,7 +182,7 @@ def test_row_reads_count_each_layers_picks_per_table():
 # ---- the command line: usage, the three modes, resume ------------------------------------
 
 def usage_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lingua_mem.memory.usage", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "lingua_mem.eval.usage", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

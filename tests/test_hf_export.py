@@ -26,8 +26,8 @@ transformers = pytest.importorskip("transformers")
 from test_parallel import free_port  # noqa: E402
 from test_tokenizer import write_ranks  # noqa: E402
 
+from lingua_mem.checkpoint.__main__ import main  # noqa: E402
 from lingua_mem.checkpoint.checkpointer import checkpoint_dir  # noqa: E402
-from lingua_mem.checkpoint.consolidate import main  # noqa: E402
 from lingua_mem.checkpoint.hf_export import export_hf  # noqa: E402
 from lingua_mem.checkpoint.hf_import import load_hf_weights  # noqa: E402
 from lingua_mem.checkpoint.hf_tokenizer import hf_tokenizer  # noqa: E402
@@ -46,7 +46,7 @@ from lingua_mem.data.tokenizer import main as tokenizer_main  # noqa: E402
 from lingua_mem.eval.generate import generate_ids  # noqa: E402
 from lingua_mem.eval.load import load_model  # noqa: E402
 from lingua_mem.model.llama import build_model  # noqa: E402
-from lingua_mem.trainer import train  # noqa: E402
+from lingua_mem.train.trainer import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["config=configs/debug.yaml", "model.dim=64", "model.n_layers=3", "model.n_heads=4",
@@ -308,7 +308,7 @@ def test_lm_evals_stock_hf_model_runs_a_local_task_on_an_export(checkpoints, tmp
 
 PEAKS = """
 import json, sys
-from lingua_mem.checkpoint.consolidate import main
+from lingua_mem.checkpoint.__main__ import main
 import lingua_mem.checkpoint.hf_export, transformers  # imported before the first measure
 
 

@@ -24,7 +24,7 @@ from lingua_mem.kernels.triton_bag import (
     embedding_bag_triton_backward,
 )
 from lingua_mem.memory import ProductKeyMemory, ValueTable
-from lingua_mem.trainer import train
+from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # (N, M, R, D): tails on every axis (blocks of BLOCK_M indices, BLOCK_D columns), D above
@@ -155,9 +155,9 @@ def test_training_with_the_triton_kernel_matches_the_torch_path_on_1_and_2_proce
 def test_the_bag_reads_a_bf16_table_and_the_master_weights_stay_fp32(tmp_path, kernel):
     from lingua_mem.config import model_args
     from lingua_mem.model.llama import build_model
-    from lingua_mem.optim import build_optimizer, split_params
     from lingua_mem.parallel import init_distributed, parallelize
-    from lingua_mem.step import train_step
+    from lingua_mem.train.optim import build_optimizer, split_params
+    from lingua_mem.train.step import train_step
 
     cfg = load_config([*TINY, f"memory.kernel={kernel}", "memory.value_compute_dtype=bf16"])
     results = {}

@@ -25,9 +25,9 @@ from lingua_mem.config import (
 )
 from lingua_mem.data.loader import document_ids
 from lingua_mem.model.llama import build_model
-from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import init_distributed, parallelize, resolve_dims
-from lingua_mem.step import train_step
+from lingua_mem.train.optim import build_optimizer, split_params
+from lingua_mem.train.step import train_step
 
 MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 MEMORY = MemoryConfig(layers=[0, 2], n_keys=8, heads=2, knn=4, k_dim=16)

@@ -13,7 +13,7 @@ import pytest
 
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.run_dir import LOCK, RunLock
-from lingua_mem.trainer import train
+from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=4", "model.max_seq_len=32",

@@ -12,8 +12,8 @@ from wandb_runs import read_run
 from lingua_mem.checkpoint.checkpointer import complete_checkpoints
 from lingua_mem.config import OptimConfig, load_config, model_args
 from lingua_mem.model.llama import build_model
-from lingua_mem.optim import build_optimizer, clip_grads, lr_factor
-from lingua_mem.trainer import train
+from lingua_mem.train.optim import build_optimizer, clip_grads, lr_factor
+from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.dim=64", "model.n_layers=3", "model.n_heads=4", "model.max_seq_len=64",

@@ -6,7 +6,7 @@ process, each done once (its output is read back when the command is run again):
     <out>/data/B                   the new facts corpus (seed 1); <out>/data/a_recall.jsonl and
                                    b_recall.jsonl: both recall question sets, minus any person whose
                                    name both corpora hold
-    <out>/usage.safetensors        python -m lingua_mem.memory.usage on A's training data
+    <out>/usage.safetensors        python -m lingua_mem.eval.usage on A's training data
     <out>/runs/pretrain/evals/     eval.py of the pretrained model: the finetunings' step 0
     <out>/runs/<method>_lr<x>/     train.py on B from the pretrained weights (result.json last)
 """
@@ -79,7 +79,7 @@ def background(p: Preset, out: Path, ckpt: Path) -> Path:
     """The pretrained model's value-row usage over A's training data (its own data section)."""
     target = out / "usage.safetensors"
     if not target.is_file():
-        run_logged(["-m", "lingua_mem.memory.usage", f"ckpt={ckpt}", f"out={target}",
+        run_logged(["-m", "lingua_mem.eval.usage", f"ckpt={ckpt}", f"out={target}",
                     f"batches={p.usage_batches}", *p.usage], out / "usage.log", "background usage")
     return target
 

@@ -14,14 +14,12 @@ commit, retention, async save, resume with fallback, and init_from.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
 import sys
 import time
-import warnings
 import zlib
 from pathlib import Path
 
@@ -32,7 +30,6 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -41,15 +38,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from lingua_mem.checkpoint.records import (
+    MANIFEST,
+    CheckpointError,
+    check_model_shapes,
+    checkpoint_dir,
+    checkpoint_model_args,
+    complete_checkpoints,
+    match_by_name,
+    quiet_single_process,
+    saved_shapes,
+)
 from lingua_mem.cli import Stopped, one_line
 from lingua_mem.config import CheckpointConfig
 from lingua_mem.errors import ConfigError
-
-MANIFEST = "manifest.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded (truncated, corrupt, missing files); names the file."""
 
 
 class CheckpointWriteError(Stopped):
@@ -87,74 +89,6 @@ def _write_failure(exc: BaseException, where: Path) -> str:
     except OSError:
         free = "free space unknown"
     return f"{one_line(f'{type(exc).__name__}: {exc}')} ({free})"
-
-
-def checkpoint_dir(dump_dir: str | Path, step: int) -> Path:
-    return Path(dump_dir) / "checkpoints" / f"{step:010d}"
-
-
-def complete_checkpoints(dump_dir: str | Path) -> list[Path]:
-    """Committed checkpoints, oldest first."""
-    root = Path(dump_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
-
-
-def missing_checkpoint(path: Path) -> str:
-    """"no such checkpoint <path>", naming the steps its folder does hold (one line)."""
-    root = path.parent
-    there = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
-    return f"no such checkpoint {path}" + (f"; {root} has {', '.join(there)}" if there else "")
-
-
-def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """The global shape of every model tensor in checkpoint `path`, by FQN (from its
-    metadata, no weights read); CheckpointError if the metadata is unreadable."""
-    try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
-    # DCP flattens {"model": {fqn: ...}} to "model.<fqn>"
-    return {key.removeprefix("model."): tuple(meta.size) for key, meta in saved.items()
-            if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-
-
-def check_model_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    """ConfigError naming the first model tensor whose global shape differs from the
-    checkpoint's, or that only one side has; CheckpointError if the metadata is unreadable."""
-    saved = saved_shapes(path)
-    for name, shape in shapes.items():
-        if name not in saved:
-            raise ConfigError(f"checkpoint {path}: parameter {name} of this model is not in the checkpoint "
-                              "(a different model config?)")
-        if saved[name] != tuple(shape):
-            raise ConfigError(f"checkpoint {path}: parameter {name} has shape {saved[name]} in the "
-                              f"checkpoint and {tuple(shape)} in this model")
-    extra = sorted(set(saved) - set(shapes))
-    if extra:
-        raise ConfigError(f"checkpoint {path}: parameter {extra[0]} is in the checkpoint but not in this "
-                          "model (a different model config?)")
-
-
-def match_by_name(path: Path, saved: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]):
-    """(loaded, skipped, new) of init_from a checkpoint: the names in both (of equal shape),
-    only in the checkpoint, only in the model; ConfigError naming the first tensor (in model
-    order) that both have with different shapes."""
-    for name, shape in shapes.items():
-        if name in saved and saved[name] != tuple(shape):
-            raise ConfigError(f"checkpoint.init_from: {path}: parameter {name} has shape {saved[name]} in "
-                              f"the checkpoint and {tuple(shape)} in this model")
-    return (sorted(set(saved) & set(shapes)), sorted(set(saved) - set(shapes)),
-            sorted(set(shapes) - set(saved)))
-
-
-@contextlib.contextmanager
-def quiet_single_process():
-    """DCP warns at every single-process call that it is "assuming" one process."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _crc32(path: Path) -> int:
@@ -482,7 +416,6 @@ class Checkpointer:
 
     def _init_from_checkpoint(self, path: Path):
         """init_from a DCP checkpoint of any layout; its ImportSummary."""
-        from lingua_mem.checkpoint.consolidate import checkpoint_model_args
         from lingua_mem.checkpoint.hf_import import KEY, ImportSummary, check_model_args
 
         try:

@@ -14,12 +14,10 @@ weight merged with its adapters (W + alpha/rank B A), the lora tensors left out.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -29,23 +27,25 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from lingua_mem.checkpoint.checkpointer import check_model_shapes, missing_checkpoint, quiet_single_process
 from lingua_mem.checkpoint.dcp_stream import DCPStreamReader
+from lingua_mem.checkpoint.records import (
+    FORMAT,
+    _first_line,
+    check_model_shapes,
+    checkpoint_model_args,
+    consolidated_model_args,
+    quiet_single_process,
+)
 from lingua_mem.checkpoint.safetensors_stream import (
     TensorSource,
     read_tensors,
     replace_dir,
-    weight_files,
     write_sharded,
 )
-from lingua_mem.cli import fail
 from lingua_mem.config import (
     FinetuneConfig,
     LoraConfig,
-    MemoryConfig,
-    ModelConfig,
     validate_lora,
-    validate_model,
 )
 from lingua_mem.errors import ConfigError
 from lingua_mem.finetune.lora import (
@@ -56,48 +56,8 @@ from lingua_mem.finetune.lora import (
     merge_lora,
     merged_weight,
 )
-from lingua_mem.model.args import ModelArgs, validate_args
+from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.llama import Transformer, build_model
-
-FORMAT = "lingua_mem"
-
-
-def _first_line(exc: Exception) -> str:
-    msg = str(exc).strip()
-    return f"{type(exc).__name__}: {msg.splitlines()[0][:300]}" if msg else type(exc).__name__
-
-
-def _training_model_args(raw, where: Path) -> ModelArgs:
-    """The model's arguments from the "model" and "memory" sections of a training run's
-    config.yaml, type-checked by OmegaConf and validated; the rest is ignored."""
-    parts = []
-    for section, schema in (("model", ModelConfig), ("memory", MemoryConfig)):
-        try:
-            parts.append(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
-                                                             raw.get(section) or {})))
-        except OmegaConfBaseException as exc:
-            key = f"{section}.{exc.full_key}" if getattr(exc, "full_key", None) else section
-            raise ConfigError(f"{where}: {key}: {str(exc).strip().splitlines()[0]}") from None
-    try:
-        return validate_model(*parts)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def checkpoint_model_args(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict]:
-    """(model args, the run's config.yaml as a dict) of a training checkpoint; ValueError
-    (one line, naming the path or key) for a missing directory or config."""
-    path = Path(checkpoint_dir)
-    if not path.is_dir():
-        raise ValueError(missing_checkpoint(path))
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        raise ValueError(f"{config_file}: missing (not a checkpoint directory?)")
-    try:
-        raw = OmegaConf.load(config_file)
-    except Exception as exc:  # YAML syntax and the like
-        raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
-    return _training_model_args(raw, config_file), OmegaConf.to_container(raw, resolve=False)
 
 
 def checkpoint_lora(run_config: dict, where: str | Path) -> LoraConfig | None:
@@ -283,34 +243,6 @@ def model_from_state_dict(args: ModelArgs, state_dict: dict,
     return model.eval()
 
 
-def consolidated_model_args(directory: str | Path) -> tuple[ModelArgs, dict]:
-    """(model args, its lingua_mem config) of a consolidate() or export-hf output directory
-    (config.json, or lingua_mem.json beside an HF config.json), its weights unread."""
-    directory = Path(directory)
-    config_file = directory / "lingua_mem.json"
-    if not config_file.is_file():
-        config_file = directory / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{config_file}: missing (not a consolidated checkpoint?)")
-    weight_files(directory)  # the weights are there (names the missing file)
-    try:
-        raw = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{config_file}: unreadable ({_first_line(exc)})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise ValueError(f"{config_file}: not a {FORMAT} config (no \"format\": \"{FORMAT}\")")
-    if "memory" in raw:  # the model and memory config sections, before 2026-12-01
-        raise ValueError(f"{config_file}: an export of an older lingua_mem; consolidate its checkpoint again")
-    try:
-        args = ModelArgs.from_dict(raw.get("model"))
-        validate_args(args)
-    except ValueError as exc:  # names the key
-        raise ValueError(f"{config_file}: {exc}") from None
-    except TypeError as exc:  # a value of the wrong type
-        raise ValueError(f"{config_file}: model: {_first_line(exc)}") from None
-    return args, raw
-
-
 def read_consolidated(directory: str | Path) -> tuple[ModelArgs, dict, dict]:
     """(model args, CPU tensors under lingua_mem's names, its lingua_mem config) of a
     consolidate() or export-hf output directory; floating tensors in fp32."""
@@ -330,41 +262,3 @@ def load_consolidated(directory: str | Path, device: torch.device | str = "cpu")
         raise ValueError(f"{Path(directory)}: the weights do not match its config "
                          f"({_first_line(exc)})") from None
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # a one-line ValueError instead of usage + exit
-        raise ValueError(message)
-
-
-def main(argv: list[str]) -> int:
-    parser = _Parser(prog="python -m lingua_mem.checkpoint",
-                     description="consolidate: a training checkpoint into safetensors + config.json "
-                                 "(lingua_mem's names); export-hf: into a directory transformers loads.")
-    parser.add_argument("command", choices=["consolidate", "export-hf"])
-    parser.add_argument("checkpoint", help="a checkpoints/<step> directory")
-    parser.add_argument("--out", required=True, help="output directory (empty or new, or give --force)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("--dtype", default="fp32", help="export-hf: fp32 | bf16 floating tensors")
-    parser.add_argument("--no-tokenizer", action="store_true", help="export-hf: write no tokenizer files")
-    try:
-        args = parser.parse_args(argv)
-        shard = parse_size(args.max_shard_size)
-        if args.command == "consolidate":
-            out = consolidate(args.checkpoint, args.out, shard, args.force)
-        else:
-            from lingua_mem.checkpoint.hf_export import export_hf
-
-            out = export_hf(args.checkpoint, args.out, args.dtype, shard, args.force, not args.no_tokenizer)
-    except ValueError as exc:  # ConfigError included
-        return fail(exc)
-    files = weight_files(out)
-    size = sum(f.stat().st_size for f in set(files.values())) / 1e9
-    shards = len(set(files.values()))
-    print(f"wrote {out}: {len(files)} tensors in {shards} safetensors file{'s' if shards > 1 else ''} "
-          f"({size:.3g} GB)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -23,14 +23,9 @@ from pathlib import Path
 
 import torch
 
-from lingua_mem.checkpoint.consolidate import (
-    FORMAT,
-    checkpoint_model_args,
-    checkpoint_sources,
-    run_tokenizer,
-    staged_output,
-)
+from lingua_mem.checkpoint.consolidate import checkpoint_sources, run_tokenizer, staged_output
 from lingua_mem.checkpoint.hf_names import hf_name
+from lingua_mem.checkpoint.records import FORMAT, checkpoint_model_args
 from lingua_mem.checkpoint.safetensors_stream import write_sharded
 from lingua_mem.config import TokenizerConfig
 from lingua_mem.data.tokenizer import build_tokenizer

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lingua_mem.checkpoint.consolidate import consolidated_model_args
 from lingua_mem.checkpoint.hf_names import lingua_name
+from lingua_mem.checkpoint.records import consolidated_model_args
 from lingua_mem.checkpoint.safetensors_stream import weight_files
 from lingua_mem.errors import ConfigError
 from lingua_mem.model.args import ModelArgs

@@ -158,7 +158,7 @@ def main(argv: list[str]) -> int:
     from lingua_mem.config import TokenizerConfig, load_config, validate_generate
     from lingua_mem.errors import ConfigError
     from lingua_mem.eval.load import load_model
-    from lingua_mem.trainer import resolve_device
+    from lingua_mem.parallel.runtime import resolve_device
 
     def check(cfg: GenerateCommand) -> None:
         if not cfg.ckpt:

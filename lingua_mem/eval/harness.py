@@ -135,7 +135,7 @@ def _batch_size(value) -> int:
 
 
 def _device(name) -> torch.device:
-    from lingua_mem.trainer import resolve_device
+    from lingua_mem.parallel.runtime import resolve_device
 
     name = "auto" if name in (None, "") else str(name)
     if name.startswith("cuda:") and not torch.cuda.is_available():

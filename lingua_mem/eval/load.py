@@ -17,16 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lingua_mem.checkpoint.checkpointer import Checkpointer, missing_checkpoint
+from lingua_mem.checkpoint.checkpointer import Checkpointer
 from lingua_mem.checkpoint.consolidate import (
     checkpoint_lora,
     checkpoint_meta_model,
-    checkpoint_model_args,
-    consolidated_model_args,
     model_from_state_dict,
     read_checkpoint,
     read_consolidated,
 )
+from lingua_mem.checkpoint.records import checkpoint_model_args, consolidated_model_args, missing_checkpoint
 from lingua_mem.checkpoint.safetensors_stream import INDEX
 from lingua_mem.cli import one_line
 from lingua_mem.config import CheckpointConfig, DistributedConfig, LoraConfig, TokenizerConfig

@@ -16,8 +16,8 @@ from lingua_mem.errors import ConfigError
 from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
 from lingua_mem.eval.suite import default_sources, evaluate, prepare
 from lingua_mem.parallel import init_distributed
+from lingua_mem.parallel.runtime import on_rank_0, resolve_device
 from lingua_mem.run_dir import check_writable
-from lingua_mem.trainer import on_rank_0, resolve_device
 
 
 def run(cfg: EvalCommandConfig) -> dict:

@@ -30,7 +30,7 @@ from lingua_mem.data.sources import (
 )
 from lingua_mem.errors import ConfigError
 from lingua_mem.eval.shard import rank_batches
-from lingua_mem.step import forward_loss
+from lingua_mem.model.loss import forward_loss
 
 IGNORE = -100  # a target not scored (cross_entropy's ignore_index)
 

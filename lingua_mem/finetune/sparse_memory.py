@@ -5,7 +5,7 @@ much more than the pretraining data did; every other parameter is frozen.
 Each optimizer step, on every process alike:
   1. the memory layers' reads during the step's micro-batches are counted per value table
      (memory.usage.RowReads) and summed over all processes: c_i for row i;
-  2. the rows read are scored against the background usage (python -m lingua_mem.memory.usage:
+  2. the rows read are scored against the background usage (python -m lingua_mem.eval.usage:
      r_i reads, b_i of its B batches reading row i):
         tfidf   (c_i / sum c) * log((B + 1) / (b_i + 1))
         kl      p_i * log(p_i / q_i),  p = c / sum c,  q_i = (r_i + 1) / (sum r + n_values)

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from lingua_mem.checkpoint.checkpointer import complete_checkpoints
+from lingua_mem.checkpoint.records import complete_checkpoints
 from lingua_mem.preemption import requeue_slurm_job
 
 

@@ -1,27 +1,10 @@
-"""How often each value row is read: the background usage that sparse memory finetuning ranks
-a batch's rows against (Lin et al. 2025, "Continual Learning via Sparse Memory Finetuning").
-
-    python -m lingua_mem.memory.usage ckpt=dumps/debug/checkpoints/0000000200 [batches=64] \
-        [out=FILE] [data.sources...=...] [distributed.*=...]
-    torchrun --nproc-per-node 2 -m lingua_mem.memory.usage ckpt=... distributed.memory_parallel_size=2
-
-The model of `ckpt` reads `batches` batches of data (per process; by default the run's own
-training data, as its config.yaml has it: a sample of what it was pretrained on) and counts,
-per value table (one for a shared table, else one per memory layer), for each row:
-  reads    how many (token, head, top-k slot) picks chose it, over every memory layer reading
-           the table
-  batches  in how many of the batches it was read at least once (its document frequency:
-           one batch is data.batch_size x data.seq_len tokens of one process)
-The counts of every process are summed. They are written as safetensors (<key>.reads and
-<key>.batches, int64 (n_values,)), the metadata holding the checkpoint, its step and the
-numbers of batches and tokens; by default into the checkpoint's folder (memory_usage.safetensors).
-"""
+"""How often each value row is read: the hooks that count it (RowReads), the counts summed
+over processes (count_usage) and their file (save_usage / load_usage). The command that
+writes a checkpoint's background usage is `python -m lingua_mem.eval.usage`."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -132,7 +115,7 @@ def load_usage(path: str | Path, n_values: dict[str, int], key: str = "finetune.
     except Exception as exc:
         raise ConfigError(f"{key}: {path}: unreadable ({type(exc).__name__}: {str(exc)[:200]})") from None
     if meta.get("format") != FORMAT:
-        raise ConfigError(f"{key}: {path} is not memory usage counts (python -m lingua_mem.memory.usage)")
+        raise ConfigError(f"{key}: {path} is not memory usage counts (python -m lingua_mem.eval.usage)")
     theirs = {name.rsplit(".", 1)[0]: t.numel() for name, t in tensors.items() if name.endswith(".reads")}
     if theirs != n_values:
         raise ConfigError(f"{key}: {path} counts the rows of tables {theirs}, this model has {n_values}")
@@ -179,82 +162,3 @@ def _reshard(model) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def run(cfg) -> Usage:
-    """The command (every process): load the checkpoint, count, write (rank 0)."""
-    from lingua_mem.config import TokenizerConfig
-    from lingua_mem.data.loader import build_loader
-    from lingua_mem.errors import ConfigError
-    from lingua_mem.eval.load import inspect_checkpoint, load_model
-    from lingua_mem.parallel import init_distributed
-    from lingua_mem.run_dir import check_writable
-    from lingua_mem.trainer import on_rank_0, resolve_device
-
-    meshes = init_distributed(cfg.distributed, resolve_device(cfg.distributed.device).type)
-    try:
-        dims = meshes.dims
-        is_main = dims.rank == 0
-        say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-        device = resolve_device(cfg.distributed.device, dims.local_rank)
-        info = inspect_checkpoint(cfg.ckpt, TokenizerConfig(name=""))  # the run's own tokenizer
-        if not info.args.memory.layers:
-            raise ConfigError(f"ckpt: {info.path} is a dense model: it has no memory layers to count")
-        out = Path(cfg.out) if cfg.out else info.path / USAGE_FILE
-        on_rank_0(lambda: check_writable(out.parent), is_main)
-        # the run's dump dir holds its generated facts corpus; an export's folder stands in
-        dump_dir = info.path.parent.parent if info.kind == "training" else info.path
-        loader = on_rank_0(lambda: build_loader(cfg.data, info.tokenizer, str(dump_dir), dims.rank,
-                                                dims.world_size), is_main)
-        if not is_main:
-            loader = build_loader(cfg.data, info.tokenizer, str(dump_dir), dims.rank, dims.world_size)
-        loaded = load_model(info, device, meshes=meshes, distributed=cfg.distributed)
-        say(f"counting the value rows {info.path} (step {info.step}) reads over {cfg.batches} batches of "
-            f"{cfg.data.batch_size} x {cfg.data.seq_len} tokens per process, {dims.world_size} process(es)")
-        try:
-            usage = count_usage(loaded.model, iter(loader), cfg.batches, device, say)
-        finally:
-            loader.close()
-        usage.meta = {"ckpt": str(info.path), "step": str(info.step), "batch_size": str(cfg.data.batch_size),
-                      "seq_len": str(cfg.data.seq_len), "data": json.dumps(_sources(cfg.data))}
-
-        def write():
-            save_usage(out, usage)
-            for key, reads in usage.reads.items():
-                used = float((reads > 0).double().mean())
-                say(f"{key}: {int(reads.sum()):,} reads, {used:.1%} of {reads.numel():,} rows read")
-            say(f"wrote {out}")
-
-        on_rank_0(write, is_main)
-        return usage
-    finally:
-        meshes.close()
-
-
-def _sources(data) -> dict:
-    from lingua_mem.config import to_dict
-
-    d = to_dict(data)
-    return {"sources": d["sources"], "facts": d["facts"]} if not d["sources"] else {"sources": d["sources"]}
-
-
-def main(argv: list[str]) -> int:
-    from lingua_mem.cli import STOPPED, Stopped, fail
-    from lingua_mem.config import UsageCommandConfig, load_config, run_data_defaults, validate_usage_command
-    from lingua_mem.errors import ConfigError
-
-    if "--help" in argv or "-h" in argv:
-        print(__doc__.strip())
-        return 0
-    try:
-        cfg = load_config(argv, UsageCommandConfig, validate_usage_command, base=run_data_defaults(argv))
-        run(cfg)
-    except ConfigError as exc:
-        return fail(exc)
-    except Stopped as exc:
-        return fail(exc, code=STOPPED)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

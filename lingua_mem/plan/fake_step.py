@@ -39,10 +39,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from lingua_mem.config import TrainConfig, model_args
 from lingua_mem.errors import ConfigError
 from lingua_mem.model.llama import build_model
-from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import parallelize, resolve_dims
 from lingua_mem.parallel.mesh import Meshes, build_meshes
-from lingua_mem.step import train_step
+from lingua_mem.train.optim import build_optimizer, split_params
+from lingua_mem.train.step import train_step
 
 aten = torch.ops.aten
 
@@ -221,7 +221,7 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
         meshes = build_meshes(dims, "cpu")
         model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel="torch", attention_impl="sdpa")
         if cfg.finetune.mode == "lora":
-            from lingua_mem.trainer import prepare_finetune
+            from lingua_mem.train.trainer import prepare_finetune
 
             prepare_finetune(model, cfg.finetune)
         model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)

@@ -1,4 +1,4 @@
-"""One step of the model: the loss of a batch (forward_loss) and the optimizer step.
+"""One optimizer step of the model over a rank's micro-batches.
 The same code runs on one process and on many: the model is always
 parallelized (FSDP2 at every degree), so precision and gradient reduction are FSDP2's.
 """
@@ -9,25 +9,12 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from lingua_mem.cli import Stopped
 from lingua_mem.config import OptimConfig
-from lingua_mem.optim import clip_grads
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # logits (B, T, V), targets (B, T) -> the loss over tokens (mean or sum), in fp32; a target
-    # of -100 is not scored
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
-
-
-def forward_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
-    """The next-token loss of {"inputs", "targets"[, "doc_ids"]} (B, T) on the model's device:
-    the training step's (mean) and validation's (sum). doc_ids confine attention to each
-    document when the model's attention is doc_causal."""
-    return cross_entropy(model(batch["inputs"], doc_ids=batch.get("doc_ids")), batch["targets"], reduction)
+from lingua_mem.model.loss import forward_loss
+from lingua_mem.train.optim import clip_grads
 
 
 class TrainingDiverged(Stopped):

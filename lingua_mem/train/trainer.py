@@ -7,47 +7,31 @@ loop: train_step (micro-batches -> backward -> clip -> step) -> metrics -> check
 
 from __future__ import annotations
 
-import json
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from lingua_mem.checkpoint.checkpointer import Checkpointer, checkpoint_dir, complete_checkpoints
-from lingua_mem.cli import one_line
+from lingua_mem.checkpoint.checkpointer import Checkpointer
+from lingua_mem.checkpoint.records import checkpoint_dir, complete_checkpoints
 from lingua_mem.config import TrainConfig, model_args, parse_tasks, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.errors import ConfigError
 from lingua_mem.kernels import resolve_kernel
-from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration
+from lingua_mem.metrics import MetricLogger, bf16_peak_flops, format_duration, read_rows
 from lingua_mem.model.llama import build_model, resolve_attention
-from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
+from lingua_mem.parallel.runtime import agree, on_rank_0, resolve_device, seed_everything
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
-from lingua_mem.run_dir import RunLock, check_writable
+from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
-from lingua_mem.step import TrainingDiverged, state_is_finite, train_step
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("distributed.device: cuda requested but no GPU is available")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+from lingua_mem.train.optim import build_optimizer, build_scheduler, split_params
+from lingua_mem.train.step import TrainingDiverged, state_is_finite, train_step
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -65,29 +49,8 @@ def train(cfg: TrainConfig) -> dict:
         meshes.close()
 
 
-def on_rank_0(fn, is_main: bool):
-    """fn() on rank 0; whatever it raises is raised on every rank as a one-line ConfigError
-    (no rank is left waiting in the broadcast). fn's result on rank 0."""
-    result, error = None, None
-    if is_main:
-        try:
-            result = fn()
-        except ConfigError as exc:
-            error = str(exc)
-        except Exception as exc:  # an OSError on the dump dir and the like
-            error = f"dump_dir: {one_line(f'{type(exc).__name__}: {exc}')}"
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise ConfigError(box[0])
-    return result
 
 
-def take_lock(dump_dir: str) -> RunLock:
-    Path(dump_dir).mkdir(parents=True, exist_ok=True)  # the dump dir's first file may be the lock
-    lock = RunLock(dump_dir)
-    lock.acquire()
-    return lock
 
 
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
@@ -300,19 +263,8 @@ def _eval_data(cfg: TrainConfig, tokenizer):
 
 def _eval_missing(dump_dir: str, step: int, is_main: bool) -> bool:
     """No evaluation row of `step` in metrics.jsonl (read by rank 0, agreed by all)."""
-    missing = None
-    if is_main:
-        path = Path(dump_dir) / "metrics.jsonl"
-        rows = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
-        missing = not any(isinstance(r, dict) and r.get("eval") and r.get("step") == step for r in rows)
-    box = [missing]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
+    rows = read_rows(Path(dump_dir) / "metrics.jsonl") if is_main else []
+    return bool(agree(not any(r.get("eval") and r["step"] == step for r in rows), is_main))
 
 
 def _evaluator(cfg: TrainConfig, data, model, tokenizer, device):

@@ -1,0 +1,52 @@
+"""What every process of a run does the same way, whatever command it runs: the device,
+the seeds, work done on rank 0 alone with its outcome agreed by all ranks."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lingua_mem.cli import one_line
+from lingua_mem.errors import ConfigError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """distributed.device (auto|cuda|cpu) as this process's device."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("distributed.device: cuda requested but no GPU is available")
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def agree(value, is_main: bool):
+    """Rank 0's `value` on every rank (a broadcast; any picklable object)."""
+    box = [value if is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank_0(fn, is_main: bool):
+    """fn() on rank 0; whatever it raises is raised on every rank as a one-line ConfigError
+    (no rank is left waiting in the broadcast). fn's result on rank 0."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except ConfigError as exc:
+            error = str(exc)
+        except Exception as exc:  # an OSError on the dump dir and the like
+            error = f"dump_dir: {one_line(f'{type(exc).__name__}: {exc}')}"
+    error = agree(error, is_main)
+    if error is not None:
+        raise ConfigError(error)
+    return result
