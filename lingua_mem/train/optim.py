@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from lingua_mem.config import FinetuneConfig, OptimConfig
+from lingua_mem.config import OptimConfig
 
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -19,14 +19,9 @@ def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
             [p for p in params if id(p) in value_ids])
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig,
-                    finetune: FinetuneConfig | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters, in groups: dense (weight decay on matrices only)
-    and values (own lr and decay). Sparse memory finetuning: its row optimizer instead."""
-    if finetune is not None and finetune.mode == "sparse_memory":
-        from lingua_mem.finetune.sparse_memory import build_sparse_optimizer
-
-        return build_sparse_optimizer(model, finetune, cfg)
+    and values (own lr and decay). A finetune mode may bring its own (finetune/modes.py)."""
     dense, values = split_params(model)
     groups = [
         {"name": "dense", "params": [p for p in dense if p.dim() >= 2],
