@@ -31,6 +31,16 @@ from lingua_mem.errors import ConfigError
 LOCK = "run.lock"
 
 
+def facts_dir(dump_dir: str | Path) -> Path:
+    """Where a run on the default data keeps its generated facts corpus."""
+    return Path(dump_dir) / "data" / "facts"
+
+
+def dump_dir_of(checkpoint: str | Path) -> Path:
+    """The dump dir of a training checkpoint, <dump_dir>/checkpoints/<step>."""
+    return Path(checkpoint).parent.parent
+
+
 def check_writable(dump_dir: str | Path) -> None:
     """Prove that dump_dir can be written (a file created and removed in it, or in the
     nearest folder that exists when it does not yet: nothing is left behind); ConfigError

@@ -26,7 +26,6 @@ from __future__ import annotations
 import bisect
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -36,6 +35,7 @@ from lingua_mem.data.prefetch import PrefetchLoader
 from lingua_mem.data.sources import JsonlSource, Source, open_source
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.errors import ConfigError
+from lingua_mem.run_dir import facts_dir
 
 __all__ = ["PackedLoader", "LoaderSpec", "build_loader", "build_packed_loader", "document_ids"]
 
@@ -145,7 +145,7 @@ def build_packed_loader(cfg: DataConfig, tokenizer, dump_dir: str, rank: int = 0
         sources = [open_source(n, cfg.sources[n], rank, world_size) for n in names]
         weights = [cfg.sources[n].weight for n in names]
     else:
-        facts = ensure_facts(Path(dump_dir) / "data" / "facts", cfg.facts.people, cfg.facts.seed)
+        facts = ensure_facts(facts_dir(dump_dir), cfg.facts.people, cfg.facts.seed)
         sources = [JsonlSource("facts", [str(facts / "train.jsonl")], "text", rank, world_size)]
         weights = [1.0]
     return PackedLoader(sources, weights, tokenizer, cfg.batch_size, cfg.seq_len,

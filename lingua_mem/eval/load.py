@@ -33,6 +33,7 @@ from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.errors import ConfigError
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.llama import Transformer
+from lingua_mem.run_dir import dump_dir_of
 
 
 @dataclass
@@ -154,5 +155,5 @@ def _parallel_model(args: ModelArgs, sd: dict | None, path: Path, device, meshes
     model = parallelize(checkpoint_meta_model(args, lora), meshes, distributed)
     model.to_empty(device=device)
     model.init_rope()
-    Checkpointer(CheckpointConfig(), path.parent.parent, model, None).load_weights(path, key="ckpt")
+    Checkpointer(CheckpointConfig(), dump_dir_of(path), model, None).load_weights(path, key="ckpt")
     return model

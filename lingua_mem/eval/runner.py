@@ -17,7 +17,7 @@ from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
 from lingua_mem.eval.suite import default_sources, evaluate, prepare
 from lingua_mem.parallel import init_distributed
 from lingua_mem.parallel.runtime import on_rank_0, resolve_device
-from lingua_mem.run_dir import check_writable
+from lingua_mem.run_dir import check_writable, dump_dir_of, facts_dir
 
 
 def run(cfg: EvalCommandConfig) -> dict:
@@ -46,7 +46,7 @@ def _facts_dir(info: CheckpointInfo, dump_dir: Path | None, is_main: bool) -> Pa
     if dump_dir is None or data.get("sources"):
         return None
     facts = data.get("facts") or {}
-    target = dump_dir / "data" / "facts"
+    target = facts_dir(dump_dir)
     on_rank_0(lambda: ensure_facts(target, facts.get("people", 1000), facts.get("seed", 0)), is_main)
     return target
 
@@ -76,7 +76,7 @@ def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
     started = time.perf_counter()
     # everything that can be wrong with the input is found before the weights are read
     info = inspect_checkpoint(cfg.ckpt, cfg.tokenizer)
-    dump_dir = info.path.parent.parent if info.kind == "training" else None
+    dump_dir = dump_dir_of(info.path) if info.kind == "training" else None
     out = Path(cfg.out) if cfg.out else (dump_dir if dump_dir is not None else info.path)
     target = out / "evals" / f"{info.step if info.step is not None else 'export'}.json"
 

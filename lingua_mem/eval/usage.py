@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from lingua_mem.memory.usage import USAGE_FILE, Usage, count_usage, save_usage
+from lingua_mem.run_dir import dump_dir_of
 
 
 def run(cfg) -> Usage:
@@ -48,7 +49,7 @@ def run(cfg) -> Usage:
         out = Path(cfg.out) if cfg.out else info.path / USAGE_FILE
         on_rank_0(lambda: check_writable(out.parent), is_main)
         # the run's dump dir holds its generated facts corpus; an export's folder stands in
-        dump_dir = info.path.parent.parent if info.kind == "training" else info.path
+        dump_dir = dump_dir_of(info.path) if info.kind == "training" else info.path
         loader = on_rank_0(lambda: build_loader(cfg.data, info.tokenizer, str(dump_dir), dims.rank,
                                                 dims.world_size), is_main)
         if not is_main:

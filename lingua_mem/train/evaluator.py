@@ -12,6 +12,7 @@ import torch
 from lingua_mem.config import TrainConfig, parse_tasks, to_dict
 from lingua_mem.metrics import read_rows
 from lingua_mem.parallel.runtime import agree
+from lingua_mem.run_dir import facts_dir
 
 
 class Evaluator:
@@ -21,7 +22,7 @@ class Evaluator:
 
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         tasks = parse_tasks(cfg.eval.tasks, "eval.tasks", lm_eval=False)
-        facts = Path(cfg.dump_dir) / "data" / "facts"  # the loader made it, if the run trains on it
+        facts = facts_dir(cfg.dump_dir)  # the loader made it, if the run trains on it
         sources = dict(cfg.eval.sources) or default_sources(to_dict(cfg), facts)
         self.data = prepare(tasks, cfg.eval, sources, tokenizer, cfg.eval.seq_len or cfg.data.seq_len,
                             cfg.model.max_seq_len)
