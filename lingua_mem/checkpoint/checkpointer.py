@@ -52,6 +52,7 @@ from lingua_mem.checkpoint.records import (
 from lingua_mem.cli import Stopped, one_line
 from lingua_mem.config import CheckpointConfig
 from lingua_mem.errors import ConfigError
+from lingua_mem.parallel.runtime import agree, first_error
 
 
 class CheckpointWriteError(Stopped):
@@ -147,13 +148,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _agree(error: str | None, distributed: bool) -> str | None:
-    """The first error any rank reports (every rank gets the same answer)."""
-    if not distributed:
-        return error
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
 
 
 class Checkpointer:
@@ -242,7 +236,7 @@ class Checkpointer:
             result = fn()
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             error = _write_failure(exc, self.dump_dir)
-        if (error := _agree(error, self.distributed)) is not None:
+        if (error := first_error(error)) is not None:
             tmp = _tmp_dir(self.dump_dir, step)
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -321,7 +315,7 @@ class Checkpointer:
             verify(path, self.rank, self.world)
         except CheckpointError as exc:
             error = str(exc)
-        if (error := _agree(error, self.distributed)) is not None:
+        if (error := first_error(error)) is not None:
             raise CheckpointError(error)
 
     def _read(self, state: dict, path: Path, partial: bool) -> None:
@@ -372,9 +366,7 @@ class Checkpointer:
         candidates = complete_checkpoints(self.dump_dir)
         untrusted = _untrusted_checkpoint(self.dump_dir, candidates)
         if self.distributed:  # every rank tries the same list
-            box = [candidates, untrusted]
-            dist.broadcast_object_list(box, src=0)
-            candidates, untrusted = box
+            candidates, untrusted = agree((candidates, untrusted), self.rank == 0)
         if untrusted is not None:  # resuming from an older one, or afresh, would drop its steps
             raise ConfigError(untrusted)
         for path in reversed(candidates):

@@ -35,6 +35,16 @@ def agree(value, is_main: bool):
     return box[0]
 
 
+def first_error(error: str | None) -> str | None:
+    """The first error any rank reports, on every rank (an all-gather); without a process
+    group (a plain one-process tool) the error as it is."""
+    if not dist.is_initialized():
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def on_rank_0(fn, is_main: bool):
     """fn() on rank 0; whatever it raises is raised on every rank as a one-line ConfigError
     (no rank is left waiting in the broadcast). fn's result on rank 0."""
