@@ -76,7 +76,7 @@ def test_a_two_task_job_trains_to_the_end(cluster, uninterrupted):
     assert rows[-1]["tokens"] == 16 * 2 * 4 * 64  # steps x 2 ranks x batch x seq_len
     log = (dump / "logs" / f"{job}.log").read_text()
     assert "2 process(es)" in log and "memory parallel 1" in log
-    assert (dump / "launch" / "code" / "lingua_mem" / "trainer.py").is_file()  # the code snapshot
+    assert (dump / "launch" / "code" / "lingua_mem" / "train" / "trainer.py").is_file()  # the code snapshot
     assert (dump / "launch" / "job.sbatch").read_text().count("#SBATCH --ntasks-per-node=2") == 1
     status = launch(cluster, "lingua_mem.launch.status", str(dump))
     assert status.returncode == 0
