@@ -50,12 +50,12 @@ from lingua_mem.config import (
 from lingua_mem.errors import ConfigError
 from lingua_mem.finetune.lora import (
     LORA_PARAMS,
-    apply_lora,
     lora_prefixes,
     lora_scale,
     merge_lora,
     merged_weight,
 )
+from lingua_mem.finetune.modes import build_finetune, build_model_as_trained
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.llama import Transformer, build_model
 
@@ -82,10 +82,8 @@ def checkpoint_lora(run_config: dict, where: str | Path) -> LoraConfig | None:
 def checkpoint_meta_model(args: ModelArgs, lora: LoraConfig | None) -> Transformer:
     """The model on meta as the run trained it (adapted when `lora`): its state dict names
     every tensor of the checkpoint, with its full shape and dtype (no memory used)."""
-    model = build_model(args, "meta")
-    if lora is not None:
-        apply_lora(model, lora)
-    return model
+    finetune = FinetuneConfig(mode="lora", lora=lora) if lora is not None else FinetuneConfig()
+    return build_model_as_trained(args, build_finetune(finetune))
 
 
 def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict, dict]:

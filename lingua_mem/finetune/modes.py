@@ -17,6 +17,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 from lingua_mem.config import FinetuneConfig
+from lingua_mem.model.args import ModelArgs
+from lingua_mem.model.llama import Transformer, build_model
 
 
 class FullFinetune:
@@ -120,3 +122,14 @@ MODES = {"full": FullFinetune, "lora": LoraFinetune, "sparse_memory": SparseMemo
 
 def build_finetune(cfg: FinetuneConfig) -> FullFinetune:
     return MODES[cfg.mode](cfg)
+
+
+def build_model_as_trained(args: ModelArgs, finetune: FullFinetune, kernel: str = "auto",
+                           attention_impl: str = "auto") -> Transformer:
+    """The model on meta as a run of `finetune`'s mode trains it: built from its arguments,
+    then converted (LoRA adapters, frozen parameters), before any sharding. The one way the
+    trainer, the plan, eval and consolidation build a run's model, so that each sees the
+    tensors the run has. `kernel` and `attention_impl` are implementations (build_model)."""
+    model = build_model(args, "meta", kernel=kernel, attention_impl=attention_impl)
+    finetune.convert(model)
+    return model

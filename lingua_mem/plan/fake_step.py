@@ -38,8 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lingua_mem.config import TrainConfig, model_args
 from lingua_mem.errors import ConfigError
-from lingua_mem.finetune.modes import build_finetune
-from lingua_mem.model.llama import build_model
+from lingua_mem.finetune.modes import build_finetune, build_model_as_trained
 from lingua_mem.parallel import parallelize, resolve_dims
 from lingua_mem.parallel.mesh import Meshes, build_meshes
 from lingua_mem.train.optim import build_optimizer, split_params
@@ -220,21 +219,20 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     level, quiet.level = quiet.level, logging.ERROR
     try:
         meshes = build_meshes(dims, "cpu")
-        model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel="torch", attention_impl="sdpa")
-        if cfg.finetune.mode == "lora":  # the adapters' parameters; sparse rows are not planned
-            build_finetune(cfg.finetune).convert(model)
+        finetune = build_finetune(cfg.finetune)  # lora: the adapters' parameters
+        model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel="torch",
+                                       attention_impl="sdpa")
         model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return _measure(cfg, model, meshes, gpus_per_node)
+            return _measure(cfg, model, finetune, meshes, gpus_per_node)
     finally:
         quiet.setLevel(level)
         dist.destroy_process_group()
 
 
-def _measure(cfg: TrainConfig, model, meshes: Meshes, gpus_per_node: int) -> StepMeasure:
+def _measure(cfg: TrainConfig, model, finetune, meshes: Meshes, gpus_per_node: int) -> StepMeasure:
     model.to_empty(device="cpu")  # fake tensors: shapes and dtypes, no data (none is read)
-    own = build_finetune(cfg.finetune).build_optimizer(model, cfg.optim)  # sparse rows: its own
-    optimizer = own or build_optimizer(model, cfg.optim)
+    optimizer = finetune.build_optimizer(model, cfg.optim) or build_optimizer(model, cfg.optim)
     dense, values = split_params(model)
     b, t = cfg.data.batch_size, cfg.data.seq_len
     micro = min(cfg.optim.grad_accum, 2)

@@ -20,10 +20,10 @@ from lingua_mem.config import TrainConfig, model_args, to_dict
 from lingua_mem.data.loader import build_loader
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.errors import ConfigError
-from lingua_mem.finetune.modes import FullFinetune, build_finetune
+from lingua_mem.finetune.modes import FullFinetune, build_finetune, build_model_as_trained
 from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger
-from lingua_mem.model.llama import build_model, resolve_attention
+from lingua_mem.model.llama import resolve_attention
 from lingua_mem.parallel import Meshes, init_distributed, parallelize
 from lingua_mem.parallel.runtime import on_rank_0, resolve_device, seed_everything
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
@@ -49,10 +49,6 @@ def train(cfg: TrainConfig) -> dict:
         return _train(cfg, meshes, device, meshes.dims.rank == 0)
     finally:
         meshes.close()
-
-
-
-
 
 
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
@@ -103,10 +99,9 @@ def _build(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     """The model and its optimizer: built on meta and sharded before any weight exists; each
     rank then materialises and initialises its own shards (to the values of the whole model)."""
     seed_everything(cfg.seed)
-    model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel,
-                        attention_impl=cfg.model.attention_impl)
     finetune = build_finetune(cfg.finetune)
-    finetune.convert(model)  # LoRA adapters, frozen parameters: before sharding
+    model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel=cfg.memory.kernel,
+                                   attention_impl=cfg.model.attention_impl)
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
     model.to_empty(device=device)
