@@ -17,9 +17,9 @@ Per memory layer:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from lingua_mem.model.llama import Transformer
+from lingua_mem.parallel.runtime import all_reduce
 
 
 class MemoryReadStats:
@@ -69,8 +69,7 @@ class MemoryReadStats:
         out = {}
         for layer, sums in self.sums.items():
             flat = torch.cat([sums["counts"], sums["mass"], sums["scalars"]])
-            if dist.is_initialized() and dist.get_world_size() > 1:
-                dist.all_reduce(flat)
+            all_reduce(flat)
             n_values = sums["counts"].numel()
             counts, mass = flat[:n_values], flat[n_values : 2 * n_values]
             top1, entropy, n = flat[-3:].tolist()

@@ -29,7 +29,8 @@ import torch
 from lingua_mem.data.facts import attribute_values
 from lingua_mem.errors import ConfigError
 from lingua_mem.eval.generate import cut_at_stop, generate_ids
-from lingua_mem.eval.shard import gather, rank_batches
+from lingua_mem.eval.shard import rank_batches
+from lingua_mem.parallel.runtime import gather
 
 ANSWER_STOP = ("\n", ".", ",", ";")  # an answer ends at its sentence's punctuation
 SAMPLE_SEED = 0  # the fixed sample of eval.max_questions questions

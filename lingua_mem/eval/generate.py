@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from lingua_mem.config import GenerateConfig
 from lingua_mem.model.kv_cache import KVCache
+from lingua_mem.parallel.runtime import all_reduce, world
 
 
 def left_pad(prompts: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -57,20 +58,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 def _everyone(done: bool, device) -> bool:
     """done on every rank (generation under torchrun: every rank takes the same steps, as each
     forward of a sharded model is a collective)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world()[1] == 1:
         return done
-    flag = torch.tensor([int(done)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return bool(all_reduce(torch.tensor([int(done)], device=device), dist.ReduceOp.MIN).item())
 
 
 def _common_length(length: int, device) -> int:
     """The longest prompt over all ranks (their forward calls must have one shape)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if world()[1] == 1:
         return length
-    n = torch.tensor([length], device=device)
-    dist.all_reduce(n, op=dist.ReduceOp.MAX)
-    return int(n.item())
+    return int(all_reduce(torch.tensor([length], device=device), dist.ReduceOp.MAX).item())
 
 
 @torch.no_grad()

@@ -6,14 +6,7 @@ from __future__ import annotations
 
 import math
 
-import torch.distributed as dist
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from lingua_mem.parallel.runtime import world
 
 
 def rank_batches(items: list, batch_size: int) -> list[tuple[int, list] | None]:
@@ -23,12 +16,3 @@ def rank_batches(items: list, batch_size: int) -> list[tuple[int, list] | None]:
     mine = [(s, items[s : s + batch_size]) for s in starts[rank::size]]
     return mine + [None] * (math.ceil(len(starts) / size) - len(mine))
 
-
-def gather(obj) -> list:
-    """obj of every rank, in rank order (a one-element list on one process)."""
-    rank, size = world()
-    if size == 1:
-        return [obj]
-    out = [None] * size
-    dist.all_gather_object(out, obj)
-    return out

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 
 from lingua_mem.config import EvalSourceConfig, SourceConfig
 from lingua_mem.data.loader import document_ids
@@ -31,6 +30,7 @@ from lingua_mem.data.sources import (
 from lingua_mem.errors import ConfigError
 from lingua_mem.eval.shard import rank_batches
 from lingua_mem.model.loss import forward_loss
+from lingua_mem.parallel.runtime import all_reduce
 
 IGNORE = -100  # a target not scored (cross_entropy's ignore_index)
 
@@ -110,8 +110,7 @@ def validate(model, text: ValText, batch_size: int, device, reads=None,
         sums += torch.stack([nats.double(), (targets != IGNORE).sum().double()])
     if reads is not None:
         reads.count = None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
+    all_reduce(sums)
     nats, tokens = sums.tolist()
     loss = nats / tokens
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)),

@@ -1,5 +1,7 @@
 """What every process of a run does the same way, whatever command it runs: the device,
-the seeds, work done on rank 0 alone with its outcome agreed by all ranks."""
+the seeds, work done on rank 0 alone with its outcome agreed by all ranks, and the few
+collectives that library code (evaluation, the finite check) calls whether or not its caller
+started a process group: without one, or at world size 1, each is the one-process result."""
 
 from __future__ import annotations
 
@@ -28,6 +30,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """`tensor` reduced in place over every rank (nothing to do on one); returned."""
+    if world()[1] > 1:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def gather(obj) -> list:
+    """obj of every rank, in rank order (a one-element list on one process)."""
+    size = world()[1]
+    if size == 1:
+        return [obj]
+    out = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def agree(value, is_main: bool):
     """Rank 0's `value` on every rank (a broadcast; any picklable object)."""
     box = [value if is_main else None]
@@ -38,11 +64,7 @@ def agree(value, is_main: bool):
 def first_error(error: str | None) -> str | None:
     """The first error any rank reports, on every rank (an all-gather); without a process
     group (a plain one-process tool) the error as it is."""
-    if not dist.is_initialized():
-        return error
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
+    return next((e for e in gather(error) if e), None)
 
 
 def on_rank_0(fn, is_main: bool):

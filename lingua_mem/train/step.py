@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from lingua_mem.cli import Stopped
 from lingua_mem.config import OptimConfig
 from lingua_mem.model.loss import forward_loss
+from lingua_mem.parallel.runtime import all_reduce
 from lingua_mem.train.optim import clip_grads
 
 
@@ -70,6 +71,4 @@ def state_is_finite(model, optimizer) -> bool:
     device = tensors[0].device  # the optimizer's step counts may live on the CPU
     finite = torch.stack([torch.isfinite(t).all().to(device) for t in tensors if t.numel()]).all()
     finite = finite.to(torch.int32)
-    if dist.is_initialized():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    return bool(all_reduce(finite, dist.ReduceOp.MIN).item())
