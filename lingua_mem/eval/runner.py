@@ -15,18 +15,14 @@ from lingua_mem.data.facts import ensure_facts
 from lingua_mem.errors import ConfigError
 from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
 from lingua_mem.eval.suite import default_sources, evaluate, prepare
-from lingua_mem.parallel import init_distributed
-from lingua_mem.parallel.runtime import on_rank_0, resolve_device
+from lingua_mem.parallel import distributed_session
+from lingua_mem.parallel.runtime import on_rank_0
 from lingua_mem.run_dir import check_writable, dump_dir_of, facts_dir
 
 
 def run(cfg: EvalCommandConfig) -> dict:
-    device_type = resolve_device(cfg.distributed.device).type
-    meshes = init_distributed(cfg.distributed, device_type)
-    try:
-        return _run(cfg, meshes, resolve_device(cfg.distributed.device, meshes.dims.local_rank))
-    finally:
-        meshes.close()
+    with distributed_session(cfg.distributed) as (meshes, device):
+        return _run(cfg, meshes, device)
 
 
 def trained_tokens(info: CheckpointInfo) -> int | None:

@@ -33,16 +33,14 @@ def run(cfg) -> Usage:
     from lingua_mem.data.loader import build_loader
     from lingua_mem.errors import ConfigError
     from lingua_mem.eval.load import inspect_checkpoint, load_model
-    from lingua_mem.parallel import init_distributed
-    from lingua_mem.parallel.runtime import on_rank_0, resolve_device
+    from lingua_mem.parallel import distributed_session
+    from lingua_mem.parallel.runtime import on_rank_0
     from lingua_mem.run_dir import check_writable
 
-    meshes = init_distributed(cfg.distributed, resolve_device(cfg.distributed.device).type)
-    try:
+    with distributed_session(cfg.distributed) as (meshes, device):
         dims = meshes.dims
         is_main = dims.rank == 0
         say = (lambda msg: print(msg, flush=True)) if is_main else (lambda msg: None)
-        device = resolve_device(cfg.distributed.device, dims.local_rank)
         info = inspect_checkpoint(cfg.ckpt, TokenizerConfig(name=""))  # the run's own tokenizer
         if not info.args.memory.layers:
             raise ConfigError(f"ckpt: {info.path} is a dense model: it has no memory layers to count")
@@ -73,8 +71,6 @@ def run(cfg) -> Usage:
 
         on_rank_0(write, is_main)
         return usage
-    finally:
-        meshes.close()
 
 
 def _sources(data) -> dict:

@@ -18,6 +18,8 @@ On CPU it is `cpu:gloo`.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.errors import ConfigError
+from lingua_mem.parallel.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,18 @@ def init_distributed(cfg: DistributedConfig, device_type: str) -> Meshes:
         if owns:
             dist.destroy_process_group()
         raise
+
+
+@contextmanager
+def distributed_session(cfg: DistributedConfig) -> Iterator[tuple[Meshes, torch.device]]:
+    """A command's process group for the `with` block, as (meshes, this process's device):
+    started here unless the caller started one (init_distributed), and destroyed when the
+    block ends, however it ends. Every command that runs a model starts this way."""
+    meshes = init_distributed(cfg, resolve_device(cfg.device).type)
+    try:
+        yield meshes, resolve_device(cfg.device, meshes.dims.local_rank)
+    finally:
+        meshes.close()
 
 
 def build_meshes(dims: ParallelDims, device_type: str, owns_process_group: bool = False) -> Meshes:

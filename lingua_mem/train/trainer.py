@@ -24,8 +24,8 @@ from lingua_mem.finetune.modes import FullFinetune, build_finetune, build_model_
 from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger
 from lingua_mem.model.llama import resolve_attention
-from lingua_mem.parallel import Meshes, init_distributed, parallelize
-from lingua_mem.parallel.runtime import on_rank_0, resolve_device, seed_everything
+from lingua_mem.parallel import Meshes, distributed_session, parallelize
+from lingua_mem.parallel.runtime import on_rank_0, seed_everything
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
@@ -38,17 +38,12 @@ from lingua_mem.train.step import train_step
 
 def train(cfg: TrainConfig) -> dict:
     """Train for cfg.steps optimizer steps; returns the last logged metrics (rank 0)."""
-    device_type = resolve_device(cfg.distributed.device).type
     # a process group at every world size (one process: world 1, started here); a mesh
     # that does not fit the world fails here, before anything is started
-    meshes = init_distributed(cfg.distributed, device_type)
-    device = resolve_device(cfg.distributed.device, meshes.dims.local_rank)
-    try:
+    with distributed_session(cfg.distributed) as (meshes, device):
         resolve_kernel(cfg.memory.kernel, device.type)  # triton where it cannot run: one line, now
         resolve_attention(cfg.model.attention_impl, device.type)  # xformers missing: the same
         return _train(cfg, meshes, device, meshes.dims.rank == 0)
-    finally:
-        meshes.close()
 
 
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
