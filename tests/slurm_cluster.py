@@ -39,13 +39,20 @@ def _exe(name: str) -> str:
 class LocalSlurm:
     """start() -> env (SLURM_CONF, PATH) for sbatch/squeue/scontrol; stop() ends every daemon."""
 
-    def __init__(self, root: Path, cpus: int = 8, memory_mb: int = 16000, cred_expire: int = 10):
+    def __init__(self, root: Path, cpus: int = 8, memory_mb: int = 16000, cred_expire: int = 10,
+                 bf_interval: int = 1, sched_interval: int = 2):
         # cred_expire: the lifetime of a job step's credential, and so how long slurmctld holds a
         # requeued job before it may start again (slurmd refuses a job id whose credentials it has
         # revoked until they expire). Debian's default is 120 s, the hold the requeue tests used to
         # wait out; on one localhost node a credential is used within a second, so 10 s keeps the
         # hold (every requeue still waits it out) at a twelfth of the cost. Slurm's minimum is 5.
+        # sched_interval: seconds between the main scheduler's passes over the whole queue. A
+        # requeued job whose hold has ended is started by that pass alone (no event wakes the
+        # scheduler then, and the backfill pass does not take it): the default 60 s left it
+        # pending up to a minute after its hold. bf_interval (default 30 s): new jobs start
+        # within a second. Neither changes what runs, only when the scheduler looks.
         self.root, self.cpus, self.memory_mb, self.cred_expire = Path(root), cpus, memory_mb, cred_expire
+        self.bf_interval, self.sched_interval = bf_interval, sched_interval
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ)
 
@@ -87,6 +94,7 @@ AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+SchedulerParameters=bf_interval={self.bf_interval},sched_interval={self.sched_interval}
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1

@@ -63,19 +63,29 @@ def wait_for_step(dump_dir: Path, step: int, procs, timeout: float = 240) -> Non
     raise AssertionError(f"step {step} not reached")
 
 
-def uninterrupted(tmp_path: Path, world: int, *overrides: str) -> list[dict]:
-    dump = tmp_path / "uninterrupted"
-    results = finish(start(dump, world, *overrides))
-    assert all(rc == 0 for rc, _, _ in results), results
-    return rows(dump)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """uninterrupted(world, *overrides): the rows of the uninterrupted run of that command,
+    run once per module (the kill -9 and the preemption tests of one layout share it)."""
+    runs = {}
+
+    def rows_of(world: int, *overrides: str) -> list[dict]:
+        if (world, overrides) not in runs:
+            dump = tmp_path_factory.mktemp("uninterrupted")
+            results = finish(start(dump, world, *overrides))
+            assert all(rc == 0 for rc, _, _ in results), results
+            runs[world, overrides] = rows(dump)
+        return runs[world, overrides]
+
+    return rows_of
 
 
 @pytest.mark.parametrize("world,overrides", [
     (1, ()), (1, ("checkpoint.async_save=true",)), (2, ("distributed.memory_parallel_size=2",)),
     (2, ("distributed.memory_parallel_size=2", "checkpoint.async_save=true"))],
     ids=["1proc", "1proc-async", "2proc-mp2", "2proc-mp2-async"])
-def test_kill_9_then_resume_is_bit_exact(tmp_path, world, overrides):
-    want = uninterrupted(tmp_path, world, *overrides)
+def test_kill_9_then_resume_is_bit_exact(tmp_path, uninterrupted, world, overrides):
+    want = uninterrupted(world, *overrides)
     dump = tmp_path / "killed"
     procs = start(dump, world, *overrides)
     wait_for_step(dump, 10, procs)  # checkpoint 8 is committed, 12 not yet written
@@ -96,8 +106,9 @@ def test_kill_9_then_resume_is_bit_exact(tmp_path, world, overrides):
 
 @pytest.mark.parametrize("world,overrides,target", [
     (1, (), 0), (2, ("distributed.memory_parallel_size=2",), 1)], ids=["1proc", "2proc-mp2-signal-rank1"])
-def test_preemption_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, world, overrides, target):
-    want = uninterrupted(tmp_path, world, *overrides)
+def test_preemption_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, uninterrupted, world, overrides,
+                                                                  target):
+    want = uninterrupted(world, *overrides)
     dump = tmp_path / "preempted"
     procs = start(dump, world, *overrides)
     wait_for_step(dump, 5, procs)
