@@ -10,6 +10,7 @@ the plan) asks it. A new mode is one class here and one entry in MODES.
     stats                       per-logged-step metrics of the mode
     describe(model)             the console line, or None
     close()
+    planned                     whether the scale plan can measure the mode's step
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from lingua_mem.model.llama import Transformer, build_model
 
 class FullFinetune:
     """finetune.mode=full: every parameter trains (pretraining too)."""
+
+    planned = True  # the scale plan (lingua_mem.plan) can measure a step of this mode
 
     def __init__(self, cfg: FinetuneConfig):
         self.cfg = cfg
@@ -78,6 +81,8 @@ class LoraFinetune(FullFinetune):
 class SparseMemoryFinetune(FullFinetune):
     """finetune.mode=sparse_memory: the value tables alone, and of them only the rows each step
     selects against the background usage (finetune/sparse_memory.py)."""
+
+    planned = False  # its step selects rows from real read counts, which fake tensors do not have
 
     def __init__(self, cfg: FinetuneConfig):
         super().__init__(cfg)

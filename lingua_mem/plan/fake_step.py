@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lingua_mem.config import TrainConfig, model_args
 from lingua_mem.errors import ConfigError
-from lingua_mem.finetune.modes import build_finetune, build_model_as_trained
+from lingua_mem.finetune.modes import MODES, build_finetune, build_model_as_trained
 from lingua_mem.parallel import parallelize, resolve_dims
 from lingua_mem.parallel.mesh import Meshes, build_meshes
 from lingua_mem.train.optim import build_optimizer, split_params
@@ -204,8 +204,10 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     world = nodes * gpus_per_node
     if not 0 <= rank < world:
         raise ConfigError(f"rank: {rank} is not a rank of {world}")
-    if cfg.finetune.mode == "sparse_memory":
-        raise ConfigError("finetune.mode: the plan covers full training and lora, not sparse_memory")
+    finetune = build_finetune(cfg.finetune)  # lora: the adapters' parameters
+    if not finetune.planned:
+        covered = ", ".join(name for name, mode in MODES.items() if mode.planned)
+        raise ConfigError(f"finetune.mode: the plan covers {covered}, not {cfg.finetune.mode}")
     if dist.is_initialized():
         raise RuntimeError("measure_step starts its own (fake) process group; this process has one")
     dims = resolve_dims(cfg.distributed, world, rank, rank % gpus_per_node)
@@ -219,7 +221,6 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     level, quiet.level = quiet.level, logging.ERROR
     try:
         meshes = build_meshes(dims, "cpu")
-        finetune = build_finetune(cfg.finetune)  # lora: the adapters' parameters
         model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel="torch",
                                        attention_impl="sdpa")
         model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
