@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lingua_mem.config import ConfigError, TrainConfig, load_config
+from lingua_mem.config import AC_MODES, ConfigError, TrainConfig, load_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,6 +105,25 @@ def test_a_bad_key_says_where_it_came_from(tmp_path):
     yaml.write_text("model:\n  nope: 1\n")
     with pytest.raises(ConfigError, match=rf"^model\.nope: .* \(in {yaml}\)$"):
         load_config([f"config={yaml}", "model.dim=64"])
+
+
+def test_a_choice_is_checked_once_from_its_literal_type(tmp_path):
+    """A choice outside its Literal type: rejected at the merge (YAML or command line, saying
+    which) in the words validation uses for a config built in code, with the same list."""
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("distributed:\n  activation_checkpointing: most\n")
+    want = "distributed.activation_checkpointing: 'most' is not one of none, selective, full"
+    with pytest.raises(ConfigError, match=rf"^{want} \(in {yaml}\)$"):
+        load_config([f"config={yaml}"])
+    with pytest.raises(ConfigError, match=rf"^{want} \(on the command line\)$"):
+        load_config(["distributed.activation_checkpointing=most"])
+    cfg = TrainConfig()
+    cfg.distributed.activation_checkpointing = "most"
+    with pytest.raises(ConfigError, match=rf"^{want}$"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"^checkpoint\.preempt_signals: 'SIGFOO' is not one of SIGUSR1, "):
+        load_config(["checkpoint.preempt_signals=[SIGUSR1,SIGFOO]"])  # a list item: the list's key
+    assert AC_MODES == ("none", "selective", "full")
 
 
 def run_train_py(*args):
