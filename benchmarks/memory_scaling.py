@@ -1,0 +1,108 @@
+"""What a training step costs as the value table grows, side by side in one run.
+
+    python benchmarks/memory_scaling.py [--rows 4k,65k,262k,1m] [--steps 20]
+        [--config configs/debug.yaml] [--out dumps/memory_scaling] [--json rows.json]
+        [--set key=value ...]
+
+Each case is `python train.py config=<config> memory.n_keys=<sqrt(rows)>` in its own
+process (the same base model, the generated facts corpus, no checkpoints, one process),
+run for --steps steps. From its metrics.jsonl: tokens/s of the last logging window (the
+first steps, warm-up and compilation, are left out); its peak memory: the process's max
+RSS on the CPU (wait4), torch.cuda.max_memory_allocated on a GPU. The table gives every case's
+ratio to the first (smallest) one. A memory layer reads heads x knn rows per token,
+whatever the table's size, so the ratio should stay near 1; a step that touches the
+whole table (a dense gradient, a dense optimizer update) makes it fall with the rows.
+
+Sizes are rows = n_keys**2: 4k (64), 65k (256), 262k (512), 1m (1024), 4m (2048),
+16m (4096). --set adds training keys to every case (e.g. optim.value_optimizer=... once
+it exists, distributed.device=cuda distributed.compute_dtype=bf16 on a GPU).
+Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = {"4k": 64, "65k": 256, "262k": 512, "1m": 1024, "4m": 2048, "16m": 4096}
+
+
+def run_case(label: str, a) -> dict:
+    n_keys = SIZES[label]
+    dump = Path(a.out) / f"rows_{label}"
+    log_every = max(1, a.steps // 4)
+    cmd = [sys.executable, "train.py", f"config={a.config}", f"dump_dir={dump}", f"steps={a.steps}",
+           f"log_every={log_every}", f"memory.n_keys={n_keys}", "checkpoint.every=0", "eval.every=0",
+           "logging.console=false", "logging.wandb.enabled=false", *a.set]
+    dump.mkdir(parents=True, exist_ok=True)
+    with open(dump / "stdout.txt", "w") as out, open(dump / "stderr.txt", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err)
+        # wait4: the child's own resource usage, its peak resident memory included (KiB)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss * 1024
+    if proc.returncode != 0:
+        text = (dump / "stderr.txt").read_text() or (dump / "stdout.txt").read_text()
+        tail = text.strip().splitlines()[-1:] or ["no output"]
+        return {"rows": label, "n_values": n_keys**2, "error": tail[0]}
+    rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    return {"rows": label, "n_values": n_keys**2, "tokens_per_s": last["tokens_per_s"],
+            "loss": last["loss"], "peak_memory_gib": last.get("peak_memory_gib", rss / 2**30),
+            "peak_kind": "cuda allocated" if "peak_memory_gib" in last else "max RSS"}
+
+
+def table(results: list[dict]) -> str:
+    base = next((r for r in results if "error" not in r), None)
+    lines = [f"{'rows':>6} {'values':>10} {'tok/s':>9} {'x first':>8} {'peak GiB':>9} {'x first':>8}  loss"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['rows']:>6} {r['n_values']:>10,}  failed: {r['error']}")
+            continue
+        speed = r["tokens_per_s"] / base["tokens_per_s"]
+        memory = r["peak_memory_gib"] / base["peak_memory_gib"]
+        lines.append(f"{r['rows']:>6} {r['n_values']:>10,} {r['tokens_per_s']:>9,.0f} {speed:>8.2f} "
+                     f"{r['peak_memory_gib']:>9.2f} {memory:>8.2f}  {r['loss']:.4f}")
+    if base is not None:
+        lines.append(f"peak memory: {base['peak_kind']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", default="4k,65k,262k,1m", help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--config", default="configs/debug.yaml")
+    p.add_argument("--out", default="dumps/memory_scaling")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--set", nargs="*", default=[], help="training keys for every case (key=value)")
+    a = p.parse_args(argv)
+    labels = [s.strip() for s in a.rows.split(",") if s.strip()]
+    bad = [s for s in labels if s not in SIZES]
+    if bad or not labels:
+        given = ", ".join(bad) or "none given"
+        print(f"error: --rows: {given}: sizes are {', '.join(SIZES)}", file=sys.stderr)
+        return 2
+    if a.steps < 8:
+        print("error: --steps: at least 8 (the first logging window, warm-up, is left out)", file=sys.stderr)
+        return 2
+    labels.sort(key=SIZES.get)  # smallest first: the ratios' base
+    results = []
+    for label in labels:
+        results.append(run_case(label, a))
+        r = results[-1]
+        print(f"{label}: " + (r["error"] if "error" in r else f"{r['tokens_per_s']:,.0f} tok/s, "
+                              f"peak {r['peak_memory_gib']:.2f} GiB"), flush=True)
+    print(table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
