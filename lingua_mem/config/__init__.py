@@ -2,7 +2,7 @@
 validate.py (one function per section) <- load.py (defaults <- YAML <- dotlist). Users and
 the rest of lingua_mem import from here."""
 
-from lingua_mem.config.load import load_config, run_data_defaults, to_dict
+from lingua_mem.config.load import load_config, run_data_defaults, to_dict  # noqa: F401
 from lingua_mem.config.schema import *  # noqa: F403 (the dataclasses, Literal types, model_args)
 from lingua_mem.config.validate import (  # noqa: F401
     EVAL_TASKS,
@@ -17,5 +17,3 @@ from lingua_mem.config.validate import (  # noqa: F401
     validate_usage_command,
 )
 from lingua_mem.errors import ConfigError  # noqa: F401 (re-exported: config is where users look)
-
-__all__ = ["load_config", "run_data_defaults", "to_dict"]  # with the names above

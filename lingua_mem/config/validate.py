@@ -133,8 +133,8 @@ def validate_devices(d: DistributedConfig) -> None:
 
 
 def validate_distributed(d: DistributedConfig, memory: MemoryConfig, args: ModelArgs) -> None:
-    """The layout and the implementations training runs with (memory's kernel and dtype, the
-    model's attention implementation are choices of how, not of what, is computed)."""
+    """The layout training runs with, and the memory's kernel and read dtype (choices of how
+    the model is computed, not of what it is)."""
     validate_devices(d)
     _check_choice(memory.kernel, "memory.kernel", Kernel)
     _check_choice(memory.value_compute_dtype, "memory.value_compute_dtype", Dtype)
