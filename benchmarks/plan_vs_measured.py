@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from lingua_mem.config import load_config, model_args  # noqa: E402
 from lingua_mem.model.llama import build_model  # noqa: E402
+from lingua_mem.optim import build_optimizer, split_params  # noqa: E402
 from lingua_mem.parallel import init_distributed, parallelize  # noqa: E402
-from lingua_mem.train.optim import build_optimizer, split_params  # noqa: E402
 from lingua_mem.train.step import train_step  # noqa: E402
 
 CASES = {

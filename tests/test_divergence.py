@@ -13,7 +13,7 @@ from lingua_mem.checkpoint.checkpointer import complete_checkpoints
 from lingua_mem.checkpoint.consolidate import consolidate, load_consolidated
 from lingua_mem.config import MemoryConfig, ModelConfig, OptimConfig, model_args
 from lingua_mem.model.llama import build_model
-from lingua_mem.train.optim import build_optimizer, split_params
+from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.train.step import state_is_finite, train_step
 
 ROOT = Path(__file__).resolve().parents[1]

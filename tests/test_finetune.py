@@ -26,8 +26,8 @@ from lingua_mem.finetune.sparse_memory import (
 )
 from lingua_mem.memory.usage import RowReads, Usage, count_usage, load_usage
 from lingua_mem.model.llama import build_model
+from lingua_mem.optim import split_params
 from lingua_mem.parallel import init_distributed, parallelize
-from lingua_mem.train.optim import split_params
 from lingua_mem.train.step import train_step
 
 TOP_T, STEPS, BACKGROUND = 6, 3, 4

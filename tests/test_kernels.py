@@ -155,8 +155,8 @@ def test_training_with_the_triton_kernel_matches_the_torch_path_on_1_and_2_proce
 def test_the_bag_reads_a_bf16_table_and_the_master_weights_stay_fp32(tmp_path, kernel):
     from lingua_mem.config import model_args
     from lingua_mem.model.llama import build_model
+    from lingua_mem.optim import build_optimizer, split_params
     from lingua_mem.parallel import init_distributed, parallelize
-    from lingua_mem.train.optim import build_optimizer, split_params
     from lingua_mem.train.step import train_step
 
     cfg = load_config([*TINY, f"memory.kernel={kernel}", "memory.value_compute_dtype=bf16"])
@@ -170,7 +170,7 @@ def test_the_bag_reads_a_bf16_table_and_the_master_weights_stay_fp32(tmp_path, k
             model.init_weights(seed=3)
             seen = []
             table = model.values["shared"]
-            hook = table.register_forward_pre_hook(lambda m, a, seen=seen: seen.append(m.weight.dtype))
+            hook = table.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.dtype))  # the bag's
             opt = build_optimizer(model, cfg.optim)
             tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
             batch = [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}]

@@ -257,7 +257,7 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
 
 def test_tied_embeddings_share_one_matrix():
     from lingua_mem.config import OptimConfig
-    from lingua_mem.train.optim import build_optimizer
+    from lingua_mem.optim import build_optimizer
 
     model = build_model(dataclasses.replace(small_cfg(), tie_embeddings=True))
     assert model.output is None

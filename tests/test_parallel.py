@@ -25,8 +25,8 @@ from lingua_mem.config import (
 )
 from lingua_mem.data.loader import document_ids
 from lingua_mem.model.llama import build_model
+from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import init_distributed, parallelize, resolve_dims
-from lingua_mem.train.optim import build_optimizer, split_params
 from lingua_mem.train.step import train_step
 
 MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
@@ -135,7 +135,9 @@ def test_parallel_training_equals_single_process(world, layout):
     assert ref_losses[-1] < ref_losses[0]  # it trained
     if layout.get("value_reduce_dtype") == "bf16":  # value gradients averaged in bf16: close, not equal
         assert losses == pytest.approx(ref_losses, rel=1e-3)
-        assert 1e-7 < param_err < 1e-2
+        # each rank's row gradients travel to their owners in bf16 (2^-9 relative), which this
+        # tiny model, trained on one batch, carries into every weight
+        assert 1e-7 < param_err < 5e-2
     else:
         assert losses == pytest.approx(ref_losses, rel=1e-5)
         # compiled kernels, and masked attention at another batch size, round differently from
@@ -248,8 +250,8 @@ def test_train_py_rejects_a_mesh_that_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_activation_checkpointing_gives_the_same_gradients(mode):
-    """On one process, as the trainer runs it: a world-1 group and FSDP2 at degree 1 (whose
-    hooks run inside the checkpointed memory blocks, for the value table)."""
+    """On one process, as the trainer runs it: a world-1 group, FSDP2 at degree 1, and the
+    value table read by routing from inside the checkpointed memory blocks."""
     torch.manual_seed(0)
     model = build_model(model_args(MODEL, MemoryConfig(layers=[0, 1, 2], n_keys=8, heads=2, knn=4, k_dim=16,
                                                 qk_norm=True)))
@@ -265,8 +267,14 @@ def test_activation_checkpointing_gives_the_same_gradients(mode):
             for m in (model, checkpointed):
                 m.zero_grad()
                 torch.nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten()).backward()
+            table = checkpointed.values["shared"]
+            rows, grads = table.take_row_grad()  # the table's gradient comes as rows, not .grad
+            table_grad = torch.zeros_like(table.weight.to_local()).index_copy_(0, rows, grads)
             for (name, a), b in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
-                torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=0, atol=0, msg=name)
+                if b is table.weight:  # summed per distinct row, then over the layers: another order
+                    torch.testing.assert_close(table_grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
+                else:
+                    torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=0, atol=0, msg=name)
     finally:
         meshes.close()
 

@@ -16,12 +16,12 @@ from torch.distributed.tensor import DTensor
 
 from lingua_mem.config import load_config, model_args
 from lingua_mem.model.llama import build_model
+from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import init_distributed, parallelize
 from lingua_mem.plan.estimate import make_plan
 from lingua_mem.plan.fake_step import measure_step
 from lingua_mem.plan.hardware import GiB
 from lingua_mem.stats import config_stats
-from lingua_mem.train.optim import build_optimizer, split_params
 from lingua_mem.train.step import train_step
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -157,8 +157,8 @@ def reshard_worker(rank, world, port, layout, dump, results):
     from lingua_mem.checkpoint.checkpointer import Checkpointer
     from lingua_mem.config import CheckpointConfig, DistributedConfig, model_args, to_dict
     from lingua_mem.model.llama import build_model
+    from lingua_mem.optim import build_optimizer, split_params
     from lingua_mem.parallel import init_distributed, parallelize
-    from lingua_mem.train.optim import build_optimizer, split_params
     from lingua_mem.train.step import train_step
 
     if world > 1:

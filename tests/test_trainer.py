@@ -12,7 +12,7 @@ from wandb_runs import read_run
 from lingua_mem.checkpoint.checkpointer import complete_checkpoints
 from lingua_mem.config import OptimConfig, load_config, model_args
 from lingua_mem.model.llama import build_model
-from lingua_mem.train.optim import build_optimizer, clip_grads, lr_factor
+from lingua_mem.optim import build_optimizer, clip_grads, lr_factor
 from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]

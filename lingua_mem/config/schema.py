@@ -31,6 +31,9 @@ LoraTarget = Literal["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 FinetuneMode = Literal["full", "sparse_memory", "lora"]
 Ranking = Literal["tfidf", "kl"]
 RowOptimizer = Literal["sgd", "adamw"]
+# the value tables' update in training: adamw every row every step (the paper's), or only the
+# rows a step reads: lazy_adamw (their moments), adagrad (row-wise: one accumulator per row)
+ValueOptimizer = Literal["adamw", "lazy_adamw", "adagrad"]
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -75,8 +78,8 @@ class MemoryConfig:
     qk_norm: bool = False  # RMSNorm on query halves and sub-keys
     query_batchnorm: bool = False  # BatchNorm on the query (Lample 2019)
     kernel: Kernel = "auto"
-    # the dtype the bag reads the value tables in: bf16 gathers a bf16 copy (FSDP2's bf16
-    # all-gather) and halves the bytes read; master weights and optimizer state stay fp32
+    # the dtype the rows a batch reads are sent and bagged in: bf16 halves the bytes moved
+    # and read; the tables' shards and optimizer state stay fp32
     value_compute_dtype: Dtype = "fp32"
 
 
@@ -137,6 +140,7 @@ class OptimConfig:
     value_lr: float = 1e-3  # value tables' own peak lr
     value_weight_decay: float = 0.0
     value_clip: float = 1.0  # max grad norm of the value tables (0: off)
+    value_optimizer: ValueOptimizer = "adamw"  # see ValueOptimizer; optim.py
     # a step whose gradient norm is not finite makes no update and is counted (skipped_steps)
     # instead of stopping the run; costs one host sync per step
     skip_nonfinite: bool = False

@@ -37,6 +37,7 @@ from lingua_mem.config.schema import (
     TokenizerName,
     TrainConfig,
     UsageCommandConfig,
+    ValueOptimizer,
     WandbMode,
     choices,
     model_args,
@@ -123,6 +124,7 @@ def validate_optim(o: OptimConfig) -> None:
     _check(0 <= o.lr_min_ratio <= 1, "optim.lr_min_ratio", "must be in [0, 1]")
     _check(o.grad_accum > 0, "optim.grad_accum", "must be positive")
     _check_choice(o.scheduler, "optim.scheduler", Scheduler)
+    _check_choice(o.value_optimizer, "optim.value_optimizer", ValueOptimizer)
 
 
 def validate_devices(d: DistributedConfig) -> None:

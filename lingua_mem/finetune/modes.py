@@ -3,7 +3,7 @@ the plan) asks it. A new mode is one class here and one entry in MODES.
 
     convert(model)              on the built (meta) model, before sharding: adapters, freezing
     init(model, seed)           after init_weights: the mode's own parameters
-    build_optimizer(model, optim)   None: the standard AdamW (train/optim.py)
+    build_optimizer(model, optim)   None: the standard AdamW (optim.py)
     start(model, optimizer)     once the optimizer exists: per-step state (sparse rows)
     counting()                  a context around each training step's forward and backward
     after_backward              None, or a callable run once the gradients are reduced

@@ -12,10 +12,11 @@ Each optimizer step, on every process alike:
      (kl: row i's term of KL(p || q), the background add-one smoothed);
   3. the top finetune.top_t rows of positive score are selected (ties: the lower row), the
      same rows on every process, since every process scores the same summed counts;
-  4. the tables' gradients are zeroed outside those rows (before clipping), and
-     SparseRowOptimizer changes those rows only: plain SGD, or AdamW whose moments of the
-     other rows stay as they are (lazy Adam, as torch.optim.SparseAdam: one step count per
-     table). Weight decay (optim.value_weight_decay) touches the selected rows only too.
+  4. the tables' row gradients are dropped outside those rows (before clipping), and
+     the optimizer (optim.MemoryAdamW, row-sparse) changes those rows only: plain SGD,
+     or AdamW whose moments of the other rows stay as they are (lazy Adam, as
+     torch.optim.SparseAdam: one step count per table). Weight decay
+     (optim.value_weight_decay) touches the selected rows only too.
 Frozen (requires_grad=False, set before parallelize): the dense weights, the memory layers'
 keys, query, gate and output projections, every table row not selected.
 """
@@ -30,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from lingua_mem.config import FinetuneConfig
 from lingua_mem.memory.usage import RowReads, Usage
+from lingua_mem.optim import MemoryAdamW, build_memory_adamw
 
 
 def freeze_all_but_values(model: nn.Module) -> None:
@@ -75,64 +77,14 @@ def local_rows(param: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return rows[mine] - offset[0]
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-class SparseRowOptimizer(torch.optim.Optimizer):
-    """Updates only the rows `set_rows` named for each parameter (local row indices; none set:
-    no update, as in DCP's state-initialising step). kind sgd: w -= lr g. kind adamw: the
-    named rows' moments and weights as AdamW's, the others' untouched; bias correction by
-    the table's step count (lazy Adam)."""
-
-    def __init__(self, params, lr: float, kind: str = "sgd", betas=(0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
-        super().__init__(params, {"lr": lr, "kind": kind, "betas": betas, "eps": eps,
-                                  "weight_decay": weight_decay})
-        self.rows: dict[int, torch.Tensor] = {}  # id(param) -> local row indices of the next step
-
-    def set_rows(self, param: torch.Tensor, rows: torch.Tensor) -> None:
-        self.rows[id(param)] = rows
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group["kind"] == "adamw" and not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                rows = self.rows.pop(id(p), None)
-                if rows is None or rows.numel() == 0:
-                    continue
-                w, g = _local(p), _local(p.grad)[rows]  # g: (rows, cols)
-                if decay:
-                    w[rows] *= 1 - lr * decay
-                if group["kind"] == "sgd":
-                    w[rows] -= lr * g
-                    continue
-                state["step"] += 1
-                m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-                m[rows] = beta1 * m[rows] + (1 - beta1) * g
-                v[rows] = beta2 * v[rows] + (1 - beta2) * g * g
-                t = float(state["step"])
-                m_hat = m[rows] / (1 - beta1**t)
-                v_hat = v[rows] / (1 - beta2**t)
-                w[rows] -= lr * m_hat / (v_hat.sqrt() + eps)
-        return None
-
-
-def build_sparse_optimizer(model: nn.Module, finetune: FinetuneConfig, optim) -> SparseRowOptimizer:
-    """One group, "values": the tables' rows at optim.value_lr (its schedule applies)."""
+def build_sparse_optimizer(model: nn.Module, finetune: FinetuneConfig, optim) -> MemoryAdamW:
+    """One group, "values": the selected rows of the tables at optim.value_lr (its schedule
+    applies), by finetune.optimizer: sgd, or adamw on those rows (lazy AdamW)."""
     params = [t.weight for t in model.value_tables()]
-    group = {"name": "values", "params": params, "lr": optim.value_lr, "peak_lr": optim.value_lr,
-             "weight_decay": optim.value_weight_decay}
-    return SparseRowOptimizer([group], optim.value_lr, finetune.optimizer, (optim.beta1, optim.beta2),
-                              optim.eps, optim.value_weight_decay)
+    row_update = "lazy_adamw" if finetune.optimizer == "adamw" else "sgd"
+    group = {"name": "values", "params": params, "lr": optim.value_lr,
+             "weight_decay": optim.value_weight_decay, "row_update": row_update}
+    return build_memory_adamw([group], optim)
 
 
 class SparseMemoryFinetune:
@@ -142,7 +94,7 @@ class SparseMemoryFinetune:
             train_step(..., after_backward=finetune.after_backward)
     """
 
-    def __init__(self, model: nn.Module, cfg: FinetuneConfig, usage: Usage, optimizer: SparseRowOptimizer):
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig, usage: Usage, optimizer: MemoryAdamW):
         self.model, self.cfg, self.usage, self.optimizer = model, cfg, usage, optimizer
         self.reads = RowReads(model).__enter__()  # hooks for the whole run; counting only in counting()
         self.reads.enabled = False
@@ -170,23 +122,18 @@ class SparseMemoryFinetune:
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Select this step's rows (a collective: the counts are summed over all processes),
-        zero the tables' gradients elsewhere and name the rows to the optimizer."""
+        """Select this step's rows (a collective: the counts are summed over all processes)
+        and keep the tables' row gradients of those rows only."""
         counts = self.reads.take(reduce=True)
-        self.optimizer.rows.clear()  # a step skipped (optim.skip_nonfinite) leaves none behind
         read = updated = 0
         for key, c in counts.items():
             rows = select_rows(score_rows(c, self.usage, key, self.cfg.ranking), self.cfg.top_t)
             self.rows[key] = rows
             read, updated = read + int((c > 0).sum()), updated + rows.numel()
             param = self.model.values[key].weight
-            if param.grad is None:
-                continue
-            mine = local_rows(param, rows)
-            grad = _local(param.grad)
-            keep = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
-            keep[mine] = True
-            grad[~keep] = 0
-            self.optimizer.set_rows(param, mine)
+            row_grad = self.optimizer.row_grads.get(id(param))
+            if row_grad is not None:
+                keep = torch.isin(row_grad[0], local_rows(param, rows))
+                self.optimizer.set_row_grad(param, (row_grad[0][keep], row_grad[1][keep]))
         self.stats = {"finetune/rows_read": float(read), "finetune/rows_updated": float(updated)}
 

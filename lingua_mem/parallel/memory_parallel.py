@@ -1,26 +1,35 @@
-"""Memory parallelism: a value table sharded by columns over a group of ranks.
+"""Value tables sharded by rows and columns and read by routing: no rank ever holds more of a
+table than its own shard plus the rows its batch reads.
 
-Each of the `mp` ranks of a group holds columns [c * v_dim/mp, (c+1) * v_dim/mp)
-of every row. Forward, for the group's tokens:
-  1. every rank computes its own tokens' indices and weights (N, M) (plain model code)
-  2. all-gather indices and weights in the group            -> (mp*N, M)
-  3. each rank bags ALL the group's tokens on its columns   -> (mp*N, v_dim/mp)
-  4. all-to-all: rank p receives its own tokens' slice c from every rank c
-                                                             -> (N, v_dim), columns by rank
-Backward mirrors it: all-to-all of the output gradients, the bag's backward
-on the local columns, and the weight gradients (partial sums over columns)
-reduce-scattered back to their tokens' ranks. The local columns' gradient holds
-the contributions of all `mp` ranks' tokens, so it is scaled by 1/mp: after
-FSDP averages it over the mp_replicate ranks it equals the data-parallel mean,
-like every other parameter's.
+Layout. A table's weight is a DTensor of the whole (n_values, v_dim) table on the memory
+mesh (mp_replicate, mp), placements (Shard(0), Shard(1)): groups of `mp` consecutive ranks
+split the columns (rank c of a group holds columns [c * v_dim/mp, (c+1) * v_dim/mp)), and
+the ranks holding the same columns in different groups (the "row group", mp_replicate,
+the whole world when mp == 1) split the rows in chunks (DTensor's Shard(0): ceil(n/R) rows
+each). Initialisation and checkpoints see it as any sharded parameter; FSDP2 does not
+manage it.
 
-The table's weight is a DTensor of the whole table (columns Shard(1) over "mp", rows
-Shard(0) over "mp_replicate" once FSDP2 has sharded it): initialisation, clipping and
-checkpoints treat it as any other sharded parameter, and `to_local()` happens in the
-forward below only.
+Forward of one read, for this rank's tokens (indices, weights: (N, M) each):
+  1. mp > 1: all-gather indices and weights in the mp group       -> (mp*N, M)
+  2. the distinct rows read, sorted, and each read's slot among them: rows (U,), slots (mp*N, M)
+  3. route (row group): all-to-all of the row counts per owner, then of the rows; each
+     owner answers with its columns of the rows it was asked     -> slab (U, v_dim/mp)
+  4. the bag on the slab: embedding_bag(slots, weights, slab)     -> (mp*N, v_dim/mp)
+  5. mp > 1: all-to-all in the mp group: rank p gets its own tokens' columns from every rank
+                                                                  -> (N, v_dim)
+Backward mirrors it: the mp all-to-all of the output gradients, the bag's backward (the
+slab's gradient (U, cols): the rows read, nothing table-sized), and the routing reversed:
+each owner receives the gradients of its rows from every rank of its row group, scaled by
+1/world (the data-parallel mean, as every other parameter's gradient) and kept by the table
+as (local rows, gradients) pairs until `take_row_grad()` sums them, once per step, over
+every read of every memory layer sharing the table. The weights' gradients (partial sums
+over columns) are reduce-scattered back to their tokens' ranks.
+The table's own `.grad` stays None: the optimizer gets the rows (optim.py).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -74,40 +83,131 @@ class _AllToAllRows(torch.autograd.Function):
         return out, None
 
 
-class _ScaleGrad(torch.autograd.Function):
+@dataclass
+class Route:
+    """Who asks whom for which rows, in one read (row-group ranks in rank order).
+
+    asks[q]     how many of the rows this rank reads rank q owns (they are contiguous in
+                the sorted rows: owners are row chunks in order)
+    asked[q]    how many rows rank q asks of this rank
+    local_rows  the rows this rank was asked, as indices into its shard, in the order asked
+    """
+
+    asks: list[int]
+    asked: list[int]
+    local_rows: torch.Tensor
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """all_to_all of variable row counts: send[q] rows to rank q, recv[q] rows from it."""
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+class _ReadRows(torch.autograd.Function):
+    """(local shard, rows (U,) sorted distinct) -> their values (U, cols), fetched from the
+    rows' owners. Backward sends the values' gradient to the owners, where the table keeps
+    it (rows and gradients): nothing flows to the shard through autograd, whose input is
+    there so that the backward runs even when nothing else before the read needs one."""
+
     @staticmethod
-    def forward(ctx, x, scale: float):
-        ctx.scale = scale
-        return x.view_as(x)
+    def forward(ctx, shard, rows, table):
+        route = table.route(rows)
+        ctx.table, ctx.route = table, route
+        return table.fetch(shard.detach(), route)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad * ctx.scale, None
+        ctx.table.keep_row_grad(ctx.route, grad)
+        return None, None, None
 
 
-class MemoryParallelValueTable(ValueTable):
-    """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, its
-    columns split (`Shard(1)`) over the 1-D memory-parallel mesh `mp_mesh`. FSDP2 later
-    shards its rows over the other ranks (mp_replicate), making it (Shard(0), Shard(1))
-    on the memory mesh. Initialisation and checkpoints see it as any sharded parameter;
-    only forward looks at the local columns."""
+class ShardedValueTable(ValueTable):
+    """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, rows
+    over the memory mesh's "mp_replicate" dim and columns over its "mp" dim, read by
+    routing (see the module's docstring). `compute_dtype` is what the rows are sent and
+    bagged in; `reduce_dtype` what their gradients are sent back in (fp32 for one process)."""
 
-    def __init__(self, table: ValueTable, mp_mesh: DeviceMesh):
+    def __init__(self, table: ValueTable, memory_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32):
         nn.Module.__init__(self)  # not ValueTable.__init__: the weight is built from `table`'s
-        self.group, self.mp = mp_mesh.get_group(), mp_mesh.size()
         self.kernel = table.kernel
-        n_values, self.v_dim = table.weight.shape
+        cols_mesh, rows_mesh = memory_mesh["mp"], memory_mesh["mp_replicate"]
+        self.mp_group, self.mp = cols_mesh.get_group(), cols_mesh.size()
+        self.row_group, self.row_ranks = rows_mesh.get_group(), rows_mesh.size()
+        self.world = self.mp * self.row_ranks
+        self.n_values, self.v_dim = table.weight.shape
         self.cols = self.v_dim // self.mp
-        start = mp_mesh.get_local_rank() * self.cols
-        local = table.weight.detach()[:, start:start + self.cols].clone()  # meta stays meta
-        self.weight = nn.Parameter(DTensor.from_local(local, mp_mesh, [Shard(1)], run_check=False,
-                                                      shape=table.weight.shape, stride=(self.v_dim, 1)))
+        self.rows_per_rank = -(-self.n_values // self.row_ranks)  # Shard(0): chunks of ceil(n/R) rows
+        self.compute_dtype = compute_dtype
+        self.reduce_dtype = reduce_dtype if self.row_ranks > 1 else torch.float32
+        row0 = rows_mesh.get_local_rank() * self.rows_per_rank
+        col0 = cols_mesh.get_local_rank() * self.cols
+        local = table.weight.detach()[row0:row0 + self.rows_per_rank, col0:col0 + self.cols].clone()
+        self.weight = nn.Parameter(DTensor.from_local(  # a meta table gives a meta shard
+            local, memory_mesh, [Shard(0), Shard(1)], run_check=False, shape=table.weight.shape,
+            stride=(self.v_dim, 1)), requires_grad=table.weight.requires_grad)  # frozen stays frozen
+        self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (local rows, grads)
+
+    # -- the read ------------------------------------------------------------------------
 
     def forward(self, bag: Bag) -> torch.Tensor:
         n = bag.indices.shape[0]  # this rank's tokens
-        all_indices = _all_gather_rows(bag.indices, self.group)  # (mp*N, M), no gradient
-        all_weights = _AllGatherRows.apply(bag.weights, self.group)  # (mp*N, M)
-        table = _ScaleGrad.apply(self.weight.to_local(), 1.0 / self.mp)  # (n_values, v_dim/mp)
-        part = embedding_bag(all_indices, all_weights, table, self.kernel)  # (mp*N, v_dim/mp)
-        mine = _AllToAllRows.apply(part, self.group)  # (mp*N, v_dim/mp): block c = columns of rank c
+        indices, weights = bag.indices, bag.weights
+        if self.mp > 1:
+            indices = _all_gather_rows(indices, self.mp_group)  # (mp*N, M), no gradient
+            weights = _AllGatherRows.apply(weights, self.mp_group)  # (mp*N, M)
+        rows, slots = torch.unique(indices, sorted=True, return_inverse=True)  # (U,), (mp*N, M)
+        slab = _ReadRows.apply(self.weight.to_local(), rows, self)  # (U, cols)
+        part = embedding_bag(slots, weights, slab, self.kernel)  # (mp*N, cols)
+        if self.mp == 1:
+            return part
+        mine = _AllToAllRows.apply(part, self.mp_group)  # (mp*N, cols): block c = columns of rank c
         return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)
+
+    def route(self, rows: torch.Tensor) -> Route:
+        """The read's routing: rows (U,) sorted distinct global rows."""
+        if self.row_ranks == 1:
+            return Route([rows.numel()], [rows.numel()], rows)
+        owners = torch.div(rows, self.rows_per_rank, rounding_mode="floor")
+        asks = torch.bincount(owners, minlength=self.row_ranks)  # (R,)
+        asked = torch.empty_like(asks)
+        dist.all_to_all_single(asked, asks, group=self.row_group)
+        asks, asked = asks.tolist(), asked.tolist()  # the split sizes (a host sync)
+        me = dist.get_rank(self.row_group)
+        local_rows = _exchange(rows, asks, asked, self.row_group) - me * self.rows_per_rank
+        return Route(asks, asked, local_rows)
+
+    def fetch(self, shard: torch.Tensor, route: Route) -> torch.Tensor:
+        """The values of the rows this rank reads, (U, cols) in compute dtype."""
+        answer = shard[route.local_rows].to(self.compute_dtype)  # (sum asked, cols)
+        if self.row_ranks == 1:
+            return answer
+        return _exchange(answer, route.asked, route.asks, self.row_group)
+
+    def keep_row_grad(self, route: Route, grad: torch.Tensor) -> None:
+        """Backward of a read: the gradient of the rows read (U, cols), sent to their owners."""
+        if self.world > 1:
+            grad = (grad * (1.0 / self.world)).to(self.reduce_dtype)
+        if self.row_ranks > 1:
+            grad = _exchange(grad, route.asks, route.asked, self.row_group)  # (sum asked, cols)
+        self._row_grads.append((route.local_rows, grad.float()))
+
+    # -- the step ------------------------------------------------------------------------
+
+    def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This step's gradient of this rank's shard, row-sparse: (local rows (K,) sorted
+        distinct, their gradients (K, cols) fp32), summed over every read since the last
+        call; None when nothing was read. Never table-sized."""
+        pairs, self._row_grads = self._row_grads, []
+        if not pairs:
+            return None
+        rows = torch.cat([r for r, _ in pairs])
+        grads = torch.cat([g for _, g in pairs])
+        if len(pairs) == 1:  # one read: its rows are distinct already
+            order = torch.argsort(rows)
+            return rows[order], grads[order]
+        distinct, slot = torch.unique(rows, sorted=True, return_inverse=True)
+        summed = grads.new_zeros((distinct.numel(), self.cols)).index_add_(0, slot, grads)
+        return distinct, summed

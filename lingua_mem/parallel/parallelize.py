@@ -5,56 +5,22 @@ from __future__ import annotations
 
 import os
 import shutil
+from functools import partial
 
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import (
-    CheckpointPolicy,
-    _CachedTorchDispatchMode,
-    _CachingTorchDispatchMode,
-    create_selective_checkpoint_contexts,
-)
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.errors import ConfigError
 from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer
-from lingua_mem.parallel.memory_parallel import MemoryParallelValueTable
+from lingua_mem.parallel.memory_parallel import ShardedValueTable
 from lingua_mem.parallel.mesh import Meshes
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in ACTIVATION_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-# A value table is an FSDP2 unit called from inside a checkpointed block, and FSDP2's
-# profiler annotations (record_function ops) are not repeated identically when the block
-# is recomputed (the table's root pre-forward runs only then). Selective checkpointing
-# replays ops by count, so these two modes let the annotations through unrecorded (a fix
-# PyTorch itself has been working on; torch 2.13 still fails without it).
-_PROFILER_OPS = {torch.ops.profiler._record_function_enter_new.default,
-                 torch.ops.profiler._record_function_exit._RecordFunction}
-
-
-class _PassProfilerOps:
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _PROFILER_OPS:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-class _CachingSkipProfiler(_PassProfilerOps, _CachingTorchDispatchMode):
-    """Selective checkpointing's forward mode, the profiler ops passed through."""
-
-
-class _CachedSkipProfiler(_PassProfilerOps, _CachedTorchDispatchMode):
-    """Its recompute mode, likewise."""
-
-
-def _selective_contexts():
-    caching, cached = create_selective_checkpoint_contexts(_selective_policy)
-    caching.__class__, cached.__class__ = _CachingSkipProfiler, _CachedSkipProfiler  # same state
-    return caching, cached
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
@@ -66,7 +32,7 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
     for i, block in enumerate(model.layers):
         context = {}
         if mode == "selective":
-            context = {"context_fn": _selective_contexts}
+            context = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)}
         model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **context)
 
 
@@ -94,26 +60,19 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
         apply_compile(model, meshes.device_type)
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
     dense_policy = MixedPrecisionPolicy(param_dtype=dense_dtype, reduce_dtype=torch.float32)
-    rows_mesh = meshes.memory["mp_replicate"]
-    # bf16 only where there is a reduction to make: FSDP2 rounds to its reduce dtype at size 1 too
-    bf16_reduce = cfg.value_reduce_dtype == "bf16" and rows_mesh.size() > 1
-    table_reduce = torch.bfloat16 if bf16_reduce else torch.float32
-    # the tables' unsharded (gathered) dtype: what the bag reads (memory.value_compute_dtype);
-    # their sharded master weights stay fp32
-    table_dtype = torch.bfloat16 if value_compute_dtype == "bf16" else torch.float32
-    table_policy = MixedPrecisionPolicy(param_dtype=table_dtype, reduce_dtype=table_reduce)
     # a query BatchNorm keeps fp32 parameters, like its running statistics (fp32 buffers)
     fp32_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
-    # value tables: columns over the mp group (a DTensor, when mp > 1), rows over all the
-    # other ranks (FSDP2 on mp_replicate, which spans the whole world when mp == 1), so each
-    # rank holds 1/world of every table whatever the dense layout (HSDP included)
-    if meshes.dims.mp > 1:
-        for key, table in list(model.values.items()):
-            model.values[key] = MemoryParallelValueTable(table, meshes.memory["mp"])
-    # a table is read by every memory layer of a step: gathered once, kept until backward ends
-    for table in model.values.values():
-        fully_shard(table, mesh=rows_mesh, mp_policy=table_policy, reshard_after_forward=False)
+    # value tables: columns over the mp group, rows over all the other ranks (mp_replicate,
+    # the whole world when mp == 1), so each rank holds 1/world of every table whatever the
+    # dense layout (HSDP included); read by routing, not gathered, and not FSDP2's
+    # (parallel/memory_parallel.py). Rows travel in memory.value_compute_dtype, their
+    # gradients in distributed.value_reduce_dtype; the shards stay fp32.
+    compute = torch.bfloat16 if value_compute_dtype == "bf16" else torch.float32
+    reduce = torch.bfloat16 if cfg.value_reduce_dtype == "bf16" else torch.float32
+    for key, table in list(model.values.items()):
+        model.values[key] = ShardedValueTable(table, meshes.memory, compute, reduce)
+    tables = {p for table in model.values.values() for p in table.parameters()}
 
     dense_mesh = meshes.dense_fsdp
     for block in model.layers:
@@ -121,5 +80,5 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
         if batchnorm is not None:
             fully_shard(batchnorm, mesh=dense_mesh, mp_policy=fp32_policy)
         fully_shard(block, mesh=dense_mesh, mp_policy=dense_policy)
-    fully_shard(model, mesh=dense_mesh, mp_policy=dense_policy)
+    fully_shard(model, mesh=dense_mesh, mp_policy=dense_policy, ignored_params=tables)
     return model

@@ -39,9 +39,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from lingua_mem.config import TrainConfig, model_args
 from lingua_mem.errors import ConfigError
 from lingua_mem.finetune.modes import MODES, build_finetune, build_model_as_trained
+from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import parallelize, resolve_dims
 from lingua_mem.parallel.mesh import Meshes, build_meshes
-from lingua_mem.train.optim import build_optimizer, split_params
 from lingua_mem.train.step import train_step
 
 aten = torch.ops.aten

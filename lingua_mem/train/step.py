@@ -14,8 +14,8 @@ from torch.distributed.tensor import DTensor
 from lingua_mem.cli import Stopped
 from lingua_mem.config import OptimConfig
 from lingua_mem.model.loss import forward_loss
+from lingua_mem.optim import clip_grads, hand_over_value_grads
 from lingua_mem.parallel.runtime import all_reduce
-from lingua_mem.train.optim import clip_grads
 
 
 class TrainingDiverged(Stopped):
@@ -48,10 +48,11 @@ def train_step(model, optimizer, micro_batches: list[dict], optim: OptimConfig, 
         loss = forward_loss(model, batch)
         (loss / len(micro_batches)).backward()
         loss_sum += loss.detach()
+    hand_over_value_grads(model, optimizer)  # the tables' row gradients, summed over their reads
     if after_backward is not None:
         after_backward()
     grad_norm = clip_grads(dense_params, optim.clip)
-    value_grad_norm = clip_grads(value_params, optim.value_clip)
+    value_grad_norm = clip_grads(value_params, optim.value_clip, optimizer)
     loss = loss_sum / len(micro_batches)
     finite = loss.isfinite() & grad_norm.isfinite() & value_grad_norm.isfinite()
     skipped = optim.skip_nonfinite and not bool(grad_norm.isfinite() & value_grad_norm.isfinite())

@@ -24,6 +24,7 @@ from lingua_mem.finetune.modes import FullFinetune, build_finetune, build_model_
 from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger
 from lingua_mem.model.llama import resolve_attention
+from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, distributed_session, parallelize
 from lingua_mem.parallel.runtime import on_rank_0, seed_everything
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
@@ -31,7 +32,6 @@ from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
 from lingua_mem.train.evaluator import Evaluator
 from lingua_mem.train.guard import DivergenceGuard
-from lingua_mem.train.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.train.report import StepReport
 from lingua_mem.train.step import train_step
 
