@@ -170,7 +170,8 @@ def test_the_bag_reads_a_bf16_table_and_the_master_weights_stay_fp32(tmp_path, k
             model.init_weights(seed=3)
             seen = []
             table = model.values["shared"]
-            hook = table.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.dtype))  # the bag's
+            # the dtype the bag reads in: its output's
+            hook = table.register_forward_hook(lambda m, a, out, seen=seen: seen.append(out.dtype))
             opt = build_optimizer(model, cfg.optim)
             tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(0))
             batch = [{"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}]

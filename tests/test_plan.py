@@ -118,9 +118,13 @@ def test_plan_accounts_for_checkpointing_and_memory_parallel_traffic():
     assert by_op[("all_gather", "mp")].bytes == 3 * 2 * tokens * m * (8 + 4)
     assert by_op[("all_to_all", "mp")].bytes == 3 * 2 * (2 * tokens * v_dim // 2 * 4)
     assert by_op[("all_gather", "mp")].spans_nodes is False
-    # the table's rows are gathered once a step over mp_replicate (not once per memory layer)
-    table = by_op[("all_gather", "mp_replicate")]
-    assert table.calls == 1 and table.bytes == cfg.memory.n_keys ** 2 * (v_dim // 2) * 4
+    # the table is never gathered: each read routes its rows over mp_replicate (counts, rows,
+    # their values; in backward their gradients), every read taken as a distinct row
+    assert ("all_gather", "mp_replicate") not in by_op
+    rows = min(2 * tokens * m, cfg.memory.n_keys ** 2)
+    routed = by_op[("all_to_all", "mp_replicate")]
+    assert routed.calls == 3 * 4
+    assert routed.bytes == 3 * (2 * 8 + rows * 8 + 2 * rows * (v_dim // 2) * 4)
     stats = config_stats(cfg)
     assert step.flops >= 6 * stats["dense_params"] * tokens * 0.5  # matmuls at least (embedding aside)
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -43,6 +44,9 @@ from lingua_mem.memory.layer import Bag, ValueTable
 # newer torch releases renamed the flat-tensor collectives; older ones only have the old names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+_CAST_ROWS = 1 << 16  # rows cast at a time when a shard answers in another dtype
 
 
 def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
@@ -148,7 +152,7 @@ class ShardedValueTable(ValueTable):
         self.weight = nn.Parameter(DTensor.from_local(  # a meta table gives a meta shard
             local, memory_mesh, [Shard(0), Shard(1)], run_check=False, shape=table.weight.shape,
             stride=(self.v_dim, 1)), requires_grad=table.weight.requires_grad)  # frozen stays frozen
-        self._row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (local rows, grads)
+        self._row_grad: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (local rows, grads)
 
     # -- the read ------------------------------------------------------------------------
 
@@ -158,7 +162,7 @@ class ShardedValueTable(ValueTable):
         if self.mp > 1:
             indices = _all_gather_rows(indices, self.mp_group)  # (mp*N, M), no gradient
             weights = _AllGatherRows.apply(weights, self.mp_group)  # (mp*N, M)
-        rows, slots = torch.unique(indices, sorted=True, return_inverse=True)  # (U,), (mp*N, M)
+        rows, slots = self.distinct(indices)  # (U,), (mp*N, M)
         slab = _ReadRows.apply(self.weight.to_local(), rows, self)  # (U, cols)
         part = embedding_bag(slots, weights, slab, self.kernel)  # (mp*N, cols)
         if self.mp == 1:
@@ -166,48 +170,79 @@ class ShardedValueTable(ValueTable):
         mine = _AllToAllRows.apply(part, self.mp_group)  # (mp*N, cols): block c = columns of rank c
         return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)
 
+    def distinct(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct rows read, sorted (U,), and each read's slot among them (indices' shape).
+        Fake tensors (the scale plan, lingua_mem.plan) have no values: there, every read is
+        taken to be distinct (U = min(reads, rows), the most a read can move or hold)."""
+        if is_fake(indices):
+            return indices.new_empty(min(indices.numel(), self.n_values)), indices
+        return torch.unique(indices, sorted=True, return_inverse=True)
+
     def route(self, rows: torch.Tensor) -> Route:
         """The read's routing: rows (U,) sorted distinct global rows."""
         if self.row_ranks == 1:
             return Route([rows.numel()], [rows.numel()], rows)
-        owners = torch.div(rows, self.rows_per_rank, rounding_mode="floor")
-        asks = torch.bincount(owners, minlength=self.row_ranks)  # (R,)
+        fake = is_fake(rows)  # the plan: the rows spread evenly over their owners, and asked alike
+        if fake:
+            asks = rows.new_empty(self.row_ranks)
+        else:
+            asks = torch.bincount(torch.div(rows, self.rows_per_rank, rounding_mode="floor"),
+                                  minlength=self.row_ranks)  # (R,): rows this rank asks of each owner
         asked = torch.empty_like(asks)
         dist.all_to_all_single(asked, asks, group=self.row_group)
-        asks, asked = asks.tolist(), asked.tolist()  # the split sizes (a host sync)
+        if fake:
+            asks = [rows.numel() // self.row_ranks] * self.row_ranks
+            asks[0] += rows.numel() - sum(asks)
+            asked = asks
+        else:
+            asks, asked = asks.tolist(), asked.tolist()  # the split sizes (a host sync)
         me = dist.get_rank(self.row_group)
         local_rows = _exchange(rows, asks, asked, self.row_group) - me * self.rows_per_rank
         return Route(asks, asked, local_rows)
 
     def fetch(self, shard: torch.Tensor, route: Route) -> torch.Tensor:
         """The values of the rows this rank reads, (U, cols) in compute dtype."""
-        answer = shard[route.local_rows].to(self.compute_dtype)  # (sum asked, cols)
+        rows = route.local_rows
+        if shard.dtype == self.compute_dtype:
+            answer = shard.index_select(0, rows)  # (sum asked, cols)
+        else:  # cast while copying, a block of rows at a time: no fp32 copy of all the rows asked
+            answer = shard.new_empty((rows.numel(), self.cols), dtype=self.compute_dtype)
+            for start in range(0, rows.numel(), _CAST_ROWS):
+                answer[start:start + _CAST_ROWS] = shard.index_select(0, rows[start:start + _CAST_ROWS])
         if self.row_ranks == 1:
             return answer
         return _exchange(answer, route.asked, route.asks, self.row_group)
 
     def keep_row_grad(self, route: Route, grad: torch.Tensor) -> None:
-        """Backward of a read: the gradient of the rows read (U, cols), sent to their owners."""
-        if self.world > 1:
-            grad = (grad * (1.0 / self.world)).to(self.reduce_dtype)
+        """Backward of a read: the gradient of the rows read (U, cols), sent to their owners and
+        added to what this rank holds for its shard this step (distinct rows: never more than
+        the shard's, however many reads and memory layers)."""
+        if self.world > 1:  # one copy: cast, then scaled in place
+            grad = grad.to(self.reduce_dtype, copy=True).mul_(1.0 / self.world)
+        rows = route.local_rows
         if self.row_ranks > 1:
             grad = _exchange(grad, route.asks, route.asked, self.row_group)  # (sum asked, cols)
-        self._row_grads.append((route.local_rows, grad.float()))
+            rows, grad = self._coalesce([(rows, grad)])  # the same row asked by several ranks
+        self._row_grad = (rows, grad.float()) if self._row_grad is None else self._coalesce([self._row_grad,
+                                                                                              (rows, grad)])
+
+    def _coalesce(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, gradients) pairs -> (distinct rows sorted, their summed gradients in fp32)."""
+        rows = torch.cat([r for r, _ in pairs])
+        if is_fake(rows):  # the plan: as many rows as the reads brought, at most the shard's
+            distinct, slot = rows.new_empty(min(rows.numel(), self.weight.to_local().shape[0])), rows
+        else:
+            distinct, slot = torch.unique(rows, sorted=True, return_inverse=True)
+        summed = torch.zeros((distinct.numel(), self.cols), dtype=torch.float32, device=rows.device)
+        for (_, g), part in zip(pairs, torch.split(slot, [r.numel() for r, _ in pairs]), strict=True):
+            summed.index_add_(0, part, g.float())
+        return distinct, summed
 
     # -- the step ------------------------------------------------------------------------
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step's gradient of this rank's shard, row-sparse: (local rows (K,) sorted
-        distinct, their gradients (K, cols) fp32), summed over every read since the last
-        call; None when nothing was read. Never table-sized."""
-        pairs, self._row_grads = self._row_grads, []
-        if not pairs:
-            return None
-        rows = torch.cat([r for r, _ in pairs])
-        grads = torch.cat([g for _, g in pairs])
-        if len(pairs) == 1:  # one read: its rows are distinct already
-            order = torch.argsort(rows)
-            return rows[order], grads[order]
-        distinct, slot = torch.unique(rows, sorted=True, return_inverse=True)
-        summed = grads.new_zeros((distinct.numel(), self.cols)).index_add_(0, slot, grads)
-        return distinct, summed
+        """This step's gradient of this rank's shard, row-sparse: (local rows (K,), distinct,
+        their gradients (K, cols) fp32), summed over every read since the last call; None when
+        nothing was read. Never table-sized."""
+        row_grad, self._row_grad = self._row_grad, None
+        return row_grad

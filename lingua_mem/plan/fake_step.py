@@ -4,7 +4,10 @@ A fake process group of the layout's world size (torch's "fake" backend: every c
 returns at once, nothing is sent) stands in for the ranks, and FakeTensorMode for the
 memory: the model is built on the meta device, parallelized by the real `parallelize()`,
 materialised as fake tensors and trained one step by the real `train_step` (AdamW, clipping,
-FSDP2's all-gathers and reduce-scatters, memory parallelism's all-gather and all-to-all).
+FSDP2's all-gathers and reduce-scatters, memory parallelism's all-gather and all-to-alls, the
+value tables' routed reads). Fake tensors have no values, so a routed read takes every read
+to be a distinct row (parallel/memory_parallel.py): its traffic and buffers are the most a
+step can need.
 Nothing is computed or allocated; what the step would hold and move is recorded:
 
   states       this rank's parameter, gradient and optimizer-state bytes, by dtype
@@ -102,11 +105,13 @@ def _bytes_by_dtype(tensors) -> dict[str, int]:
 
 def held_states(model, optimizer) -> tuple[dict, dict, dict]:
     """(params, grads, optimizer state) bytes by dtype that this rank holds between steps
-    (gradients: one per trainable parameter shard, as after the backward)."""
+    (gradients: one per trainable parameter shard, as after the backward, but for the value
+    tables': theirs are the rows read, held from their backward to the step: in the peak)."""
     params = list(model.parameters())
+    tables = {id(p) for table in model.value_tables() for p in table.parameters()}
     state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return (_bytes_by_dtype(params), _bytes_by_dtype([p for p in params if p.requires_grad]),
-            _bytes_by_dtype(state))
+    grads = [p for p in params if p.requires_grad and id(p) not in tables]
+    return _bytes_by_dtype(params), _bytes_by_dtype(grads), _bytes_by_dtype(state)
 
 
 def _group_names(meshes: Meshes) -> dict[str, str]:
