@@ -13,6 +13,8 @@
 # 6. benchmarks/generate.py on CUDA: generation tokens/s with and without the KV cache
 # 7. benchmarks/embedding_bag.py on CUDA: the torch path against the Triton kernels (GB/s)
 # 8. benchmarks/plan_vs_measured.py: the scale plan's peak memory against max_memory_allocated
+# 9. benchmarks/memory_scaling.py: the debug base at 65k, 1M and 16M value rows, dense AdamW
+#    and row-wise Adagrad on the tables: tokens/s and peak memory against the smallest
 # then one summary table. Exit 0 when every part ran (and the debug losses fell), 1 otherwise.
 # Without CUDA it says so and exits 0.
 #
@@ -66,6 +68,8 @@ if [ "$DEVICE" = cuda ]; then
   GEN=(--device cuda --batch 16 --new 128)
   BAG=(--device cuda --shapes 134m,373m,1.3b)
   PLAN=(--device cuda)
+  SCALING=(--rows 65k,1m,16m --value-optimizers adamw,adagrad --steps 20 --set distributed.device=cuda
+           distributed.compute_dtype=bf16)
 else  # rehearsal: the same commands, shapes small enough for a CPU
   DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
   M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
@@ -74,6 +78,7 @@ else  # rehearsal: the same commands, shapes small enough for a CPU
   GEN=(--device cpu --batch 2 --new 16 --repeats 1)
   BAG=(--device cpu --shapes 134m --rows 4096 --tokens 4 --bag 8 --repeats 1)
   PLAN=(--device cpu --steps 2)
+  SCALING=(--rows 4k,65k --value-optimizers adagrad --steps 8 --set data.batch_size=2 data.seq_len=64)
   export TRITON_INTERPRET=1
 fi
 COMMON=(distributed.device="$DEVICE" distributed.compute_dtype=bf16)
@@ -107,6 +112,8 @@ else
   echo "== embedding_bag: skipped (triton is not installed)"
 fi
 run plan_vs_measured 240 "$PY" benchmarks/plan_vs_measured.py "${PLAN[@]}" --out "$OUT/plan_vs_measured.json"
+run memory_scaling 300 "$PY" benchmarks/memory_scaling.py "${SCALING[@]}" --out "$OUT/memory_scaling" \
+  --json "$OUT/memory_scaling.json"
 
 "$PY" - "$OUT" <<'PY' || failed+=(summary)
 import json, sys
@@ -157,6 +164,17 @@ if plan.exists():
         measured = f"{r['measured_gib']:.2f}" if r["measured_gib"] is not None else "n/a"
         ratio = f"{r['predicted_over_measured']:.2f}" if r["predicted_over_measured"] is not None else "n/a"
         print(f"plan {r['case']}: predicted {r['predicted_gib']:.2f} GiB, measured {measured}, ratio {ratio}")
+scaling = out / "memory_scaling.json"
+if scaling.exists():
+    rows = json.loads(scaling.read_text())
+    for r in rows:
+        base = next(b for b in rows if b["optimizer"] == r["optimizer"])
+        if "error" in r or "error" in base:
+            print(f"memory_scaling {r['optimizer']} {r['rows']}: failed")
+            continue
+        print(f"memory_scaling {r['optimizer']} {r['rows']}: {r['tokens_per_s']:,.0f} tok/s "
+              f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x {base['rows']}), peak "
+              f"{r['peak_memory_gib']:.2f} GiB")
 sys.exit(1 if bad else 0)
 PY
 

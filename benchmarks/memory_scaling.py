@@ -1,21 +1,22 @@
 """What a training step costs as the value table grows, side by side in one run.
 
     python benchmarks/memory_scaling.py [--rows 4k,65k,262k,1m] [--steps 20]
-        [--config configs/debug.yaml] [--out dumps/memory_scaling] [--json rows.json]
-        [--set key=value ...]
+        [--value-optimizers adamw,lazy_adamw,adagrad] [--config configs/debug.yaml]
+        [--out dumps/memory_scaling] [--json rows.json] [--set key=value ...]
 
 Each case is `python train.py config=<config> memory.n_keys=<sqrt(rows)>` in its own
 process (the same base model, the generated facts corpus, no checkpoints, one process),
-run for --steps steps. From its metrics.jsonl: tokens/s of the last logging window (the
-first steps, warm-up and compilation, are left out); its peak memory: the process's max
+run for --steps steps. From its metrics.jsonl: the median tokens/s of its logging windows
+(8 of them) but the first (warm-up and compilation); its peak memory: the process's max
 RSS on the CPU (wait4), torch.cuda.max_memory_allocated on a GPU. The table gives every case's
-ratio to the first (smallest) one. A memory layer reads heads x knn rows per token,
+ratio to the first (smallest) one of the same value optimizer (optim.value_optimizer: each
+is a block of the table). A memory layer reads heads x knn rows per token,
 whatever the table's size, so the ratio should stay near 1; a step that touches the
 whole table (a dense gradient, a dense optimizer update) makes it fall with the rows.
 
 Sizes are rows = n_keys**2: 4k (64), 65k (256), 262k (512), 1m (1024), 4m (2048),
-16m (4096). --set adds training keys to every case (e.g. optim.value_optimizer=... once
-it exists, distributed.device=cuda distributed.compute_dtype=bf16 on a GPU).
+16m (4096). --set adds training keys to every case (e.g. distributed.device=cuda
+distributed.compute_dtype=bf16 on a GPU).
 Not part of the test suite.
 """
 
@@ -29,16 +30,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+VALUE_OPTIMIZERS = ("adamw", "lazy_adamw", "adagrad")  # optim.value_optimizer
 SIZES = {"4k": 64, "65k": 256, "262k": 512, "1m": 1024, "4m": 2048, "16m": 4096}
 
 
-def run_case(label: str, a) -> dict:
+def run_case(label: str, optimizer: str, a) -> dict:
     n_keys = SIZES[label]
-    dump = Path(a.out) / f"rows_{label}"
-    log_every = max(1, a.steps // 4)
+    dump = Path(a.out) / f"{optimizer}_rows_{label}"
+    log_every = max(1, a.steps // 8)
     cmd = [sys.executable, "train.py", f"config={a.config}", f"dump_dir={dump}", f"steps={a.steps}",
            f"log_every={log_every}", f"memory.n_keys={n_keys}", "checkpoint.every=0", "eval.every=0",
-           "logging.console=false", "logging.wandb.enabled=false", *a.set]
+           "logging.console=false", "logging.wandb.enabled=false", f"optim.value_optimizer={optimizer}",
+           *a.set]
     dump.mkdir(parents=True, exist_ok=True)
     with open(dump / "stdout.txt", "w") as out, open(dump / "stderr.txt", "w") as err:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err)
@@ -49,34 +52,44 @@ def run_case(label: str, a) -> dict:
     if proc.returncode != 0:
         text = (dump / "stderr.txt").read_text() or (dump / "stdout.txt").read_text()
         tail = text.strip().splitlines()[-1:] or ["no output"]
-        return {"rows": label, "n_values": n_keys**2, "error": tail[0]}
+        return {"rows": label, "n_values": n_keys**2, "optimizer": optimizer, "error": tail[0]}
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     last = rows[-1]
-    return {"rows": label, "n_values": n_keys**2, "tokens_per_s": last["tokens_per_s"],
+    steady = sorted(r["tokens_per_s"] for r in rows[1:]) or [last["tokens_per_s"]]  # the first: warm-up
+    return {"rows": label, "n_values": n_keys**2, "optimizer": optimizer,
+            "tokens_per_s": steady[len(steady) // 2],
             "loss": last["loss"], "peak_memory_gib": last.get("peak_memory_gib", rss / 2**30),
             "peak_kind": "cuda allocated" if "peak_memory_gib" in last else "max RSS"}
 
 
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if "error" not in r), None)
-    lines = [f"{'rows':>6} {'values':>10} {'tok/s':>9} {'x first':>8} {'peak GiB':>9} {'x first':>8}  loss"]
+    """One block per value optimizer; ratios to its own smallest table."""
+    lines = [f"{'optimizer':>10} {'rows':>6} {'values':>10} {'tok/s':>9} {'x first':>8} {'peak GiB':>9} "
+             f"{'x first':>8}  loss"]
+    base = None
     for r in results:
-        if "error" in r:
-            lines.append(f"{r['rows']:>6} {r['n_values']:>10,}  failed: {r['error']}")
+        if base is None or base["optimizer"] != r["optimizer"]:
+            base = next((b for b in results if b["optimizer"] == r["optimizer"] and "error" not in b), None)
+        head = f"{r['optimizer']:>10} {r['rows']:>6} {r['n_values']:>10,}"
+        if "error" in r or base is None:
+            lines.append(f"{head}  failed: {r.get('error', '')}")
             continue
         speed = r["tokens_per_s"] / base["tokens_per_s"]
         memory = r["peak_memory_gib"] / base["peak_memory_gib"]
-        lines.append(f"{r['rows']:>6} {r['n_values']:>10,} {r['tokens_per_s']:>9,.0f} {speed:>8.2f} "
+        lines.append(f"{head} {r['tokens_per_s']:>9,.0f} {speed:>8.2f} "
                      f"{r['peak_memory_gib']:>9.2f} {memory:>8.2f}  {r['loss']:.4f}")
-    if base is not None:
-        lines.append(f"peak memory: {base['peak_kind']}")
+    kinds = {r["peak_kind"] for r in results if "peak_kind" in r}
+    if kinds:
+        lines.append(f"peak memory: {', '.join(sorted(kinds))}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="4k,65k,262k,1m", help=f"comma-separated, of {', '.join(SIZES)}")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--value-optimizers", default="adamw,lazy_adamw,adagrad",
+                   help="comma-separated optim.value_optimizer choices, each a block of the table")
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--out", default="dumps/memory_scaling")
     p.add_argument("--json", default=None, help="also write the rows to this file")
@@ -91,13 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps < 8:
         print("error: --steps: at least 8 (the first logging window, warm-up, is left out)", file=sys.stderr)
         return 2
+    optimizers = [s.strip() for s in a.value_optimizers.split(",") if s.strip()]
+    if not optimizers or any(o not in VALUE_OPTIMIZERS for o in optimizers):
+        print(f"error: --value-optimizers: {a.value_optimizers!r}: choose from {', '.join(VALUE_OPTIMIZERS)}",
+              file=sys.stderr)
+        return 2
     labels.sort(key=SIZES.get)  # smallest first: the ratios' base
     results = []
-    for label in labels:
-        results.append(run_case(label, a))
-        r = results[-1]
-        print(f"{label}: " + (r["error"] if "error" in r else f"{r['tokens_per_s']:,.0f} tok/s, "
-                              f"peak {r['peak_memory_gib']:.2f} GiB"), flush=True)
+    for optimizer in optimizers:
+        for label in labels:
+            results.append(run_case(label, optimizer, a))
+            r = results[-1]
+            done = r.get("error") or f"{r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_gib']:.2f} GiB"
+            print(f"{optimizer} {label}: {done}", flush=True)
     print(table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -154,10 +154,16 @@ def hand_over_value_grads(model: nn.Module, optimizer: MemoryAdamW) -> None:
     """Once a step's backward is done: each routed table's row gradients (summed over its
     reads, parallel/memory_parallel.py) to the optimizer, which clips them as rows and
     updates the rows (a row-sparse group) or every row (AdamW, from them made dense in its
-    step). Tables of a model that is not parallelized keep the dense `.grad` autograd gave them."""
+    step). Tables of a model that is not parallelized keep the dense `.grad` autograd gave
+    them, or, for a row-sparse update, hand over its nonzero rows."""
     for table in model.value_tables():
-        if hasattr(table, "take_row_grad") and table.weight.requires_grad:
-            optimizer.set_row_grad(table.weight, table.take_row_grad())
+        p = table.weight
+        if hasattr(table, "take_row_grad") and p.requires_grad:
+            optimizer.set_row_grad(p, table.take_row_grad())
+        elif p.grad is not None and isinstance(optimizer, MemoryAdamW) and optimizer.updates_rows(p):
+            rows = p.grad.abs().sum(dim=1).nonzero().flatten()  # a plain table: the rows with a gradient
+            optimizer.set_row_grad(p, (rows, p.grad[rows]))
+            p.grad = None
 
 
 def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:

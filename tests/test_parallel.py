@@ -7,6 +7,7 @@ gives the single-process weights; one layout parallelizes a materialised model."
 import copy
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def step(model, optimizer, tokens, micro=1, docs=False) -> torch.Tensor:
+def step(model, optimizer, tokens, micro=1, docs=False, optim=OPTIM) -> torch.Tensor:
     """The trainer's optimizer step on `tokens` (B, SEQ + 1), split into `micro` micro-batches;
     with `docs`, token 0 starts a document and attention stays within documents (doc_ids)."""
     batches = [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens.chunk(micro)]
@@ -49,7 +50,7 @@ def step(model, optimizer, tokens, micro=1, docs=False) -> torch.Tensor:
         for b in batches:
             b["doc_ids"] = document_ids(b["inputs"], 0)
     dense, values = split_params(model)
-    return train_step(model, optimizer, batches, OPTIM, dense, values).loss
+    return train_step(model, optimizer, batches, optim, dense, values).loss
 
 
 def full_state(model) -> dict[str, torch.Tensor]:
@@ -76,8 +77,9 @@ def worker(rank, world, port, layout, results):
     materialised = layout.pop("materialised", False)
     model = copy.deepcopy(reference) if materialised else build_model(model_args(MODEL, MEMORY), "meta")
 
-    ref_opt = build_optimizer(reference, OPTIM)
-    ref_losses = [step(reference, ref_opt, t, docs=docs).item() for t in tokens]
+    optim = replace(OPTIM, value_optimizer=layout.pop("value_optimizer", "adamw"))
+    ref_opt = build_optimizer(reference, optim)
+    ref_losses = [step(reference, ref_opt, t, docs=docs, optim=optim).item() for t in tokens]
 
     micro = layout.pop("grad_accum", 1)
     cfg = DistributedConfig(**layout)
@@ -86,11 +88,11 @@ def worker(rank, world, port, layout, results):
     if not materialised:  # sharded on meta; each rank initialises its shards (as the trainer does)
         model.to_empty(device="cpu")
         model.init_weights(seed=5)
-    opt = build_optimizer(model, OPTIM)
+    opt = build_optimizer(model, optim)
     rows = slice(rank * PER_RANK_BATCH, (rank + 1) * PER_RANK_BATCH)
     losses = []
     for t in tokens:
-        loss = step(model, opt, t[rows], micro, docs)
+        loss = step(model, opt, t[rows], micro, docs, optim)
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
     got = full_state(model)
@@ -121,6 +123,9 @@ LAYOUTS = [
     (2, {"dp_shard": 2, "activation_checkpointing": "full", "compile": True}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "grad_accum": 2}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "doc_ids": True}),  # doc_causal
+    # the row-sparse value optimizers (optim.value_optimizer), rows routed to their owners
+    (2, {"memory_parallel_size": 2, "value_optimizer": "lazy_adamw"}),
+    (4, {"dp_shard": 4, "memory_parallel_size": 2, "value_optimizer": "adagrad"}),
 ]
 
 
