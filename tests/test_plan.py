@@ -125,6 +125,8 @@ def test_plan_accounts_for_checkpointing_and_memory_parallel_traffic():
     routed = by_op[("all_to_all", "mp_replicate")]
     assert routed.calls == 3 * 4
     assert routed.bytes == 3 * (2 * 8 + rows * 8 + 2 * rows * (v_dim // 2) * 4)
+    reads = plans["none"].value_reads()  # what the plan prints: proportional to the rows read
+    assert reads == {"per_step": 3, "reads": 2 * tokens * m, "rows": rows, "traffic": routed.bytes}
     stats = config_stats(cfg)
     assert step.flops >= 6 * stats["dense_params"] * tokens * 0.5  # matmuls at least (embedding aside)
 

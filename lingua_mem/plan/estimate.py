@@ -102,6 +102,20 @@ class Plan:
         return (f"{self.name}: peak {self.step.peak / GiB:.1f} GiB per GPU {word} in "
                 f"{self.budget / GiB:.1f} GiB ({HEADROOM:.0%} headroom) on {self.layout()}")
 
+    def value_reads(self) -> dict:
+        """A step's value-table reads: each read (a memory layer's, per micro-batch) pools the mp
+        group's tokens, `reads` row reads of at most `rows` distinct rows (every read taken as
+        a distinct row); `traffic`: the bytes of their routing over mp_replicate a step (rows,
+        their values, their gradients), which grows with the rows read, not with the table."""
+        cfg = self.cfg
+        reads = (cfg.distributed.memory_parallel_size * cfg.data.batch_size * cfg.data.seq_len
+                 * cfg.memory.heads * cfg.memory.knn)
+        routed = [c for c in self.step.collectives
+                  if c.op == "all_to_all" and "mp_replicate" in c.group.split("/")]
+        return {"per_step": len(cfg.memory.layers) * cfg.optim.grad_accum, "reads": reads,
+                "rows": min(reads, cfg.memory.n_keys**2),
+                "traffic": sum(c.bytes * self._scale(c) for c in routed)}
+
     def to_dict(self) -> dict:
         s = self.step
         return {
@@ -111,6 +125,7 @@ class Plan:
             "params": s.params, "grads": s.grads, "optimizer": s.optimizer,
             "value_shards": {k: {"rows": r, "columns": c, "dtype": t}
                              for k, (r, c, t) in s.value_shards.items()},
+            "value_reads": self.value_reads(),
             "activations": s.activations, "peak": s.peak, "peak_by_kind": s.peak_by_kind,
             "budget": self.budget, "fits": self.fits,
             "flops": s.flops, "written": s.written, "tokens": s.tokens,
@@ -144,6 +159,11 @@ def format_plan(plan: Plan) -> str:
     for key, (rows, cols, dtype) in s.value_shards.items():
         lines.append(f"  value table {key}: {rows} rows x {cols} columns {dtype} on this GPU "
                      f"({rows * cols * (2 if dtype == 'bfloat16' else 4) / GiB:.2f} GiB of the parameters)")
+    if s.value_shards and plan.cfg.memory.layers:
+        v = plan.value_reads()
+        lines.append(f"  value reads: {v['per_step']} a step, each {v['reads']:,} row reads of at most "
+                     f"{v['rows']:,} distinct rows (the bound: no row read twice); routed over "
+                     f"mp_replicate: {v['traffic'] / GiB:.2f} GiB a step")
     lines.append(f"  activations (fake tensors, live at the forward's end)  {_gib(s.activations)}")
     lines.append(f"  peak (FSDPMemTracker over the fake step)  {_gib(s.peak)}   "
                  f"{'FITS' if plan.fits else 'DOES NOT FIT'} in {plan.budget / GiB:.1f} of "
