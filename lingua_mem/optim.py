@@ -160,7 +160,7 @@ def hand_over_value_grads(model: nn.Module, optimizer: MemoryAdamW) -> None:
         p = table.weight
         if hasattr(table, "take_row_grad") and p.requires_grad:
             optimizer.set_row_grad(p, table.take_row_grad())
-        elif p.grad is not None and isinstance(optimizer, MemoryAdamW) and optimizer.updates_rows(p):
+        elif p.grad is not None and optimizer.updates_rows(p):
             rows = p.grad.abs().sum(dim=1).nonzero().flatten()  # a plain table: the rows with a gradient
             optimizer.set_row_grad(p, (rows, p.grad[rows]))
             p.grad = None
@@ -185,14 +185,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: Opt
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: lr_factor(i + 1, total_steps, cfg))
 
 
-def clip_grads(params: list[nn.Parameter], max_norm: float, optimizer=None) -> torch.Tensor:
+def clip_grads(params: list[nn.Parameter], max_norm: float,
+               optimizer: MemoryAdamW | None = None) -> torch.Tensor:
     """Clip to max_norm (0: measure only); returns the norm before clipping, as a
     tensor (no host sync until it is read). Sharded (DTensor) gradients count in full:
     the norm of a DTensor is reduced over its mesh, whatever its placements. Row gradients
     the optimizer holds for `params` (MemoryAdamW.set_row_grad) count and are clipped too:
     each (row, column) is held by one rank, so their squares add up over the world."""
     with_grad = [p for p in params if p.grad is not None]
-    row_grads = [] if optimizer is None else [getattr(optimizer, "row_grads", {}).get(id(p)) for p in params]
+    row_grads = [] if optimizer is None else [optimizer.row_grads.get(id(p)) for p in params]
     row_grads = [g for _, g in filter(None, row_grads)]
     if not with_grad and not row_grads:
         return torch.zeros(())

@@ -20,10 +20,11 @@ Forward of one read, for this rank's tokens (indices, weights: (N, M) each):
 Backward mirrors it: the mp all-to-all of the output gradients, the bag's backward (the
 slab's gradient (U, cols): the rows read, nothing table-sized), and the routing reversed:
 each owner receives the gradients of its rows from every rank of its row group, scaled by
-1/world (the data-parallel mean, as every other parameter's gradient) and kept by the table
-as (local rows, gradients) pairs until `take_row_grad()` sums them, once per step, over
-every read of every memory layer sharing the table. The weights' gradients (partial sums
-over columns) are reduce-scattered back to their tokens' ranks.
+1/world (the data-parallel mean, as every other parameter's gradient), and adds them per
+distinct row to what it holds for this step: one row gradient per table, summed over every
+read of every memory layer sharing it, taken once a step by `take_row_grad()`. The
+weights' gradients (partial sums over columns) are reduce-scattered back to their tokens'
+ranks.
 The table's own `.grad` stays None: the optimizer gets the rows (optim.py).
 """
 
@@ -131,7 +132,8 @@ class ShardedValueTable(ValueTable):
     """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, rows
     over the memory mesh's "mp_replicate" dim and columns over its "mp" dim, read by
     routing (see the module's docstring). `compute_dtype` is what the rows are sent and
-    bagged in; `reduce_dtype` what their gradients are sent back in (fp32 for one process)."""
+    bagged in; `reduce_dtype` what their gradients are sent back in (fp32 when the row group
+    is one rank: nothing is sent)."""
 
     def __init__(self, table: ValueTable, memory_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32,
                  reduce_dtype: torch.dtype = torch.float32):
@@ -219,12 +221,15 @@ class ShardedValueTable(ValueTable):
         the shard's, however many reads and memory layers)."""
         if self.world > 1:  # one copy: cast, then scaled in place
             grad = grad.to(self.reduce_dtype, copy=True).mul_(1.0 / self.world)
-        rows = route.local_rows
         if self.row_ranks > 1:
             grad = _exchange(grad, route.asks, route.asked, self.row_group)  # (sum asked, cols)
-            rows, grad = self._coalesce([(rows, grad)])  # the same row asked by several ranks
-        self._row_grad = (rows, grad.float()) if self._row_grad is None else self._coalesce([self._row_grad,
-                                                                                              (rows, grad)])
+        pairs = [(route.local_rows, grad)]
+        if self._row_grad is not None:
+            pairs.insert(0, self._row_grad)
+        if len(pairs) == 1 and self.row_ranks == 1:  # one read's own rows: distinct already
+            self._row_grad = (route.local_rows, grad.float())
+        else:  # several reads, or the same row asked by several ranks
+            self._row_grad = self._coalesce(pairs)
 
     def _coalesce(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, gradients) pairs -> (distinct rows sorted, their summed gradients in fp32)."""

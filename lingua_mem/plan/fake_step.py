@@ -26,7 +26,6 @@ document mask's own few bytes are not counted. The value bag runs the torch kern
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
@@ -220,10 +219,6 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     cfg = replace(cfg, model=replace(cfg.model, attention="causal", attention_impl="sdpa"),
                   distributed=replace(cfg.distributed, compile=False))
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world)
-    # DTensor advises (once per process, on stderr) flattening the 2-D memory mesh for the
-    # gradient norm's two all-reduces: a few bytes, and a plan is not the place to say it
-    quiet = logging.getLogger("torch.distributed.tensor._redistribute")
-    level, quiet.level = quiet.level, logging.ERROR
     try:
         meshes = build_meshes(dims, "cpu")
         model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel="torch",
@@ -232,7 +227,6 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
         with FakeTensorMode(allow_non_fake_inputs=True):
             return _measure(cfg, model, finetune, meshes, gpus_per_node)
     finally:
-        quiet.setLevel(level)
         dist.destroy_process_group()
 
 
