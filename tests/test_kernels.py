@@ -65,6 +65,28 @@ def test_forward_and_both_backward_variants_equal_pytorch(shape, index_dtype):
         torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
 
 
+def test_ragged_bags_with_offsets_equal_pytorch():
+    # bags of 0, 1, BLOCK_M + 2 and 3 reads (what a table's owner bags for partial sums)
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([0, 1, BLOCK_M + 2, 3])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    k, r, d = int(lengths.sum()), 9, BLOCK_D + 3
+    indices, weights = torch.randint(0, r, (k,), generator=g), torch.rand(k, generator=g)
+    table = torch.randn(r, d, generator=g)
+    grad_out = torch.randn(lengths.numel(), d, generator=g)
+    w, t = weights.double().requires_grad_(), table.double().requires_grad_()
+    out = F.embedding_bag(indices, t, offsets, per_sample_weights=w, mode="sum", include_last_offset=True)
+    gw, gt = torch.autograd.grad(out, (w, t), grad_out.double())
+    torch.testing.assert_close(embedding_bag(indices, weights, table, "torch", offsets).double(), out,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(embedding_bag_triton(indices, weights, table, offsets).double(), out,
+                               rtol=1e-5, atol=1e-5)
+    for variant in ("atomic", "sorted"):
+        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant, offsets)
+        torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_tables_accumulate_in_fp32():
     indices, weights, table = case(6, 40, 8, 70, dtype=torch.bfloat16)
     grad_out = torch.randn(6, 70, generator=torch.Generator().manual_seed(2))

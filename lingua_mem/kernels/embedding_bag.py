@@ -2,7 +2,9 @@
 
     out[n] = sum_m weights[n, m] * table[indices[n, m]]
 
-indices (N, M) int64, weights (N, M) float, table (R, D) -> out (N, D).
+indices (N, M) int64, weights (N, M) float, table (R, D) -> out (N, D); or ragged bags:
+indices and weights flat (K,) with `offsets` (S + 1,), bag s reading positions
+offsets[s] .. offsets[s + 1] -> out (S, D).
 Gradients flow to both `table` and `weights`.
 
 `embedding_bag` is the one entry point; `kernel` picks the implementation:
@@ -27,7 +29,8 @@ KERNELS = ("auto", "torch", "triton")
 SAVED_OPS = frozenset({torch.ops.aten._embedding_bag.default})
 
 
-def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                        offsets: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch path, any device.
 
     Built on F.embedding_bag(mode="sum", per_sample_weights=...): its backward
@@ -36,6 +39,12 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
     materialised, unlike `(weights[..., None] * table[indices]).sum(1)`.
     The bag is computed in the table's dtype; the result is returned in it.
     """
+    if offsets is not None:
+        if indices.dim() != 1 or weights.shape != indices.shape:
+            raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
+                             f"{tuple(weights.shape)} must both be (K,) with offsets")
+        return F.embedding_bag(indices, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum",
+                               include_last_offset=True)
     if indices.dim() != 2 or weights.shape != indices.shape:
         raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
                          f"{tuple(weights.shape)} must both be (N, M)")
@@ -60,10 +69,11 @@ def resolve_kernel(kernel: str, device_type: str) -> str:
 
 
 def embedding_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                  kernel: str = "torch") -> torch.Tensor:
-    """Weighted sum of table rows per bag: (N, M), (N, M), (R, D) -> (N, D)."""
+                  kernel: str = "torch", offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of table rows per bag: (N, M), (N, M), (R, D) -> (N, D); with offsets
+    (S + 1,): (K,), (K,), (R, D) -> (S, D)."""
     if kernel == "triton" or (kernel == "auto" and resolve_kernel(kernel, table.device.type) == "triton"):
         from lingua_mem.kernels.triton_bag import embedding_bag_triton
 
-        return embedding_bag_triton(indices, weights, table)
-    return embedding_bag_torch(indices, weights, table)
+        return embedding_bag_triton(indices, weights, table, offsets)
+    return embedding_bag_torch(indices, weights, table, offsets)

@@ -1,15 +1,20 @@
 """Triton kernels of the weighted embedding bag, as PyTorch custom ops.
 
-    out[n] = sum_m weights[n, m] * table[indices[n, m]]        (N, M), (N, M), (R, D) -> (N, D)
+    out[s] = sum_{j in bag s} weights[j] * table[indices[j]]
+
+Bags are (N, M) (N bags of M reads) or ragged: flat reads (K,) with offsets (S + 1,), bag s
+reading positions offsets[s] .. offsets[s + 1] (what a value table's owner bags when it
+returns partial bags, parallel/memory_parallel.py). (N, M) bags run as offsets 0, M, 2M, ...;
+positions are int64.
 
 forward   one program per (bag, block of D columns): BLOCK_M rows gathered at a time,
           weighted and summed in fp32; the result in the table's dtype
-backward  grad_weights[n, m] = grad_out[n] . table[indices[n, m]]: one program per
-          (bag, block of BLOCK_M indices), the dot products over D in fp32
+backward  grad_weights[j] = grad_out[s] . table[indices[j]]: one program per bag, BLOCK_M
+          reads at a time, the dot products over D in fp32
           grad_table, two variants (`table_grad`):
-            atomic   one program per (bag, D block) adds weights * grad_out[n] into the
+            atomic   one program per (bag, D block) adds weights * grad_out[s] into the
                      rows it read (fp32 atomics)
-            sorted   the "reverse index": the N*M reads sorted by row, one program per
+            sorted   the "reverse index": the reads sorted by row, one program per
                      (distinct row, D block) sums its reads and writes once, no atomics
                      (the paper finds it faster for D > 128 with balanced usage)
           auto picks sorted for D > 128, else atomic (the paper's finding: not yet
@@ -33,58 +38,66 @@ SORTED_ABOVE_D = 128  # table_grad=auto: the sorted variant for D above this
 
 
 @triton.jit
-def _bag_slice(idx_ptr, w_ptr, n, start, M, BLOCK_M: tl.constexpr):
-    """Bag n's indices start .. start + BLOCK_M: (rows int64, weights fp32, in-range mask)."""
-    ms = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    m_ok = ms < M
-    rows = tl.load(idx_ptr + n * M + ms, mask=m_ok, other=0).to(tl.int64)
-    w = tl.load(w_ptr + n * M + ms, mask=m_ok, other=0.0).to(tl.float32)
-    return rows, w, m_ok
+def _segment(off_ptr, s):
+    """Bag s's reads: positions [start, end) of the flat indices and weights."""
+    return tl.load(off_ptr + s), tl.load(off_ptr + s + 1)
 
 
 @triton.jit
-def _bag_forward(idx_ptr, w_ptr, table_ptr, out_ptr, M, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
+def _reads(idx_ptr, w_ptr, j0, end, BLOCK_M: tl.constexpr):
+    """Reads j0 .. j0 + BLOCK_M of a bag ending at `end`: (rows int64, weights fp32, in-range mask)."""
+    js = j0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64: positions in the flat reads
+    j_ok = js < end
+    rows = tl.load(idx_ptr + js, mask=j_ok, other=0).to(tl.int64)
+    w = tl.load(w_ptr + js, mask=j_ok, other=0.0).to(tl.float32)
+    return js, rows, w, j_ok
+
+
+@triton.jit
+def _bag_forward(idx_ptr, w_ptr, off_ptr, table_ptr, out_ptr, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D
+    start, end = _segment(off_ptr, s)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for start in range(0, M, BLOCK_M):
-        rows, w, m_ok = _bag_slice(idx_ptr, w_ptr, n, start, M, BLOCK_M)
-        vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :], mask=m_ok[:, None] & col_ok[None, :],
+    for j0 in range(start, end, BLOCK_M):
+        _, rows, w, j_ok = _reads(idx_ptr, w_ptr, j0, end, BLOCK_M)
+        vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
                        other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
         acc += tl.sum(w[:, None] * vals, axis=0)
-    tl.store(out_ptr + n.to(tl.int64) * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + s * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
-def _bag_weight_grad(idx_ptr, table_ptr, grad_out_ptr, grad_w_ptr, M, D, BLOCK_M: tl.constexpr,
+def _bag_weight_grad(idx_ptr, w_ptr, off_ptr, table_ptr, grad_out_ptr, grad_w_ptr, D, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
-    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = ms < M
-    rows = tl.load(idx_ptr + n * M + ms, mask=m_ok, other=0).to(tl.int64)
-    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        cols = start + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        g = tl.load(grad_out_ptr + n.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-        vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :], mask=m_ok[:, None] & col_ok[None, :],
-                       other=0.0).to(tl.float32)
-        acc += tl.sum(vals * g[None, :], axis=1)
-    tl.store(grad_w_ptr + n * M + ms, acc, mask=m_ok)
+    s = tl.program_id(0).to(tl.int64)
+    start, end = _segment(off_ptr, s)
+    for j0 in range(start, end, BLOCK_M):
+        js, rows, _, j_ok = _reads(idx_ptr, w_ptr, j0, end, BLOCK_M)
+        acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < D
+            g = tl.load(grad_out_ptr + s * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+            vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
+                           other=0.0).to(tl.float32)
+            acc += tl.sum(vals * g[None, :], axis=1)
+        tl.store(grad_w_ptr + js, acc, mask=j_ok)
 
 
 @triton.jit
-def _bag_table_grad_atomic(idx_ptr, w_ptr, grad_out_ptr, grad_table_ptr, M, D, BLOCK_M: tl.constexpr,
+def _bag_table_grad_atomic(idx_ptr, w_ptr, off_ptr, grad_out_ptr, grad_table_ptr, D, BLOCK_M: tl.constexpr,
                            BLOCK_D: tl.constexpr):
-    n = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    g = tl.load(grad_out_ptr + n.to(tl.int64) * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-    for start in range(0, M, BLOCK_M):
-        rows, w, m_ok = _bag_slice(idx_ptr, w_ptr, n, start, M, BLOCK_M)
+    start, end = _segment(off_ptr, s)
+    g = tl.load(grad_out_ptr + s * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+    for j0 in range(start, end, BLOCK_M):
+        _, rows, w, j_ok = _reads(idx_ptr, w_ptr, j0, end, BLOCK_M)
         tl.atomic_add(grad_table_ptr + rows[:, None] * D + cols[None, :], w[:, None] * g[None, :],
-                      mask=m_ok[:, None] & col_ok[None, :])
+                      mask=j_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -108,29 +121,44 @@ def _bag_table_grad_sorted(rows_ptr, starts_ptr, bags_ptr, w_ptr, grad_out_ptr, 
     tl.store(grad_table_ptr + row * D + cols, acc, mask=col_ok)
 
 
-def _check(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> None:
-    if indices.dim() != 2 or weights.shape != indices.shape or table.dim() != 2:
+def _check(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, offsets) -> None:
+    if offsets is None:
+        ok = indices.dim() == 2 and weights.shape == indices.shape
+        want = "both be (N, M)"
+    else:
+        ok = indices.dim() == 1 and weights.shape == indices.shape and offsets.dim() == 1
+        want = "both be (K,) with offsets (S + 1,)"
+    if not ok or table.dim() != 2:
         raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
-                         f"{tuple(weights.shape)} must both be (N, M), the table (R, D)")
+                         f"{tuple(weights.shape)} must {want}, the table (R, D)")
+
+
+def _flat(indices: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None):
+    """(N, M) bags, or flat reads with offsets -> (flat indices, flat weights, int64 offsets (S + 1,))."""
+    if offsets is None:
+        n, m = indices.shape
+        offsets = torch.arange(n + 1, device=indices.device, dtype=torch.int64) * m
+    return indices.contiguous().flatten(), weights.contiguous().flatten(), offsets.to(torch.int64).contiguous()
 
 
 @torch.library.custom_op("lingua_mem::embedding_bag_triton", mutates_args=())
-def embedding_bag_triton(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """The weighted bag (N, D) in the table's dtype (fp32 accumulation)."""
-    _check(indices, weights, table)
-    n, m = indices.shape
-    d = table.shape[1]
-    out = table.new_empty((n, d))
-    if n and d:
-        grid = (n, triton.cdiv(d, BLOCK_D))
-        _bag_forward[grid](indices.contiguous(), weights.contiguous(), table.contiguous(), out, m, d,
-                           BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+def embedding_bag_triton(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                         offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted bag (S, D) in the table's dtype (fp32 accumulation)."""
+    _check(indices, weights, table, offsets)
+    idx, w, off = _flat(indices, weights, offsets)
+    s, d = off.numel() - 1, table.shape[1]
+    out = table.new_empty((s, d))
+    if s and d:
+        _bag_forward[(s, triton.cdiv(d, BLOCK_D))](idx, w, off, table.contiguous(), out, d,
+                                                   BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
     return out
 
 
 @embedding_bag_triton.register_fake
-def _(indices, weights, table):
-    return table.new_empty((indices.shape[0], table.shape[1]))
+def _(indices, weights, table, offsets=None):
+    bags = indices.shape[0] if offsets is None else offsets.shape[0] - 1
+    return table.new_empty((bags, table.shape[1]))
 
 
 def table_grad_variant(d: int, table_grad: str = "auto") -> str:
@@ -139,48 +167,47 @@ def table_grad_variant(d: int, table_grad: str = "auto") -> str:
 
 @torch.library.custom_op("lingua_mem::embedding_bag_triton_backward", mutates_args=())
 def embedding_bag_triton_backward(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                                  table: torch.Tensor,
-                                  table_grad: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_weights in the weights' dtype, grad_table in the table's dtype)."""
-    n, m = indices.shape
-    rows, d = table.shape
-    grad_out, indices, weights = grad_out.contiguous(), indices.contiguous(), weights.contiguous()
-    table = table.contiguous()
-    grad_w = torch.empty((n, m), dtype=torch.float32, device=weights.device)
+                                  table: torch.Tensor, table_grad: str = "auto",
+                                  offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_weights in the weights' dtype and shape, grad_table in the table's dtype)."""
+    idx, w, off = _flat(indices, weights, offsets)
+    s, (rows, d) = off.numel() - 1, table.shape
+    grad_out, table = grad_out.contiguous(), table.contiguous()
+    grad_w = torch.zeros(idx.shape, dtype=torch.float32, device=weights.device)
     grad_table = torch.zeros((rows, d), dtype=torch.float32, device=table.device)
-    if n and m and d:
-        _bag_weight_grad[(n, triton.cdiv(m, BLOCK_M))](indices, table, grad_out, grad_w, m, d,
-                                                      BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+    if s and idx.numel() and d:
+        _bag_weight_grad[(s,)](idx, w, off, table, grad_out, grad_w, d, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         if table_grad_variant(d, table_grad) == "atomic":
-            _bag_table_grad_atomic[(n, triton.cdiv(d, BLOCK_D))](indices, weights, grad_out, grad_table, m, d,
+            _bag_table_grad_atomic[(s, triton.cdiv(d, BLOCK_D))](idx, w, off, grad_out, grad_table, d,
                                                                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         else:  # the reverse index: reads sorted by row, each distinct row summed by one program
-            flat = indices.flatten()
-            sorted_rows, order = torch.sort(flat, stable=True)
+            sorted_rows, order = torch.sort(idx, stable=True)
             distinct, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-            starts = torch.zeros(distinct.numel() + 1, dtype=torch.int64, device=flat.device)
+            starts = torch.zeros(distinct.numel() + 1, dtype=torch.int64, device=idx.device)
             starts[1:] = counts.cumsum(0)
-            bags = (order // m).contiguous()
-            w_sorted = weights.flatten()[order].contiguous()
+            bag_of_read = torch.repeat_interleave(torch.arange(s, device=idx.device), off.diff(),
+                                                  output_size=idx.numel())
+            bags = bag_of_read[order].contiguous()
+            w_sorted = w[order].contiguous()
             _bag_table_grad_sorted[(distinct.numel(), triton.cdiv(d, BLOCK_D))](
                 distinct, starts, bags, w_sorted, grad_out, grad_table, d, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
-    return grad_w.to(weights.dtype), grad_table.to(table.dtype)
+    return grad_w.view(weights.shape).to(weights.dtype), grad_table.to(table.dtype)
 
 
 @embedding_bag_triton_backward.register_fake
-def _(grad_out, indices, weights, table, table_grad="auto"):
+def _(grad_out, indices, weights, table, table_grad="auto", offsets=None):
     return weights.new_empty(weights.shape), table.new_empty(table.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    indices, weights, table = inputs
-    ctx.save_for_backward(indices, weights, table)
+    indices, weights, table, offsets = inputs
+    ctx.save_for_backward(indices, weights, table, offsets)
 
 
 def _backward(ctx, grad_out):
-    indices, weights, table = ctx.saved_tensors
-    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table)
-    return None, grad_w, grad_table
+    indices, weights, table, offsets = ctx.saved_tensors
+    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, "auto", offsets)
+    return None, grad_w, grad_table, None
 
 
 embedding_bag_triton.register_autograd(_backward, setup_context=_setup_context)
