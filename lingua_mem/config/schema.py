@@ -157,8 +157,8 @@ class DistributedConfig:
     # selective keeps matmul, attention, top-k and bag outputs
     activation_checkpointing: ACMode = "none"
     compile: bool = False  # torch.compile each block (memory layers included)
-    # dtype in which each rank sends the value rows' gradients to the rows' owners, who sum
-    # them in fp32 (the dense parameters always reduce in fp32)
+    # dtype in which each rank sends its value reads' gradients (one per token and owner) to
+    # the rows' owners, who sum the rows' gradients in fp32 (dense parameters reduce in fp32)
     value_reduce_dtype: Dtype = "fp32"
 
 

@@ -1,5 +1,5 @@
 """Value tables sharded by rows and columns and read by routing: no rank ever holds more of a
-table than its own shard plus the rows its batch reads.
+table than its own shard plus the rows read of it, and the rows' owners bag them.
 
 Layout. A table's weight is a DTensor of the whole (n_values, v_dim) table on the memory
 mesh (mp_replicate, mp), placements (Shard(0), Shard(1)): groups of `mp` consecutive ranks
@@ -10,22 +10,26 @@ each). Initialisation and checkpoints see it as any sharded parameter; FSDP2 doe
 manage it.
 
 Forward of one read, for this rank's tokens (indices, weights: (N, M) each):
-  1. mp > 1: all-gather indices and weights in the mp group       -> (mp*N, M)
-  2. the distinct rows read, sorted, and each read's slot among them: rows (U,), slots (mp*N, M)
-  3. route (row group): all-to-all of the row counts per owner, then of the rows; each
-     owner answers with its columns of the rows it was asked     -> slab (U, v_dim/mp)
-  4. the bag on the slab: embedding_bag(slots, weights, slab)     -> (mp*N, v_dim/mp)
-  5. mp > 1: all-to-all in the mp group: rank p gets its own tokens' columns from every rank
-                                                                  -> (N, v_dim)
-Backward mirrors it: the mp all-to-all of the output gradients, the bag's backward (the
-slab's gradient (U, cols): the rows read, nothing table-sized), and the routing reversed:
-each owner receives the gradients of its rows from every rank of its row group, scaled by
-1/world (the data-parallel mean, as every other parameter's gradient), and adds them per
-distinct row to what it holds for this step: one row gradient per table, summed over every
-read of every memory layer sharing it, taken once a step by `take_row_grad()`. The
-weights' gradients (partial sums over columns) are reduce-scattered back to their tokens'
-ranks.
-The table's own `.grad` stays None: the optimizer gets the rows (optim.py).
+  1. mp > 1: all-gather indices and weights in the mp group         -> T = mp*N tokens, (T, M)
+  2. route (row group R > 1): the reads sorted by owner; a "bag" is one token's reads of one
+     owner. All-to-all of the counts (reads, bags) per owner, then of the reads (local row,
+     weight) and the bags' lengths                                   -> at each owner: K reads in S bags
+  3. each owner: the distinct rows asked (U <= min(K, shard rows)) gathered from its shard
+     in compute dtype, and the partial bags on them: embedding_bag with offsets  -> (S, cols)
+  4. the partial bags back to their tokens' ranks (all-to-all), summed per token -> (T, cols)
+  5. mp > 1: all-to-all in the mp group: rank p gets its own tokens' columns   -> (N, v_dim)
+With one rank in the row group, 2-4 are one bag of (T, M) reads on the rows read.
+What crosses the row group is a token's partial sum per owner, not each row read: at the
+paper's 128 reads a token over 8 owners, 16x less than the rows.
+
+Backward mirrors it: the mp all-to-all of the output gradients; each bag's gradient sent to
+its owner (in reduce dtype); there the rows are gathered again and the bag's backward run:
+the rows' gradients (U, cols), already at their owner and distinct, scaled by 1/world (the
+data-parallel mean, as every other parameter's gradient) and added per distinct row to what
+the table holds for this step: one row gradient per table, summed over every read of every
+memory layer sharing it, taken once a step by `take_row_grad()`; the weights' gradients
+(K,) go back to their tokens' ranks, and over mp they are reduce-scattered (a sum over the
+column blocks). The table's own `.grad` stays None: the optimizer gets the rows (optim.py).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from lingua_mem.kernels.embedding_bag import embedding_bag
+from lingua_mem.kernels.embedding_bag import embedding_bag, embedding_bag_backward
 from lingua_mem.memory.layer import Bag, ValueTable
 
 # newer torch releases renamed the flat-tensor collectives; older ones only have the old names
@@ -90,17 +94,29 @@ class _AllToAllRows(torch.autograd.Function):
 
 @dataclass
 class Route:
-    """Who asks whom for which rows, in one read (row-group ranks in rank order).
+    """One read's routing (row-group ranks in rank order).
 
-    asks[q]     how many of the rows this rank reads rank q owns (they are contiguous in
-                the sorted rows: owners are row chunks in order)
-    asked[q]    how many rows rank q asks of this rank
-    local_rows  the rows this rank was asked, as indices into its shard, in the order asked
+    The asking side, this rank's T tokens of M reads:
+      order      (T*M,) the flat reads sorted by owner, by token within an owner; None when
+                 the row group is one rank (every read is this rank's own)
+      sent[q]    reads sent to owner q;  bags_sent[q]: bags sent to q (its tokens with a read there)
+      bag_token  (sum bags_sent,) each bag's token, in the order sent
+    The owning side, the reads received:
+      got[q]     reads received from rank q;  bags_got[q]: bags received from q
+      rows       (U,) the distinct rows of this rank's shard asked, sorted (shard indices)
+      slots      each read's place in `rows`: (K,), or (T, M) when the row group is one rank
+      offsets    (S + 1,) the bags' reads in `slots`; None for (T, M) bags
     """
 
-    asks: list[int]
-    asked: list[int]
-    local_rows: torch.Tensor
+    rows: torch.Tensor
+    slots: torch.Tensor
+    offsets: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    bag_token: torch.Tensor | None = None
+    sent: list[int] | None = None
+    got: list[int] | None = None
+    bags_sent: list[int] | None = None
+    bags_got: list[int] | None = None
 
 
 def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
@@ -110,30 +126,33 @@ def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch
     return out
 
 
-class _ReadRows(torch.autograd.Function):
-    """(local shard, rows (U,) sorted distinct) -> their values (U, cols), fetched from the
-    rows' owners. Backward sends the values' gradient to the owners, where the table keeps
-    it (rows and gradients): nothing flows to the shard through autograd, whose input is
-    there so that the backward runs even when nothing else before the read needs one."""
+class _ReadBags(torch.autograd.Function):
+    """(weights (T, M), local shard) -> this rank's columns of the T tokens' bags (T, cols),
+    bagged by the rows' owners. Backward gives the weights' gradient; the rows' gradients
+    stay with the table (keep_row_grad): nothing flows to the shard through autograd, whose
+    input is there so that the backward runs even when the weights need no gradient."""
 
     @staticmethod
-    def forward(ctx, shard, rows, table):
-        route = table.route(rows)
-        ctx.table, ctx.route = table, route
-        return table.fetch(shard.detach(), route)
+    def forward(ctx, weights, shard, route, table):
+        shard = shard.detach()
+        w = table.send_weights(weights, route)  # (K,) or (T, M)
+        bags = table.bag_rows(shard, route, w)  # (S, cols)
+        ctx.table, ctx.route, ctx.shard, ctx.shape = table, route, shard, weights.shape
+        ctx.save_for_backward(w)
+        return table.sum_bags(bags, route, weights.shape[0])  # (T, cols)
 
     @staticmethod
     def backward(ctx, grad):
-        ctx.table.keep_row_grad(ctx.route, grad)
-        return None, None, None
+        (w,) = ctx.saved_tensors
+        return ctx.table.read_backward(ctx.shard, ctx.route, w, grad, ctx.shape), None, None, None
 
 
 class ShardedValueTable(ValueTable):
     """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, rows
     over the memory mesh's "mp_replicate" dim and columns over its "mp" dim, read by
-    routing (see the module's docstring). `compute_dtype` is what the rows are sent and
-    bagged in; `reduce_dtype` what their gradients are sent back in (fp32 when the row group
-    is one rank: nothing is sent)."""
+    routing (see the module's docstring). `compute_dtype` is what the rows are bagged and
+    the partial bags sent in; `reduce_dtype` what the bags' gradients are sent to the rows'
+    owners in (fp32 when the row group is one rank: nothing is sent)."""
 
     def __init__(self, table: ValueTable, memory_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32,
                  reduce_dtype: torch.dtype = torch.float32):
@@ -162,85 +181,120 @@ class ShardedValueTable(ValueTable):
         n = bag.indices.shape[0]  # this rank's tokens
         indices, weights = bag.indices, bag.weights
         if self.mp > 1:
-            indices = _all_gather_rows(indices, self.mp_group)  # (mp*N, M), no gradient
-            weights = _AllGatherRows.apply(weights, self.mp_group)  # (mp*N, M)
-        rows, slots = self.distinct(indices)  # (U,), (mp*N, M)
-        slab = _ReadRows.apply(self.weight.to_local(), rows, self)  # (U, cols)
-        part = embedding_bag(slots, weights, slab, self.kernel)  # (mp*N, cols)
+            indices = _all_gather_rows(indices, self.mp_group)  # (T, M) = (mp*N, M), no gradient
+            weights = _AllGatherRows.apply(weights, self.mp_group)  # (T, M)
+        part = _ReadBags.apply(weights, self.weight.to_local(), self.route(indices), self)  # (T, cols)
         if self.mp == 1:
             return part
         mine = _AllToAllRows.apply(part, self.mp_group)  # (mp*N, cols): block c = columns of rank c
         return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)
 
-    def distinct(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct rows read, sorted (U,), and each read's slot among them (indices' shape).
-        Fake tensors (the scale plan, lingua_mem.plan) have no values: there, every read is
-        taken to be distinct (U = min(reads, rows), the most a read can move or hold)."""
-        if is_fake(indices):
-            return indices.new_empty(min(indices.numel(), self.n_values)), indices
-        return torch.unique(indices, sorted=True, return_inverse=True)
+    def distinct(self, reads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distinct shard rows read, sorted (U,), and each read's place among them (reads'
+        shape). Fake tensors (the scale plan, lingua_mem.plan) have no values: there, every
+        read is taken to be distinct (U = min(reads, shard rows), the most a read can hold)."""
+        if is_fake(reads):
+            return reads.new_empty(min(reads.numel(), self.rows_per_rank)), reads
+        return torch.unique(reads, sorted=True, return_inverse=True)
 
-    def route(self, rows: torch.Tensor) -> Route:
-        """The read's routing: rows (U,) sorted distinct global rows."""
+    def route(self, indices: torch.Tensor) -> Route:
+        """The read's routing: indices (T, M) global rows."""
         if self.row_ranks == 1:
-            return Route([rows.numel()], [rows.numel()], rows)
-        fake = is_fake(rows)  # the plan: the rows spread evenly over their owners, and asked alike
+            return Route(*self.distinct(indices))
+        t, m = indices.shape
+        flat = indices.flatten()  # (T*M,) token-major
+        owner = torch.div(flat, self.rows_per_rank, rounding_mode="floor")
+        token = torch.arange(t * m, device=flat.device) // m
+        key, order = torch.sort(owner * t + token, stable=True)  # (owner, token) order: bags contiguous
+        local = (flat - owner * self.rows_per_rank)[order]  # (T*M,) shard rows at their owners
+        fake = is_fake(indices)  # the plan: reads spread evenly over the owners, every token reading each
         if fake:
-            asks = rows.new_empty(self.row_ranks)
+            counts = owner.new_empty((self.row_ranks, 2))
+            bag_token = lengths = None
         else:
-            asks = torch.bincount(torch.div(rows, self.rows_per_rank, rounding_mode="floor"),
-                                  minlength=self.row_ranks)  # (R,): rows this rank asks of each owner
-        asked = torch.empty_like(asks)
-        dist.all_to_all_single(asked, asks, group=self.row_group)
+            bag_key, lengths = torch.unique_consecutive(key, return_counts=True)
+            bag_token = bag_key % t
+            counts = torch.stack([torch.bincount(owner, minlength=self.row_ranks),
+                                  torch.bincount(bag_key // t, minlength=self.row_ranks)], dim=1)  # (R, 2)
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=self.row_group)
         if fake:
-            asks = [rows.numel() // self.row_ranks] * self.row_ranks
-            asks[0] += rows.numel() - sum(asks)
-            asked = asks
-        else:
-            asks, asked = asks.tolist(), asked.tolist()  # the split sizes (a host sync)
-        me = dist.get_rank(self.row_group)
-        local_rows = _exchange(rows, asks, asked, self.row_group) - me * self.rows_per_rank
-        return Route(asks, asked, local_rows)
+            sent = [t * m // self.row_ranks] * self.row_ranks
+            sent[0] += t * m - sum(sent)
+            bags_sent = [min(t, k) for k in sent]
+            got, bags_got = sent, bags_sent
+            bag_token, lengths = flat.new_empty(sum(bags_sent)), flat.new_empty(sum(bags_sent))
+        else:  # the split sizes (a host sync)
+            (sent, bags_sent), (got, bags_got) = counts.T.tolist(), received.T.tolist()
+        reads = _exchange(local, sent, got, self.row_group)  # (K,) shard rows asked of this rank
+        lengths = _exchange(lengths, bags_sent, bags_got, self.row_group)  # (S,) reads per bag
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        rows, slots = self.distinct(reads)
+        return Route(rows, slots, offsets, order, bag_token, sent, got, bags_sent, bags_got)
 
-    def fetch(self, shard: torch.Tensor, route: Route) -> torch.Tensor:
-        """The values of the rows this rank reads, (U, cols) in compute dtype."""
-        rows = route.local_rows
+    def send_weights(self, weights: torch.Tensor, route: Route) -> torch.Tensor:
+        """The reads' weights, at the rows' owners: (T, M) -> (K,) ((T, M) on one row rank)."""
+        if route.order is None:
+            return weights
+        return _exchange(weights.flatten()[route.order], route.sent, route.got, self.row_group)
+
+    def fetch(self, shard: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of this rank's shard, (U, cols) in compute dtype."""
         if shard.dtype == self.compute_dtype:
-            answer = shard.index_select(0, rows)  # (sum asked, cols)
-        else:  # cast while copying, a block of rows at a time: no fp32 copy of all the rows asked
-            answer = shard.new_empty((rows.numel(), self.cols), dtype=self.compute_dtype)
-            for start in range(0, rows.numel(), _CAST_ROWS):
-                answer[start:start + _CAST_ROWS] = shard.index_select(0, rows[start:start + _CAST_ROWS])
-        if self.row_ranks == 1:
-            return answer
-        return _exchange(answer, route.asked, route.asks, self.row_group)
+            return shard.index_select(0, rows)
+        # cast while copying, a block of rows at a time: no fp32 copy of all the rows asked
+        slab = shard.new_empty((rows.numel(), self.cols), dtype=self.compute_dtype)
+        for start in range(0, rows.numel(), _CAST_ROWS):
+            slab[start:start + _CAST_ROWS] = shard.index_select(0, rows[start:start + _CAST_ROWS])
+        return slab
 
-    def keep_row_grad(self, route: Route, grad: torch.Tensor) -> None:
-        """Backward of a read: the gradient of the rows read (U, cols), sent to their owners and
-        added to what this rank holds for its shard this step (distinct rows: never more than
-        the shard's, however many reads and memory layers)."""
-        if self.world > 1:  # one copy: cast, then scaled in place
-            grad = grad.to(self.reduce_dtype, copy=True).mul_(1.0 / self.world)
-        if self.row_ranks > 1:
-            grad = _exchange(grad, route.asks, route.asked, self.row_group)  # (sum asked, cols)
-        pairs = [(route.local_rows, grad)]
-        if self._row_grad is not None:
-            pairs.insert(0, self._row_grad)
-        if len(pairs) == 1 and self.row_ranks == 1:  # one read's own rows: distinct already
-            self._row_grad = (route.local_rows, grad.float())
-        else:  # several reads, or the same row asked by several ranks
-            self._row_grad = self._coalesce(pairs)
+    def bag_rows(self, shard: torch.Tensor, route: Route, w: torch.Tensor) -> torch.Tensor:
+        """The bags this rank owns, on its own rows: (S, cols) in compute dtype."""
+        return embedding_bag(route.slots, w, self.fetch(shard, route.rows), self.kernel, route.offsets)
+
+    def sum_bags(self, bags: torch.Tensor, route: Route, tokens: int) -> torch.Tensor:
+        """The partial bags back at their tokens' rank, summed per token: (T, cols)."""
+        if route.order is None:
+            return bags
+        bags = _exchange(bags, route.bags_got, route.bags_sent, self.row_group)  # (S_sent, cols)
+        out = torch.zeros((tokens, self.cols), dtype=torch.float32, device=bags.device)
+        return out.index_add_(0, route.bag_token, bags.float()).to(bags.dtype)
+
+    def read_backward(self, shard: torch.Tensor, route: Route, w: torch.Tensor, grad: torch.Tensor,
+                      shape: torch.Size) -> torch.Tensor:
+        """Backward of a read: grad (T, cols) -> the weights' gradient (T, M); the rows'
+        gradients are kept (keep_row_grad)."""
+        if route.order is not None:  # each bag's gradient, at its owner
+            grad = _exchange(grad[route.bag_token].to(self.reduce_dtype), route.bags_sent, route.bags_got,
+                             self.row_group)  # (S, cols)
+        slab = self.fetch(shard, route.rows)  # the rows again: nothing was kept
+        grad_w, grad_rows = embedding_bag_backward(grad, route.slots, w, slab, self.kernel, route.offsets)
+        if self.weight.requires_grad:  # a frozen table (LoRA) keeps nothing
+            self.keep_row_grad(route.rows, grad_rows)
+        if route.order is None:
+            return grad_w
+        back = _exchange(grad_w, route.got, route.sent, self.row_group)  # (T*M,) in the order sent
+        return torch.empty_like(back).index_copy_(0, route.order, back).view(shape)
+
+    def keep_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        """The gradient of the shard rows one read used, (U, cols), distinct: added to what
+        this rank holds for this step (never more rows than the shard's, however many reads
+        and memory layers)."""
+        grad = grad.float()  # a fresh tensor from the bag's backward: scaled in place
+        if self.world > 1:
+            grad.mul_(1.0 / self.world)
+        if self._row_grad is None:
+            self._row_grad = (rows, grad)
+        else:
+            self._row_grad = self._coalesce([self._row_grad, (rows, grad)])
 
     def _coalesce(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, gradients) pairs -> (distinct rows sorted, their summed gradients in fp32)."""
         rows = torch.cat([r for r, _ in pairs])
-        if is_fake(rows):  # the plan: as many rows as the reads brought, at most the shard's
-            distinct, slot = rows.new_empty(min(rows.numel(), self.weight.to_local().shape[0])), rows
-        else:
-            distinct, slot = torch.unique(rows, sorted=True, return_inverse=True)
+        distinct, slot = self.distinct(rows)
         summed = torch.zeros((distinct.numel(), self.cols), dtype=torch.float32, device=rows.device)
         for (_, g), part in zip(pairs, torch.split(slot, [r.numel() for r, _ in pairs]), strict=True):
-            summed.index_add_(0, part, g.float())
+            summed.index_add_(0, part, g)
         return distinct, summed
 
     # -- the step ------------------------------------------------------------------------

@@ -104,16 +104,19 @@ class Plan:
 
     def value_reads(self) -> dict:
         """A step's value-table reads: each read (a memory layer's, per micro-batch) pools the mp
-        group's tokens, `reads` row reads of at most `rows` distinct rows (every read taken as
-        a distinct row); `traffic`: the bytes of their routing over mp_replicate a step (rows,
-        their values, their gradients), which grows with the rows read, not with the table."""
+        group's tokens' `reads` row reads; the rows' owners (R = world / mp of them) bag at most
+        `rows` distinct rows each (every read taken as distinct, at most the shard's rows) and
+        return `bags` partial bags (one per token and owner it reads). `traffic`: the bytes
+        routed over mp_replicate a step (reads, weights, partial bags and their gradients),
+        which grows with the tokens and reads, not with the table."""
         cfg = self.cfg
-        reads = (cfg.distributed.memory_parallel_size * cfg.data.batch_size * cfg.data.seq_len
-                 * cfg.memory.heads * cfg.memory.knn)
+        mp = cfg.distributed.memory_parallel_size
+        owners, m = self.world // mp, cfg.memory.heads * cfg.memory.knn
+        tokens = mp * cfg.data.batch_size * cfg.data.seq_len
         routed = [c for c in self.step.collectives
                   if c.op == "all_to_all" and "mp_replicate" in c.group.split("/")]
-        return {"per_step": len(cfg.memory.layers) * cfg.optim.grad_accum, "reads": reads,
-                "rows": min(reads, cfg.memory.n_keys**2),
+        return {"per_step": len(cfg.memory.layers) * cfg.optim.grad_accum, "reads": tokens * m,
+                "rows": min(tokens * m, -(-cfg.memory.n_keys**2 // owners)), "bags": tokens * min(m, owners),
                 "traffic": sum(c.bytes * self._scale(c) for c in routed)}
 
     def to_dict(self) -> dict:
@@ -161,9 +164,9 @@ def format_plan(plan: Plan) -> str:
                      f"({rows * cols * (2 if dtype == 'bfloat16' else 4) / GiB:.2f} GiB of the parameters)")
     if s.value_shards and plan.cfg.memory.layers:
         v = plan.value_reads()
-        lines.append(f"  value reads: {v['per_step']} a step, each {v['reads']:,} row reads of at most "
-                     f"{v['rows']:,} distinct rows (the bound: no row read twice); routed over "
-                     f"mp_replicate: {v['traffic'] / GiB:.2f} GiB a step")
+        lines.append(f"  value reads: {v['per_step']} a step, each {v['reads']:,} row reads bagged by their "
+                     f"owners on at most {v['rows']:,} distinct rows each (the bound: no row read twice), "
+                     f"{v['bags']:,} partial bags; routed over mp_replicate: {v['traffic'] / GiB:.2f} GiB a step")
     lines.append(f"  activations (fake tensors, live at the forward's end)  {_gib(s.activations)}")
     lines.append(f"  peak (FSDPMemTracker over the fake step)  {_gib(s.peak)}   "
                  f"{'FITS' if plan.fits else 'DOES NOT FIT'} in {plan.budget / GiB:.1f} of "

@@ -243,14 +243,18 @@ def _measure(cfg: TrainConfig, model, finetune, meshes: Meshes, gpus_per_node: i
     tracker = FSDPMemTracker(mod=model, optm=optimizer)
     tracker.track_inputs(tuple(x["inputs"] for x in batches))
     at_forward_end = []
-    hook = model.register_forward_hook(
-        lambda *_: at_forward_end.append(tracker.get_tracker_snapshot()))
     counter, flops = StepCounter(meshes, gpus_per_node), _flop_counter()
-    try:
-        with tracker, flops, counter:
+    with tracker, flops, counter:
+        # registered once the tracker is on (it re-registers FSDP's forward hooks first in line):
+        # each micro-batch is a new forward of every module to the tracker, which refuses a
+        # second one otherwise; the peak is kept over the whole step
+        hooks = [model.register_forward_pre_hook(lambda *_: tracker.reset_mod_stats(), prepend=True),
+                 model.register_forward_hook(lambda *_: at_forward_end.append(tracker.get_tracker_snapshot()))]
+        try:
             train_step(model, optimizer, batches, cfg.optim, dense, values)
-    finally:
-        hook.remove()
+        finally:
+            for hook in hooks:
+                hook.remove()
     device = torch.device("cpu")
     peak = tracker.get_tracker_snapshot("peak")[device]
     first_forward = at_forward_end[0][device]
