@@ -17,6 +17,7 @@ from test_parallel import free_port
 
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.kernels import embedding_bag, resolve_kernel
+from lingua_mem.kernels.embedding_bag import embedding_bag_backward
 from lingua_mem.kernels.triton_bag import (
     BLOCK_D,
     BLOCK_M,
@@ -85,6 +86,16 @@ def test_ragged_bags_with_offsets_equal_pytorch():
         grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant, offsets)
         torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+    for kernel in ("torch", "triton"):  # the backward without autograd (a routed table's owner)
+        for offs, shape in ((offsets, (k,)), (None, (4, 5))):
+            idx, w = (indices, weights) if offs is not None else (indices[:20].view(4, 5), weights[:20].view(4, 5))
+            g_out = grad_out if offs is not None else torch.randn(4, d, generator=g)
+            t, w_ = table.clone().requires_grad_(), w.clone().requires_grad_()
+            expected = torch.autograd.grad(embedding_bag(idx, w_, t, "torch", offs), (w_, t), g_out)
+            got = embedding_bag_backward(g_out, idx, w, table, kernel, offs)
+            assert got[0].shape == shape
+            for a, b in zip(got, expected, strict=True):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_tables_accumulate_in_fp32():

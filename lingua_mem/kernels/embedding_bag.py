@@ -20,7 +20,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from lingua_mem.errors import ConfigError
 
@@ -52,9 +51,6 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
     return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
 
 
-_DOT_READS = 1 << 15  # reads whose weight gradients are computed at a time (torch path)
-
-
 def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                            table: torch.Tensor, kernel: str = "torch",
                            offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,25 +62,21 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weight
         from lingua_mem.kernels.triton_bag import embedding_bag_triton_backward
 
         return embedding_bag_triton_backward(grad_out, indices, weights, table, "auto", offsets)
-    flat, w = indices.flatten(), weights.flatten()
+    flat, w = indices.flatten(), weights.flatten().to(table.dtype)
     if offsets is None:
-        bag = torch.arange(flat.numel(), device=flat.device) // indices.shape[1]  # (K,) each read's bag
+        n, m = indices.shape
+        starts = torch.arange(0, n * m, m, device=flat.device)
+        bag = torch.arange(flat.numel(), device=flat.device) // m  # (K,) each read's bag
+        sizes = torch.full((n,), m, device=flat.device)
     else:
-        bag = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=flat.device), offsets.diff(),
+        starts, sizes = offsets[:-1], offsets.diff()
+        bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=flat.device), sizes,
                                       output_size=flat.numel())
-    grad_out = grad_out.to(table.dtype)
-    # the table's: a bag per row over the output gradients ("transposed" bag: reads sorted by row)
-    order = torch.argsort(flat, stable=True)
-    row_offsets = torch.zeros(table.shape[0] + 1, dtype=torch.int64, device=flat.device)
-    if not is_fake(flat):  # the plan's fake reads have no values (their counts are not needed)
-        row_offsets[1:] = torch.bincount(flat, minlength=table.shape[0]).cumsum(0)
-    grad_table = F.embedding_bag(bag[order], grad_out, row_offsets, per_sample_weights=w[order].to(table.dtype),
-                                 mode="sum", include_last_offset=True)  # (R, D)
-    # the weights': one dot product per read, a block of reads at a time (no (K, D) tensor)
-    grad_w = torch.empty(flat.shape, dtype=table.dtype, device=flat.device)
-    for start in range(0, flat.numel(), _DOT_READS):
-        block = slice(start, start + _DOT_READS)
-        grad_w[block] = (table[flat[block]] * grad_out[bag[block]]).sum(dim=1)
+    grad_out = grad_out.to(table.dtype).contiguous()
+    # the two backward ops autograd runs for F.embedding_bag(mode="sum"), called directly
+    grad_table = torch.ops.aten._embedding_bag_dense_backward(
+        grad_out, flat, bag, sizes, flat.new_empty(0), table.shape[0], False, 0, w, -1)
+    grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_out, table, flat, starts, bag, 0, -1)
     return grad_w.view(weights.shape).to(weights.dtype), grad_table
 
 
