@@ -45,6 +45,24 @@ def test_product_topk_leading_dims_and_grad():
     assert s2.grad.sum().item() == pytest.approx(3 * 4 * 6)
 
 
+def test_the_key_search_backward_through_the_picked_sub_keys_equals_the_dense_one():
+    # product_key_search differentiates through the 2k sub-keys each (token, head) picked; the
+    # dense scores' backward (einsum, then the top-k of them) must give the same gradients
+    from lingua_mem.memory.product_topk import product_key_search, product_topk_halves
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(7, 3, 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(3, 2, 11, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, 4, generator=g, dtype=torch.float64)
+    scores, idx = product_key_search(q, keys, 4)
+    dense_scores, dense_idx = product_topk_halves(torch.einsum("nhpd,hpkd->nhpk", q, keys), 4)
+    assert torch.equal(idx, dense_idx) and torch.equal(scores, dense_scores)
+    got = torch.autograd.grad((scores.softmax(-1) * weight).sum(), (q, keys))
+    expected = torch.autograd.grad((dense_scores.softmax(-1) * weight).sum(), (q, keys))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_product_topk_rejects_bad_k():
     with pytest.raises(ValueError, match="k=9"):
         product_topk(torch.randn(2, 8), torch.randn(2, 8), 9)

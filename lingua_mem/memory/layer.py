@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from lingua_mem import kernels
 from lingua_mem.kernels import embedding_bag
-from lingua_mem.memory.product_topk import product_topk_halves
+from lingua_mem.memory.product_topk import product_key_search
 from lingua_mem.param_init import ParamInit
 
 # ops of a memory layer whose outputs selective activation checkpointing keeps: the
@@ -123,8 +123,7 @@ class ProductKeyMemory(nn.Module):
                 q = F.rms_norm(q, (self.half,), self.q_norm.weight.to(dtype), self.q_norm.eps)
                 keys = F.rms_norm(keys, (self.half,), self.k_norm.weight.to(dtype), self.k_norm.eps)
                 q = q * self.half**-0.5  # keep scores O(1), as attention scales q.k
-            s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
-            scores, indices = product_topk_halves(s, self.knn)  # (N, heads, knn)
+            scores, indices = product_key_search(q, keys, self.knn)  # (N, heads, knn)
             weights = scores.softmax(dim=-1)  # each head's own softmax
         return indices.view(n, -1), weights.view(n, -1)  # heads' bags summed as one bag
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from lingua_mem.kernels import embedding_bag
+from lingua_mem.kernels.embedding_bag import embedding_bag_backward
+
 
 def product_topk(s1: torch.Tensor, s2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of s1[i1] + s2[i2] over all n_keys**2 pairs.
@@ -31,9 +34,60 @@ def product_topk_halves(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     if not 0 < k <= n_keys:
         raise ValueError(f"product_topk: k={k} must be in 1..{n_keys}")
     v, i = s.topk(k, dim=-1)  # (..., 2, k): each half's own top-k
+    return _pairs(v, i, k, n_keys)
+
+
+def _pairs(v: torch.Tensor, i: torch.Tensor, k: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each half's top-k (values, sub-key indices) (..., 2, k) -> the best k of the k*k sums."""
     (v1, v2), (i1, i2) = v.unbind(-2), i.unbind(-2)
     cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., k, k)
     scores, best = cand.flatten(-2).topk(k, dim=-1)  # (..., k), sorted descending
     rows = i1.gather(-1, best // k)  # (..., k) index into the first half
     cols = i2.gather(-1, best % k)  # (..., k) index into the second half
     return scores, rows * n_keys + cols
+
+
+def product_key_search(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory layer's search: q (N, heads, 2, half) against sub-keys (heads, 2, n_keys, half)
+    -> (scores, indices) (N, heads, k), as product_topk_halves of their dot products.
+
+    Differentiable in q and keys through the sub-keys each (token, head, half) picked only:
+    the gradient of the picked scores (N, heads, 2, k) goes to q as a bag of the picked
+    sub-keys and to the sub-keys as that bag's table gradient, N * heads * 2 * k rows of
+    work, where the backward of the dense scores would be two (N*heads*2, n_keys) matmuls
+    and a score-sized gradient, growing with n_keys (the square root of the table).
+    """
+    n_keys = keys.shape[-2]
+    if not 0 < k <= n_keys:
+        raise ValueError(f"product_topk: k={k} must be in 1..{n_keys}")
+    v, i = _PickedScores.apply(q, keys, k)  # (N, heads, 2, k)
+    return _pairs(v, i, k, n_keys)
+
+
+class _PickedScores(torch.autograd.Function):
+    """(q, keys, k) -> each half's top-k scores and sub-keys (N, heads, 2, k); see product_key_search."""
+
+    @staticmethod
+    def forward(ctx, q, keys, k):
+        with torch.no_grad():
+            s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
+            v, i = s.topk(k, dim=-1)
+        ctx.mark_non_differentiable(i)
+        ctx.save_for_backward(q, keys, i)
+        return v, i
+
+    @staticmethod
+    def backward(ctx, grad_v, _):
+        q, keys, i = ctx.saved_tensors
+        n, heads, halves, half = q.shape
+        n_keys, k = keys.shape[2], i.shape[-1]
+        # the picked sub-keys as rows of all heads' and halves' keys: (N*heads*2, k) into (heads*2*n_keys, half)
+        first = torch.arange(heads * halves, device=i.device).view(1, heads, halves, 1) * n_keys
+        rows = (i + first).reshape(-1, k)
+        table, w = keys.reshape(-1, half), grad_v.reshape(-1, k).to(keys.dtype)
+        grad_q = grad_keys = None
+        if ctx.needs_input_grad[0]:
+            grad_q = embedding_bag(rows, w, table).view(q.shape)  # sum_j grad_v[j] keys[picked j]
+        if ctx.needs_input_grad[1]:  # sum over the (token, j) that picked a sub-key of grad_v * q
+            grad_keys = embedding_bag_backward(q.reshape(-1, half), rows, w, table)[1].view(keys.shape)
+        return grad_q, grad_keys, None
