@@ -269,6 +269,7 @@ class ShardedValueTable(ValueTable):
                              self.row_group)  # (S, cols)
         slab = self.fetch(shard, route.rows)  # the rows again: nothing was kept
         grad_w, grad_rows = embedding_bag_backward(grad, route.slots, w, slab, self.kernel, route.offsets)
+        del slab, grad  # (U, cols) and (S, cols): gone before the rows' gradients are summed
         if self.weight.requires_grad:  # a frozen table (LoRA) keeps nothing
             self.keep_row_grad(route.rows, grad_rows)
         if route.order is None:
