@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from lingua_mem.config import load_config, model_args  # noqa: E402
 from lingua_mem.memory import ProductKeyMemory, ValueTable  # noqa: E402
+from lingua_mem.memory.layer import Bag  # noqa: E402
 from lingua_mem.model.llama import FeedForward  # noqa: E402
 from lingua_mem.param_init import ParamInit  # noqa: E402
 
@@ -105,7 +106,7 @@ def bench(name: str, device: str, dtype: str, tokens: int, repeats: int, warmup:
     def bag_step():
         w.grad = None
         with autocast:
-            bag = values(idx, w)  # (N, v_dim)
+            bag = values(Bag(idx, w))  # (N, v_dim)
         bag.backward(grad_bag.to(bag.dtype))
 
     def vgrad_step():  # what backward pays for the dense value-table gradient alone

@@ -83,12 +83,14 @@ def test_ragged_bags_with_offsets_equal_pytorch():
     torch.testing.assert_close(embedding_bag_triton(indices, weights, table, offsets).double(), out,
                                rtol=1e-5, atol=1e-5)
     for variant in ("atomic", "sorted"):
-        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant, offsets)
+        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant,
+                                                           offsets)
         torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
     for kernel in ("torch", "triton"):  # the backward without autograd (a routed table's owner)
         for offs, shape in ((offsets, (k,)), (None, (4, 5))):
-            idx, w = (indices, weights) if offs is not None else (indices[:20].view(4, 5), weights[:20].view(4, 5))
+            idx, w = (indices, weights) if offs is not None else (indices[:20].view(4, 5),
+                                                                   weights[:20].view(4, 5))
             g_out = grad_out if offs is not None else torch.randn(4, d, generator=g)
             t, w_ = table.clone().requires_grad_(), w.clone().requires_grad_()
             expected = torch.autograd.grad(embedding_bag(idx, w_, t, "torch", offs), (w_, t), g_out)

@@ -344,3 +344,20 @@ def test_key_search_stays_fp32_under_bf16_autocast():
     assert w.dtype == torch.float32
     assert torch.equal(idx, ref_idx)
     torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=1e-7)
+
+
+def test_the_memory_layer_benchmark_runs_on_the_cpu(tmp_path):
+    # benchmarks/gpu_smoke.sh runs it first on a lent GPU: a broken call there costs device time
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "memory_layer.json"
+    args = ["--device", "cpu", "--shapes", "debug", "--repeats", "1", "--warmup", "0", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "benchmarks/memory_layer.py", *args], text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["n_values"] == row["n_keys"] ** 2 and row["tokens"] > 0
+    assert all(row[k] > 0 for k in ("ffn_ms", "memory_ms", "lookup_ms", "bag_ms"))

@@ -43,8 +43,8 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
         if indices.dim() != 1 or weights.shape != indices.shape:
             raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
                              f"{tuple(weights.shape)} must both be (K,) with offsets")
-        return F.embedding_bag(indices, table, offsets, per_sample_weights=weights.to(table.dtype), mode="sum",
-                               include_last_offset=True)
+        return F.embedding_bag(indices, table, offsets, per_sample_weights=weights.to(table.dtype),
+                               mode="sum", include_last_offset=True)
     if indices.dim() != 2 or weights.shape != indices.shape:
         raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
                          f"{tuple(weights.shape)} must both be (N, M)")
@@ -76,7 +76,8 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weight
     # the two backward ops autograd runs for F.embedding_bag(mode="sum"), called directly
     grad_table = torch.ops.aten._embedding_bag_dense_backward(
         grad_out, flat, bag, sizes, flat.new_empty(0), table.shape[0], False, 0, w, -1)
-    grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_out, table, flat, starts, bag, 0, -1)
+    grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_out, table, flat, starts, bag, 0, -1)
     return grad_w.view(weights.shape).to(weights.dtype), grad_table
 
 

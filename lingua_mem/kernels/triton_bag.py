@@ -54,7 +54,8 @@ def _reads(idx_ptr, w_ptr, j0, end, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _bag_forward(idx_ptr, w_ptr, off_ptr, table_ptr, out_ptr, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bag_forward(idx_ptr, w_ptr, off_ptr, table_ptr, out_ptr, D, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
     s = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     col_ok = cols < D
@@ -80,8 +81,8 @@ def _bag_weight_grad(idx_ptr, w_ptr, off_ptr, table_ptr, grad_out_ptr, grad_w_pt
             cols = d0 + tl.arange(0, BLOCK_D)
             col_ok = cols < D
             g = tl.load(grad_out_ptr + s * D + cols, mask=col_ok, other=0.0).to(tl.float32)
-            vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
-                           other=0.0).to(tl.float32)
+            vals = tl.load(table_ptr + rows[:, None] * D + cols[None, :],
+                           mask=j_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(vals * g[None, :], axis=1)
         tl.store(grad_w_ptr + js, acc, mask=j_ok)
 
@@ -138,7 +139,8 @@ def _flat(indices: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | 
     if offsets is None:
         n, m = indices.shape
         offsets = torch.arange(n + 1, device=indices.device, dtype=torch.int64) * m
-    return indices.contiguous().flatten(), weights.contiguous().flatten(), offsets.to(torch.int64).contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    return indices.contiguous().flatten(), weights.contiguous().flatten(), offsets
 
 
 @torch.library.custom_op("lingua_mem::embedding_bag_triton", mutates_args=())

@@ -81,7 +81,8 @@ class _PickedScores(torch.autograd.Function):
         q, keys, i = ctx.saved_tensors
         n, heads, halves, half = q.shape
         n_keys, k = keys.shape[2], i.shape[-1]
-        # the picked sub-keys as rows of all heads' and halves' keys: (N*heads*2, k) into (heads*2*n_keys, half)
+        # the picked sub-keys as rows of all heads' and halves' keys:
+        # (N*heads*2, k) into (heads*2*n_keys, half)
         first = torch.arange(heads * halves, device=i.device).view(1, heads, halves, 1) * n_keys
         rows = (i + first).reshape(-1, k)
         table, w = keys.reshape(-1, half), grad_v.reshape(-1, k).to(keys.dtype)

@@ -166,7 +166,8 @@ def format_plan(plan: Plan) -> str:
         v = plan.value_reads()
         lines.append(f"  value reads: {v['per_step']} a step, each {v['reads']:,} row reads bagged by their "
                      f"owners on at most {v['rows']:,} distinct rows each (the bound: no row read twice), "
-                     f"{v['bags']:,} partial bags; routed over mp_replicate: {v['traffic'] / GiB:.2f} GiB a step")
+                     f"{v['bags']:,} partial bags; routed over mp_replicate: "
+                     f"{v['traffic'] / GiB:.2f} GiB a step")
     lines.append(f"  activations (fake tensors, live at the forward's end)  {_gib(s.activations)}")
     lines.append(f"  peak (FSDPMemTracker over the fake step)  {_gib(s.peak)}   "
                  f"{'FITS' if plan.fits else 'DOES NOT FIT'} in {plan.budget / GiB:.1f} of "

@@ -249,7 +249,8 @@ def _measure(cfg: TrainConfig, model, finetune, meshes: Meshes, gpus_per_node: i
         # each micro-batch is a new forward of every module to the tracker, which refuses a
         # second one otherwise; the peak is kept over the whole step
         hooks = [model.register_forward_pre_hook(lambda *_: tracker.reset_mod_stats(), prepend=True),
-                 model.register_forward_hook(lambda *_: at_forward_end.append(tracker.get_tracker_snapshot()))]
+                 model.register_forward_hook(
+                     lambda *_: at_forward_end.append(tracker.get_tracker_snapshot()))]
         try:
             train_step(model, optimizer, batches, cfg.optim, dense, values)
         finally:
