@@ -52,13 +52,14 @@ def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: tor
 
 
 def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                           table: torch.Tensor, kernel: str = "torch",
-                           offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           table: torch.Tensor, kernel: str = "torch", offsets: torch.Tensor | None = None,
+                           weights_grad: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The bag's gradients without autograd: (grad_weights in the weights' shape and dtype,
     grad_table (R, D) in the table's dtype), for a caller that keeps a table's gradient itself
     (a routed value table's owner, whose `table` is the rows it was asked: never table-sized).
-    Bags as in `embedding_bag`."""
-    if kernel == "triton" or (kernel == "auto" and resolve_kernel(kernel, table.device.type) == "triton"):
+    Bags as in `embedding_bag`. `weights_grad=False`: the torch path skips the weights'
+    gradient (None; the Triton op computes both)."""
+    if _runs_triton(kernel, table):
         from lingua_mem.kernels.triton_bag import embedding_bag_triton_backward
 
         return embedding_bag_triton_backward(grad_out, indices, weights, table, "auto", offsets)
@@ -76,6 +77,8 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weight
     # the two backward ops autograd runs for F.embedding_bag(mode="sum"), called directly
     grad_table = torch.ops.aten._embedding_bag_dense_backward(
         grad_out, flat, bag, sizes, flat.new_empty(0), table.shape[0], False, 0, w, -1)
+    if not weights_grad:
+        return None, grad_table
     grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad_out, table, flat, starts, bag, 0, -1)
     return grad_w.view(weights.shape).to(weights.dtype), grad_table
@@ -98,11 +101,15 @@ def resolve_kernel(kernel: str, device_type: str) -> str:
     return kernel
 
 
+def _runs_triton(kernel: str, table: torch.Tensor) -> bool:
+    return kernel == "triton" or (kernel == "auto" and resolve_kernel(kernel, table.device.type) == "triton")
+
+
 def embedding_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
                   kernel: str = "torch", offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted sum of table rows per bag: (N, M), (N, M), (R, D) -> (N, D); with offsets
     (S + 1,): (K,), (K,), (R, D) -> (S, D)."""
-    if kernel == "triton" or (kernel == "auto" and resolve_kernel(kernel, table.device.type) == "triton"):
+    if _runs_triton(kernel, table):
         from lingua_mem.kernels.triton_bag import embedding_bag_triton
 
         return embedding_bag_triton(indices, weights, table, offsets)

@@ -90,5 +90,6 @@ class _PickedScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_q = embedding_bag(rows, w, table).view(q.shape)  # sum_j grad_v[j] keys[picked j]
         if ctx.needs_input_grad[1]:  # sum over the (token, j) that picked a sub-key of grad_v * q
-            grad_keys = embedding_bag_backward(q.reshape(-1, half), rows, w, table)[1].view(keys.shape)
+            _, grad_keys = embedding_bag_backward(q.reshape(-1, half), rows, w, table, weights_grad=False)
+            grad_keys = grad_keys.view(keys.shape)
         return grad_q, grad_keys, None
