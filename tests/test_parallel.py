@@ -121,6 +121,7 @@ LAYOUTS = [
     (2, {"memory_parallel_size": 2, "compile": True}),
     (4, {"dp_shard": 4, "memory_parallel_size": 2, "value_reduce_dtype": "bf16"}),
     (2, {"dp_shard": 2, "activation_checkpointing": "full", "compile": True}),
+    (2, {"dp_shard": 2, "activation_checkpointing": "selective", "compile": True}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "grad_accum": 2}),
     (4, {"dp_replicate": 2, "dp_shard": 2, "memory_parallel_size": 2, "doc_ids": True}),  # doc_causal
     # the row-sparse value optimizers (optim.value_optimizer), rows routed to their owners

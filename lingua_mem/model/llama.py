@@ -22,16 +22,20 @@ from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.kv_cache import KVCache, attention_mask
 from lingua_mem.param_init import ParamInit
 
+# the attention kernels (each also draws random numbers for its dropout, so a recompute of
+# one under torch.compile has to save the generator's state)
+ATTENTION_OPS = frozenset({
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+})
 # ops whose outputs selective activation checkpointing keeps (everything else is
 # recomputed): this model's matmuls and attention, and what the memory search and the
 # kernels declare for themselves (memory.layer.SAVED_OPS)
 ACTIVATION_SAVED_OPS = frozenset({
     torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-    torch.ops.aten._scaled_dot_product_flash_attention.default,
-    torch.ops.aten._scaled_dot_product_efficient_attention.default,
-    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
-}) | memory_layer.SAVED_OPS
+}) | ATTENTION_OPS | memory_layer.SAVED_OPS
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

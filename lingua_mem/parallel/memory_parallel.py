@@ -30,6 +30,12 @@ the table holds for this step: one row gradient per table, summed over every rea
 memory layer sharing it, taken once a step by `take_row_grad()`; the weights' gradients
 (K,) go back to their tokens' ranks, and over mp they are reduce-scattered (a sum over the
 column blocks). The table's own `.grad` stays None: the optimizer gets the rows (optim.py).
+
+Compiled. Forward and backward are two custom ops (routed_read, routed_read_backward) on
+the table's TableReader, a torch.compile opaque reference: a compiled block holds each read
+as one call and has no graph break, whatever the routing does inside (host syncs, variable
+splits, the rows' gradients kept on the reader). The forward returns the route as tensors
+(sizes the compiler cannot know: unbacked) for its backward; nothing else outlives a read.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch._library.opaque_object import register_opaque_type
+from torch._opaque_base import OpaqueBase
 from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -55,41 +63,25 @@ _CAST_ROWS = 1 << 16  # rows cast at a time when a shard answers in another dtyp
 
 
 def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """(N, ...) per rank -> (ranks*N, ...) in rank order."""
     out = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
     _all_gather_flat(out, x.contiguous(), group=group)
     return out
 
 
-class _AllGatherRows(torch.autograd.Function):
-    """(N, ...) per rank -> (mp*N, ...) in rank order; backward: reduce-scatter (sum)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_rows(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
-        _reduce_scatter_flat(out, grad.contiguous(), group=ctx.group)
-        return out, None
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    """all_to_all of variable row counts: send[q] rows to rank q, recv[q] rows from it."""
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
 
 
-class _AllToAllRows(torch.autograd.Function):
-    """Row chunk p of (mp*N, D) goes to rank p; chunk q received comes from rank q. Self-inverse."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out = torch.empty_like(grad)
-        dist.all_to_all_single(out, grad.contiguous(), group=ctx.group)
-        return out, None
+def _planned_splits(reads: int, tokens: int, ranks: int) -> tuple[list[int], list[int]]:
+    """The plan's routing (fake tensors have no values): reads spread evenly over the owners,
+    every token reading each -> (reads, bags) per owner, the same sent and received."""
+    sent = [reads // ranks] * ranks
+    sent[0] += reads - sum(sent)
+    return sent, [min(tokens, k) for k in sent]
 
 
 @dataclass
@@ -118,76 +110,41 @@ class Route:
     bags_sent: list[int] | None = None
     bags_got: list[int] | None = None
 
-
-def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
-    """all_to_all of variable row counts: send[q] rows to rank q, recv[q] rows from it."""
-    out = x.new_empty((sum(recv), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
-    return out
-
-
-class _ReadBags(torch.autograd.Function):
-    """(weights (T, M), local shard) -> this rank's columns of the T tokens' bags (T, cols),
-    bagged by the rows' owners. Backward gives the weights' gradient; the rows' gradients
-    stay with the table (keep_row_grad): nothing flows to the shard through autograd, whose
-    input is there so that the backward runs even when the weights need no gradient."""
-
-    @staticmethod
-    def forward(ctx, weights, shard, route, table):
-        shard = shard.detach()
-        w = table.send_weights(weights, route)  # (K,) or (T, M)
-        bags = table.bag_rows(shard, route, w)  # (S, cols)
-        ctx.table, ctx.route, ctx.shard, ctx.shape = table, route, shard, weights.shape
-        ctx.save_for_backward(w)
-        return table.sum_bags(bags, route, weights.shape[0])  # (T, cols)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (w,) = ctx.saved_tensors
-        return ctx.table.read_backward(ctx.shard, ctx.route, w, grad, ctx.shape), None, None, None
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """As tensors, for the read's op to hand its backward: (rows, slots flat, offsets,
+        order, bag_token, splits (4, R) int64 on the host: sent, got, bags_sent, bags_got);
+        empty where the row group is one rank."""
+        if self.order is None:
+            empty = [self.rows.new_empty(0) for _ in range(3)]  # offsets, order, bag_token
+            return self.rows, self.slots.flatten(), *empty, torch.empty((4, 0), dtype=torch.int64)
+        splits = torch.tensor([self.sent, self.got, self.bags_sent, self.bags_got], dtype=torch.int64)
+        return self.rows, self.slots, self.offsets, self.order, self.bag_token, splits
 
 
-class ShardedValueTable(ValueTable):
-    """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, rows
-    over the memory mesh's "mp_replicate" dim and columns over its "mp" dim, read by
-    routing (see the module's docstring). `compute_dtype` is what the rows are bagged and
-    the partial bags sent in; `reduce_dtype` what the bags' gradients are sent to the rows'
-    owners in (fp32 when the row group is one rank: nothing is sent)."""
+class TableReader(OpaqueBase):
+    """What one sharded table's read needs when it runs: the process groups and sizes, the
+    dtypes rows and gradients travel in, the bag's kernel, and this step's row gradient.
 
-    def __init__(self, table: ValueTable, memory_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32,
-                 reduce_dtype: torch.dtype = torch.float32):
-        nn.Module.__init__(self)  # not ValueTable.__init__: the weight is built from `table`'s
-        self.kernel = table.kernel
+    The read is two custom ops (lingua_mem::routed_read and its backward) that take this
+    object; torch.compile sees it as an opaque reference (passed along, never traced into),
+    so the routing's data-dependent parts (split sizes from the host, the distinct rows, the
+    rows' gradients kept here) run eagerly inside the ops and a block compiles as one graph.
+    Owned by its ShardedValueTable."""
+
+    def __init__(self, memory_mesh: DeviceMesh, n_values: int, v_dim: int, kernel: str,
+                 compute_dtype: torch.dtype, reduce_dtype: torch.dtype):
         cols_mesh, rows_mesh = memory_mesh["mp"], memory_mesh["mp_replicate"]
         self.mp_group, self.mp = cols_mesh.get_group(), cols_mesh.size()
         self.row_group, self.row_ranks = rows_mesh.get_group(), rows_mesh.size()
         self.world = self.mp * self.row_ranks
-        self.n_values, self.v_dim = table.weight.shape
-        self.cols = self.v_dim // self.mp
-        self.rows_per_rank = -(-self.n_values // self.row_ranks)  # Shard(0): chunks of ceil(n/R) rows
+        self.n_values, self.v_dim, self.kernel = n_values, v_dim, kernel
+        self.cols = v_dim // self.mp
+        self.rows_per_rank = -(-n_values // self.row_ranks)  # Shard(0): chunks of ceil(n/R) rows
         self.compute_dtype = compute_dtype
         self.reduce_dtype = reduce_dtype if self.row_ranks > 1 else torch.float32
-        row0 = rows_mesh.get_local_rank() * self.rows_per_rank
-        col0 = cols_mesh.get_local_rank() * self.cols
-        local = table.weight.detach()[row0:row0 + self.rows_per_rank, col0:col0 + self.cols].clone()
-        self.weight = nn.Parameter(DTensor.from_local(  # a meta table gives a meta shard
-            local, memory_mesh, [Shard(0), Shard(1)], run_check=False, shape=table.weight.shape,
-            stride=(self.v_dim, 1)), requires_grad=table.weight.requires_grad)  # frozen stays frozen
-        self._row_grad: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (local rows, grads)
+        self.row_grad: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (local rows, grads)
 
-    # -- the read ------------------------------------------------------------------------
-
-    def forward(self, bag: Bag) -> torch.Tensor:
-        n = bag.indices.shape[0]  # this rank's tokens
-        indices, weights = bag.indices, bag.weights
-        if self.mp > 1:
-            indices = _all_gather_rows(indices, self.mp_group)  # (T, M) = (mp*N, M), no gradient
-            weights = _AllGatherRows.apply(weights, self.mp_group)  # (T, M)
-        part = _ReadBags.apply(weights, self.weight.to_local(), self.route(indices), self)  # (T, cols)
-        if self.mp == 1:
-            return part
-        mine = _AllToAllRows.apply(part, self.mp_group)  # (mp*N, cols): block c = columns of rank c
-        return mine.view(self.mp, n, self.cols).transpose(0, 1).reshape(n, self.v_dim)  # (N, v_dim)
+    # -- routing --------------------------------------------------------------------------
 
     def distinct(self, reads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The distinct shard rows read, sorted (U,), and each read's place among them (reads'
@@ -219,10 +176,7 @@ class ShardedValueTable(ValueTable):
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.row_group)
         if fake:
-            sent = [t * m // self.row_ranks] * self.row_ranks
-            sent[0] += t * m - sum(sent)
-            bags_sent = [min(t, k) for k in sent]
-            got, bags_got = sent, bags_sent
+            sent, bags_sent = got, bags_got = _planned_splits(t * m, t, self.row_ranks)
             bag_token, lengths = flat.new_empty(sum(bags_sent)), flat.new_empty(sum(bags_sent))
         else:  # the split sizes (a host sync)
             (sent, bags_sent), (got, bags_got) = counts.T.tolist(), received.T.tolist()
@@ -231,6 +185,18 @@ class ShardedValueTable(ValueTable):
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
         rows, slots = self.distinct(reads)
         return Route(rows, slots, offsets, order, bag_token, sent, got, bags_sent, bags_got)
+
+    def unpack(self, tokens: int, m: int, rows, slots, offsets, order, bag_token, splits) -> Route:
+        """The Route of `Route.tensors()` again, for `tokens` tokens of `m` reads."""
+        if self.row_ranks == 1:
+            return Route(rows, slots.view(tokens, m))
+        if is_fake(splits):  # the plan's routing has no values to read back
+            sent, bags_sent = got, bags_got = _planned_splits(tokens * m, tokens, self.row_ranks)
+        else:
+            sent, got, bags_sent, bags_got = splits.tolist()
+        return Route(rows, slots, offsets, order, bag_token, sent, got, bags_sent, bags_got)
+
+    # -- the bags -------------------------------------------------------------------------
 
     def send_weights(self, weights: torch.Tensor, route: Route) -> torch.Tensor:
         """The reads' weights, at the rows' owners: (T, M) -> (K,) ((T, M) on one row rank)."""
@@ -260,22 +226,24 @@ class ShardedValueTable(ValueTable):
         out = torch.zeros((tokens, self.cols), dtype=torch.float32, device=bags.device)
         return out.index_add_(0, route.bag_token, bags.float()).to(bags.dtype)
 
-    def read_backward(self, shard: torch.Tensor, route: Route, w: torch.Tensor, grad: torch.Tensor,
-                      shape: torch.Size) -> torch.Tensor:
-        """Backward of a read: grad (T, cols) -> the weights' gradient (T, M); the rows'
-        gradients are kept (keep_row_grad)."""
+    def bags_backward(self, shard: torch.Tensor, route: Route, w: torch.Tensor, grad: torch.Tensor,
+                      shape: tuple[int, int], keep: bool) -> torch.Tensor:
+        """Backward of the bags: grad (T, cols) -> the weights' gradient (T, M); the rows'
+        gradients are kept (`keep`: the table trains; a frozen one keeps nothing)."""
         if route.order is not None:  # each bag's gradient, at its owner
             grad = _exchange(grad[route.bag_token].to(self.reduce_dtype), route.bags_sent, route.bags_got,
                              self.row_group)  # (S, cols)
         slab = self.fetch(shard, route.rows)  # the rows again: nothing was kept
         grad_w, grad_rows = embedding_bag_backward(grad, route.slots, w, slab, self.kernel, route.offsets)
         del slab, grad  # (U, cols) and (S, cols): gone before the rows' gradients are summed
-        if self.weight.requires_grad:  # a frozen table (LoRA) keeps nothing
+        if keep:
             self.keep_row_grad(route.rows, grad_rows)
         if route.order is None:
             return grad_w
         back = _exchange(grad_w, route.got, route.sent, self.row_group)  # (T*M,) in the order sent
         return torch.empty_like(back).index_copy_(0, route.order, back).view(shape)
+
+    # -- the rows' gradient ---------------------------------------------------------------
 
     def keep_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
         """The gradient of the shard rows one read used, (U, cols), distinct: added to what
@@ -284,10 +252,10 @@ class ShardedValueTable(ValueTable):
         grad = grad.float()  # a fresh tensor from the bag's backward: scaled in place
         if self.world > 1:
             grad.mul_(1.0 / self.world)
-        if self._row_grad is None:
-            self._row_grad = (rows, grad)
+        if self.row_grad is None:
+            self.row_grad = (rows, grad)
         else:
-            self._row_grad = self._coalesce([self._row_grad, (rows, grad)])
+            self.row_grad = self._coalesce([self.row_grad, (rows, grad)])
 
     def _coalesce(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows, gradients) pairs -> (distinct rows sorted, their summed gradients in fp32)."""
@@ -298,11 +266,125 @@ class ShardedValueTable(ValueTable):
             summed.index_add_(0, part, g)
         return distinct, summed
 
-    # -- the step ------------------------------------------------------------------------
+
+register_opaque_type(TableReader, typ="reference")
+
+
+# -- the read as two custom ops -------------------------------------------------------------
+
+_Tensors8 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _routed_read(reader: TableReader, indices: torch.Tensor, weights: torch.Tensor, shard: torch.Tensor,
+                 v_dim: int, dtype: torch.dtype) -> _Tensors8:
+    """This rank's N tokens' bags, (N, v_dim) in `dtype` (the compute dtype), and what the
+    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors)."""
+    n, given = indices.shape[0], weights
+    if reader.mp > 1:
+        indices = _all_gather_rows(indices, reader.mp_group)  # (T, M) = (mp*N, M)
+        weights = _all_gather_rows(weights, reader.mp_group)  # (T, M)
+    route = reader.route(indices)
+    w = reader.send_weights(weights, route)  # (K,) or (T, M)
+    part = reader.sum_bags(reader.bag_rows(shard, route, w), route, indices.shape[0])  # (T, cols)
+    if reader.mp > 1:  # rank p gets its own tokens' columns: block c of `mine` = columns of rank c
+        mine = torch.empty_like(part)
+        dist.all_to_all_single(mine, part, group=reader.mp_group)  # (mp*N, cols)
+        part = mine.view(reader.mp, n, reader.cols).transpose(0, 1).reshape(n, v_dim)
+    w = w.flatten() if w is not given else w.flatten().clone()  # an op's outputs never alias its inputs
+    return part, w, *route.tensors()
+
+
+def _routed_read_backward(reader: TableReader, grad: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
+                          slots: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,
+                          bag_token: torch.Tensor, splits: torch.Tensor, shard: torch.Tensor, m: int,
+                          keep: bool) -> torch.Tensor:
+    """grad (N, v_dim) -> the weights' gradient (N, M); the rows' gradients kept (`keep`)."""
+    n, tokens = grad.shape[0], grad.shape[0] * reader.mp
+    if reader.mp > 1:  # the mirror of the forward's all-to-all: block q of the columns to rank q
+        blocks = grad.view(n, reader.mp, reader.cols).transpose(0, 1).reshape(tokens, reader.cols)
+        grad = torch.empty_like(blocks)
+        dist.all_to_all_single(grad, blocks, group=reader.mp_group)  # (T, cols): every token, my columns
+    route = reader.unpack(tokens, m, rows, slots, offsets, order, bag_token, splits)
+    if route.order is None:
+        w = w.view(tokens, m)
+    grad_w = reader.bags_backward(shard, route, w, grad, (tokens, m), keep)  # (T, M)
+    if reader.mp == 1:
+        return grad_w
+    mine = grad_w.new_empty((n, m))  # summed over the column blocks
+    _reduce_scatter_flat(mine, grad_w.contiguous(), group=reader.mp_group)
+    return mine
+
+
+routed_read = torch.library.custom_op("lingua_mem::routed_read", _routed_read, mutates_args=())
+routed_read_backward = torch.library.custom_op("lingua_mem::routed_read_backward", _routed_read_backward,
+                                               mutates_args=())
+# what each op runs: the scale plan runs them as Python under its counting modes (plan/fake_step.py)
+ROUTED_READ_IMPLS = {routed_read._opoverload: _routed_read,
+                     routed_read_backward._opoverload: _routed_read_backward}
+
+
+@routed_read.register_fake
+def _(reader, indices, weights, shard, v_dim, dtype):
+    ctx = torch.library.get_ctx()
+    sized = [indices.new_empty(ctx.new_dynamic_size()) for _ in range(5)]  # rows .. bag_token
+    out = weights.new_empty((indices.shape[0], v_dim), dtype=dtype)
+    return out, weights.new_empty(ctx.new_dynamic_size()), *sized, torch.empty((4, ctx.new_dynamic_size()),
+                                                                               dtype=torch.int64)
+
+
+@routed_read_backward.register_fake
+def _(reader, grad, w, rows, slots, offsets, order, bag_token, splits, shard, m, keep):
+    return w.new_empty((grad.shape[0], m))
+
+
+def _setup_context(ctx, inputs, output):
+    reader, indices, weights, shard, _, _ = inputs
+    ctx.reader, ctx.m = reader, indices.shape[1]
+    ctx.save_for_backward(*output[1:], shard)
+
+
+def _backward(ctx, grad, *_):
+    saved = ctx.saved_tensors
+    keep = ctx.needs_input_grad[3]  # the shard: a frozen table keeps no row gradient
+    grad_w = routed_read_backward(ctx.reader, grad.contiguous(), *saved, ctx.m, keep)
+    return None, None, grad_w, None, None, None
+
+
+routed_read.register_autograd(_backward, setup_context=_setup_context)
+
+
+class ShardedValueTable(ValueTable):
+    """A ValueTable whose weight is a DTensor of the whole (n_values, v_dim) table, rows
+    over the memory mesh's "mp_replicate" dim and columns over its "mp" dim, read by
+    routing (see the module's docstring). `compute_dtype` is what the rows are bagged and
+    the partial bags sent in; `reduce_dtype` what the bags' gradients are sent to the rows'
+    owners in (fp32 when the row group is one rank: nothing is sent)."""
+
+    def __init__(self, table: ValueTable, memory_mesh: DeviceMesh, compute_dtype: torch.dtype = torch.float32,
+                 reduce_dtype: torch.dtype = torch.float32):
+        nn.Module.__init__(self)  # not ValueTable.__init__: the weight is built from `table`'s
+        self.kernel = table.kernel
+        n_values, v_dim = table.weight.shape
+        self.reader = TableReader(memory_mesh, n_values, v_dim, table.kernel, compute_dtype, reduce_dtype)
+        self.v_dim, self.compute_dtype = v_dim, compute_dtype  # the read's output (compiled code reads
+        # these here: it does not look inside the reader)
+        cols_mesh, rows_mesh = memory_mesh["mp"], memory_mesh["mp_replicate"]
+        rows, cols = self.reader.rows_per_rank, self.reader.cols
+        row0, col0 = rows_mesh.get_local_rank() * rows, cols_mesh.get_local_rank() * cols
+        local = table.weight.detach()[row0:row0 + rows, col0:col0 + cols].clone()
+        self.weight = nn.Parameter(DTensor.from_local(  # a meta table gives a meta shard
+            local, memory_mesh, [Shard(0), Shard(1)], run_check=False, shape=table.weight.shape,
+            stride=(v_dim, 1)), requires_grad=table.weight.requires_grad)  # frozen stays frozen
+
+    def forward(self, bag: Bag) -> torch.Tensor:
+        """bag (N, M) of this rank's tokens -> (N, v_dim) in compute dtype."""
+        return routed_read(self.reader, bag.indices, bag.weights, self.weight.to_local(), self.v_dim,
+                           self.compute_dtype)[0]
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's gradient of this rank's shard, row-sparse: (local rows (K,), distinct,
         their gradients (K, cols) fp32), summed over every read since the last call; None when
         nothing was read. Never table-sized."""
-        row_grad, self._row_grad = self._row_grad, None
+        row_grad, self.reader.row_grad = self.reader.row_grad, None
         return row_grad

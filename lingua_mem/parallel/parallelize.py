@@ -14,37 +14,50 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.errors import ConfigError
-from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer
-from lingua_mem.parallel.memory_parallel import ShardedValueTable
+from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, ATTENTION_OPS, Transformer
+from lingua_mem.parallel.memory_parallel import ShardedValueTable, routed_read
 from lingua_mem.parallel.mesh import Meshes
+
+# kept by selective checkpointing: the model's (matmuls, attention, top-k, the value bag) and
+# the routed read's output and route
+SAVED_OPS = ACTIVATION_SAVED_OPS | {routed_read._opoverload}
+# kept by full checkpointing: the routed read (recomputed, it would route the reads again)
+# and attention (its recompute under torch.compile saves the random generator's state,
+# which torch 2.13's compiled autograd cannot save beside a table's reader: "expected all
+# tensors_saved_with_vc_check to be Tensors"); (B, S, dim) a block, against the block's input
+FULL_SAVED_OPS = ATTENTION_OPS | {routed_read._opoverload}
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in ACTIVATION_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _full_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in FULL_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """Wrap every block: `full` recomputes the whole block in backward, `selective`
-    keeps the outputs of the ops the model declares (ACTIVATION_SAVED_OPS: matmuls,
-    attention, top-k, the value bag)."""
+    """Wrap every block: `full` recomputes the whole block in backward but for FULL_SAVED_OPS,
+    `selective` keeps the outputs of SAVED_OPS (matmuls, attention, top-k, the value bag,
+    the routed read)."""
     if mode == "none":
         return
+    policy = _selective_policy if mode == "selective" else _full_policy
     for i, block in enumerate(model.layers):
-        context = {}
-        if mode == "selective":
-            context = {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)}
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, **context)
+        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False,
+                                             context_fn=partial(create_selective_checkpoint_contexts, policy))
 
 
 def apply_compile(model: Transformer, device_type: str) -> None:
-    """torch.compile every block in place (after activation checkpointing, before FSDP,
-    so FSDP's hooks stay outside the compiled code). Memory-parallel collectives are
-    traced like any other op."""
+    """torch.compile every block in place, each as one graph (fullgraph: a graph break is an
+    error), after activation checkpointing and before FSDP, so FSDP's hooks stay outside the
+    compiled code. A value table's read is one opaque op in the graph (routed_read: its
+    routing's data-dependent collectives run inside it, eagerly)."""
     if device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise ConfigError("distributed.compile: torch.compile on CPU needs a C++ compiler "
                           f"({os.environ.get('CXX', 'g++')} is not on PATH)")
     for block in model.layers:
-        block.compile()
+        block.compile(fullgraph=True)
 
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,

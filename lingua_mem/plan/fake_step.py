@@ -43,6 +43,7 @@ from lingua_mem.errors import ConfigError
 from lingua_mem.finetune.modes import MODES, build_finetune, build_model_as_trained
 from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import parallelize, resolve_dims
+from lingua_mem.parallel.memory_parallel import ROUTED_READ_IMPLS
 from lingua_mem.parallel.mesh import Meshes, build_meshes
 from lingua_mem.train.step import train_step
 
@@ -177,6 +178,16 @@ class StepCounter(TorchDispatchMode):
         return out
 
 
+class RunReadsInline(TorchDispatchMode):
+    """Runs a value table's routed read and its backward (custom ops: under fake tensors their
+    fake kernels would say only the output's shape) as their Python, so that the modes below
+    this one see every buffer and collective of the routing. Entered last (innermost)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        impl = ROUTED_READ_IMPLS.get(func, func)
+        return impl(*args, **(kwargs or {}))
+
+
 def _attention_flops(query, key, backward=False):
     # flash attention on the fake CPU (not in FlopCounterMode's table): QK^T and PV, 2 FLOPs a
     # multiply-add, in full (no causal saving: the MFU convention); backward twice forward
@@ -238,13 +249,14 @@ def _measure(cfg: TrainConfig, model, finetune, meshes: Meshes, gpus_per_node: i
     micro = min(cfg.optim.grad_accum, 2)
     batches = [{"inputs": torch.zeros(b, t, dtype=torch.long), "targets": torch.zeros(b, t, dtype=torch.long)}
                 for _ in range(micro)]
-    train_step(model, optimizer, batches, cfg.optim, dense, values)  # warm-up (sharding cache)
+    with RunReadsInline():
+        train_step(model, optimizer, batches, cfg.optim, dense, values)  # warm-up (sharding cache)
 
     tracker = FSDPMemTracker(mod=model, optm=optimizer)
     tracker.track_inputs(tuple(x["inputs"] for x in batches))
     at_forward_end = []
     counter, flops = StepCounter(meshes, gpus_per_node), _flop_counter()
-    with tracker, flops, counter:
+    with tracker, flops, counter, RunReadsInline():
         # registered once the tracker is on (it re-registers FSDP's forward hooks first in line):
         # each micro-batch is a new forward of every module to the tracker, which refuses a
         # second one otherwise; the peak is kept over the whole step
