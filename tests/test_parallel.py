@@ -95,6 +95,8 @@ def worker(rank, world, port, layout, results):
         loss = step(model, opt, t[rows], micro, docs, optim)
         dist.all_reduce(loss)
         losses.append(loss.item() / world)
+    if cfg.compile:  # every block one graph, memory blocks included (fullgraph would have raised)
+        assert not torch._dynamo.utils.counters["graph_break"]
     got = full_state(model)
     want = dict(reference.named_parameters())
     # relative error of each parameter tensor, in norm

@@ -18,6 +18,8 @@ from lingua_mem.errors import ConfigError
 from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_memory_adamw
 from lingua_mem.parallel import init_distributed, parallelize
+from lingua_mem.parallel.memory_parallel import TableReader, routed_read
+from lingua_mem.plan.fake_step import RunReadsInline
 
 MODEL = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 MEMORY = MemoryConfig(layers=[0, 1], n_keys=128, heads=2, knn=4, k_dim=16)  # 16k rows, shared
@@ -50,7 +52,7 @@ def test_a_routed_table_gives_the_rows_read_and_nothing_table_sized():
         loss = lambda m: torch.nn.functional.cross_entropy(m(tokens).flatten(0, 1), tokens.flatten())  # noqa: E731
         loss(reference).backward()
         routed = loss(model)
-        with LargestOutput() as seen:
+        with LargestOutput() as seen, RunReadsInline():  # the read's ops as Python: their insides seen
             routed.backward()
         table = model.values["shared"]
         assert table.weight.grad is None  # the gradient comes as rows
@@ -62,6 +64,21 @@ def test_a_routed_table_gives_the_rows_read_and_nothing_table_sized():
         assert torch.equal(rows, read)  # distinct, sorted: the rows both layers read
         assert rows.numel() <= 2 * 2 * 16 * MEMORY.heads * MEMORY.knn
         torch.testing.assert_close(grads, dense[rows], rtol=1e-6, atol=1e-7)
+    finally:
+        meshes.close()
+
+
+def test_the_routed_read_is_a_checked_custom_op():
+    # (compiled without graph breaks: tests/test_parallel.py's compile layouts, fullgraph)
+    torch.manual_seed(0)
+    meshes = init_distributed(DistributedConfig(), "cpu")
+    try:
+        reader = TableReader(meshes.memory, 64, 8, "torch", torch.float32, torch.float32)
+        args = (reader, torch.randint(0, 64, (5, 4)), torch.randn(5, 4, requires_grad=True),
+                torch.randn(64, 8, requires_grad=True), 8, torch.float32)
+        # schema, fake kernel (sizes from the data: unbacked), autograd registered for every output
+        torch.library.opcheck(routed_read, args, test_utils=("test_schema", "test_faketensor",
+                                                            "test_autograd_registration"))
     finally:
         meshes.close()
 
