@@ -10,7 +10,15 @@ import torch
 
 from lingua_mem.config import ConfigError, MemoryConfig, ModelConfig, load_config, model_args
 from lingua_mem.data.loader import document_ids
-from lingua_mem.model.llama import BlockDiagonalMask, build_model, document_lengths, document_mask
+from lingua_mem.model.llama import (
+    BlockDiagonalMask,
+    build_model,
+    choose_attention,
+    document_lengths,
+    document_mask,
+    resolve_attention,
+    xformers_problem,
+)
 from lingua_mem.train.trainer import train
 
 BOS = 256
@@ -108,3 +116,19 @@ def test_the_trainer_attends_within_documents_by_default(tmp_path):
     # is ~200 bytes, so each 256-token row holds a document boundary)
     assert losses["doc_causal"][0] != losses["causal"][0]
     assert losses["doc_causal"] == pytest.approx(losses["causal"], rel=0.05)
+
+
+def test_an_xformers_that_cannot_run_falls_back_to_flex_with_one_warning_or_is_one_error():
+    # the real probe: xformers has no CPU kernels, so the tiny call fails as an xformers built
+    # for another torch fails on a GPU
+    pytest.importorskip("xformers.ops.fmha")
+    problem = xformers_problem("cpu")
+    assert problem is not None and problem.startswith("xformers cannot run on cpu: ") and "\n" not in problem
+    fallback = "model.attention_impl=auto: xformers cannot run on cpu: .*; using flex_attention"
+    with pytest.warns(UserWarning, match=fallback):
+        assert choose_attention("auto", "cuda", problem) == "flex"
+    with pytest.raises(ConfigError, match="^model.attention_impl: xformers cannot run on cpu: [^\n]*$"):
+        choose_attention("xformers", "cuda", problem)
+    assert choose_attention("auto", "cuda", None) == "xformers"
+    assert choose_attention("auto", "cpu", problem) == "sdpa"  # the CPU never picks xformers itself
+    assert resolve_attention("xformers", "cpu") == "xformers"  # its CPU twin needs only the package

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+from lingua_mem.cli import one_line
 from lingua_mem.errors import ConfigError
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
@@ -71,17 +73,54 @@ def xformers_fmha():
     return fmha
 
 
-def resolve_attention(impl: str, device_type: str) -> str:
-    """doc_causal's implementation: auto is xformers on CUDA when installed, else flex on
-    CUDA, else sdpa. xformers off CUDA runs its CPU twin (the bias materialised, for tests)."""
+def xformers_problem(device: torch.device | str) -> str | None:
+    """Why xformers' memory-efficient attention cannot run on `device`, in one line; None when
+    it can. Not installed, or installed but a tiny block-diagonal call fails there (an xformers
+    built for another torch imports but has no kernels; xformers has none for the CPU)."""
+    fmha = xformers_fmha()
+    if fmha is None:
+        return "xformers is not installed (pip install xformers, or the gpu extra)"
+    q = torch.zeros(1, 4, 1, 8, device=device, dtype=torch.bfloat16 if torch.device(device).type == "cuda"
+                    else torch.float32)  # (1, B*T, H, hd): two documents of 2 tokens
+    two_documents = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens([2, 2])
+    try:
+        fmha.memory_efficient_attention(q, q, q, attn_bias=two_documents)
+    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel: NotImplementedError, RuntimeError
+        return f"xformers cannot run on {torch.device(device).type}: " + one_line(exc)[:200]
+    return None
+
+
+@functools.cache
+def _xformers_problem_on(device_type: str) -> str | None:
+    # probed once per process: a GPU run's problem is the CUDA call's; elsewhere xformers
+    # runs its CPU twin (block_diagonal_attention), which needs only the installed package
+    if device_type == "cuda":
+        return xformers_problem("cuda")
+    return None if xformers_fmha() is not None else xformers_problem("cpu")
+
+
+def choose_attention(impl: str, device_type: str, problem: str | None) -> str:
+    """doc_causal's implementation, given what stops xformers here (`problem`, None if
+    nothing): auto is xformers on CUDA when it runs, else flex on CUDA (one warning line when
+    xformers is installed but cannot run), else sdpa; an explicit xformers that cannot run
+    is one ConfigError line."""
     if impl == "auto":
         if device_type != "cuda":
             return "sdpa"
-        return "xformers" if xformers_fmha() is not None else "flex"
-    if impl == "xformers" and xformers_fmha() is None:
-        raise ConfigError("model.attention_impl: xformers is not installed (pip install xformers, "
-                          "or the gpu extra)")
+        if problem is not None and xformers_fmha() is not None:
+            # shown once a process (the default warning filter: once per message and line)
+            warnings.warn(f"model.attention_impl=auto: {problem}; using flex_attention", stacklevel=2)
+        return "xformers" if problem is None else "flex"
+    if impl == "xformers" and problem is not None:
+        raise ConfigError(f"model.attention_impl: {problem}")
     return impl
+
+
+def resolve_attention(impl: str, device_type: str) -> str:
+    """doc_causal's implementation on this process's device (choose_attention, xformers probed
+    once). xformers off CUDA runs its CPU twin (the bias materialised, for tests)."""
+    needs_probe = impl == "xformers" or (impl == "auto" and device_type == "cuda")
+    return choose_attention(impl, device_type, _xformers_problem_on(device_type) if needs_probe else None)
 
 
 @dataclass(frozen=True)
