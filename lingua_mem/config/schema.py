@@ -160,6 +160,9 @@ class DistributedConfig:
     # dtype in which each rank sends its value reads' gradients (one per token and owner) to
     # the rows' owners, who sum the rows' gradients in fp32 (dense parameters reduce in fp32)
     value_reduce_dtype: Dtype = "fp32"
+    # fp32 matmuls on CUDA in TF32 (a 10-bit mantissa, 8x the fp32 FLOP/s on an H100; the
+    # plan's fp32 peak assumes it); false: full fp32 matmuls
+    tf32: bool = True
 
 
 @dataclass

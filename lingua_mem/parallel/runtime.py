@@ -5,6 +5,7 @@ started a process group: without one, or at world size 1, each is the one-proces
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -22,6 +23,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("distributed.device: cuda requested but no GPU is available")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+
+
+def prepare_cuda(device_type: str, tf32: bool, environ=os.environ) -> None:
+    """What a training process sets before its first CUDA allocation (nothing off CUDA): the
+    caching allocator's expandable segments, unless the user configured the allocator
+    (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF): a step's buffers change size from step to
+    step (the routed reads' rows and bags), which fragments fixed segments; and TF32 for fp32
+    matmuls when `tf32` (distributed.tf32)."""
+    if device_type != "cuda":
+        return
+    if "PYTORCH_CUDA_ALLOC_CONF" not in environ and "PYTORCH_ALLOC_CONF" not in environ:
+        environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
 
 
 def seed_everything(seed: int) -> None:

@@ -26,7 +26,7 @@ from lingua_mem.metrics import MetricLogger
 from lingua_mem.model.llama import resolve_attention
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, distributed_session, parallelize
-from lingua_mem.parallel.runtime import on_rank_0, seed_everything
+from lingua_mem.parallel.runtime import on_rank_0, prepare_cuda, resolve_device, seed_everything
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
@@ -40,6 +40,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train for cfg.steps optimizer steps; returns the last logged metrics (rank 0)."""
     # a process group at every world size (one process: world 1, started here); a mesh
     # that does not fit the world fails here, before anything is started
+    prepare_cuda(resolve_device(cfg.distributed.device).type, cfg.distributed.tf32)  # before CUDA allocates
     with distributed_session(cfg.distributed) as (meshes, device):
         resolve_kernel(cfg.memory.kernel, device.type)  # triton where it cannot run: one line, now
         resolve_attention(cfg.model.attention_impl, device.type)  # xformers missing: the same
