@@ -3,10 +3,12 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lingua_mem.config import MemoryConfig, ModelConfig, model_args
 from lingua_mem.kernels import embedding_bag
 from lingua_mem.memory import ProductKeyMemory, ValueTable, product_topk
+from lingua_mem.model import loss as loss_module
 from lingua_mem.model.llama import FeedForward, build_model
 from lingua_mem.param_init import ParamInit
 
@@ -361,3 +363,62 @@ def test_the_memory_layer_benchmark_runs_on_the_cpu(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["n_values"] == row["n_keys"] ** 2 and row["tokens"] > 0
     assert all(row[k] > 0 for k in ("ffn_ms", "memory_ms", "lookup_ms", "bag_ms"))
+
+
+class _LargestOutput(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_equals_the_loss_of_the_whole_logits_without_them(monkeypatch, dtype):
+    monkeypatch.setattr(loss_module, "_CHUNK_ELEMENTS", 7 * 61)  # 7 tokens a chunk: 4 ragged chunks
+    torch.manual_seed(0)
+    h = torch.randn(3, 9, 16, dtype=dtype, requires_grad=True)
+    weight = (torch.randn(61, 16, dtype=dtype) * 0.3).requires_grad_()
+    targets = torch.randint(0, 61, (3, 9))
+    targets[0, :4] = loss_module.IGNORE  # not scored
+    for reduction in ("mean", "sum"):
+        with _LargestOutput() as seen:
+            chunked = loss_module.linear_cross_entropy(h, weight, targets, reduction)
+            (chunked * 1.7).backward()
+        assert seen.largest < 27 * 61  # never the (tokens, vocab) logits
+        got = h.grad, weight.grad
+        h.grad = weight.grad = None
+        whole = loss_module.cross_entropy(torch.nn.functional.linear(h, weight), targets, reduction)
+        (whole * 1.7).backward()
+        assert chunked.dtype == torch.float32
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=0)
+        # relative error in norm; fp32: 1e-5 (the softmax's rounding); bf16: the logits' gradient is
+        # rounded to bf16 either way, so an element can land one bf16 step apart
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        for mine, theirs in zip(got, (h.grad, weight.grad), strict=True):
+            assert ((mine.float() - theirs.float()).norm() / theirs.float().norm()).item() < tol
+        h.grad = weight.grad = None
+        with torch.no_grad():  # validation: the loss alone, chunked
+            torch.testing.assert_close(loss_module.linear_cross_entropy(h, weight, targets, reduction), whole)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_models_loss_is_the_cross_entropy_of_its_logits(tied):
+    shape = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16,
+                        tie_embeddings=tied)
+    model = build_model(model_args(shape, MemoryConfig(layers=[1], n_keys=8, heads=2, knn=4)), seed=2)
+    tokens = torch.randint(0, shape.vocab_size, (2, 12))
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:])
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    reference = loss_module.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -22,6 +22,7 @@ from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.kv_cache import KVCache, attention_mask
+from lingua_mem.model.loss import linear_cross_entropy
 from lingua_mem.param_init import ParamInit
 
 # the attention kernels (each also draws random numbers for its dropout, so a recompute of
@@ -336,12 +337,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 valid: torch.Tensor | None = None, cache: KVCache | None = None,
-                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+                doc_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
         """tokens (B, T). Training passes tokens (positions 0..T-1) and, for doc_causal
         attention, doc_ids (B, T): each token attends to the earlier tokens of its own
         document (RoPE is relative, so a document scores as it would alone). Evaluation and
         generation may give positions (B, T) for RoPE, valid (B, T) bool (False: padding,
-        never attended to) and a KVCache (the tokens follow the cached ones)."""
+        never attended to) and a KVCache (the tokens follow the cached ones). Returns the
+        logits (B, T, vocab), or with targets (B, T) the next-token loss (`reduction` mean or
+        sum, fp32), computed without whole logits (loss.linear_cross_entropy)."""
         b, t = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         mask = None
@@ -369,9 +373,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.end(t)
         h = self.norm(h)
-        if self.output is None:
-            return F.linear(h, self.tok_embeddings.weight)  # (B, T, vocab)
-        return self.output(h)
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight  # (vocab, dim)
+        if targets is not None:
+            return linear_cross_entropy(h, weight, targets, reduction)
+        return F.linear(h, weight)  # (B, T, vocab)
 
 
 def build_model(args: ModelArgs, device: torch.device | str = "cpu", init: bool = True,
