@@ -32,9 +32,14 @@ class PreemptionFlag:
         self.received = signal.Signals(signum).name
 
     def requested(self, distributed: bool, device: torch.device) -> bool:
-        """True on every rank once any rank has received a signal (a collective when distributed)."""
+        """True on every rank once any rank has received a signal (a collective when distributed).
+        The flag travels as a CPU tensor where the default group serves CPU tensors (the
+        trainer's does: cuda:nccl,cpu:gloo): asked after every step, it must not wait for the
+        GPU (a CUDA tensor's .item() would, each step); else on `device`."""
         if not distributed:
             return self.received is not None
+        if "cpu:" in dist.get_backend_config():
+            device = torch.device("cpu")
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
