@@ -14,6 +14,7 @@ from lingua_mem.model.llama import (
     BlockDiagonalMask,
     build_model,
     choose_attention,
+    document_block_mask,
     document_lengths,
     document_mask,
     resolve_attention,
@@ -132,3 +133,25 @@ def test_an_xformers_that_cannot_run_falls_back_to_flex_with_one_warning_or_is_o
     assert choose_attention("auto", "cuda", None) == "xformers"
     assert choose_attention("auto", "cpu", problem) == "sdpa"  # the CPU never picks xformers itself
     assert resolve_attention("xformers", "cpu") == "xformers"  # its CPU twin needs only the package
+
+
+@pytest.mark.parametrize("t,block", [(64, 16), (70, 16), (300, 128)])
+def test_the_document_block_mask_from_the_blocks_extent_equals_create_block_mask(t, block):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    torch.manual_seed(t)
+    starts = torch.rand(3, t) < 0.05
+    starts[:, 0] = True
+    starts[2, 1:] = False  # one row a single document: full blocks
+    doc_ids = starts.cumsum(1) - 1
+
+    def same_document(bi, h, qi, ki):
+        return (ki <= qi) & (doc_ids[bi, qi] == doc_ids[bi, ki])
+
+    want = create_block_mask(same_document, 3, None, t, t, device="cpu", BLOCK_SIZE=block)  # every (q, k)
+    got = document_block_mask(doc_ids, block)
+    assert torch.equal(got.to_dense(), want.to_dense())  # the blocks read
+    assert torch.equal(got.kv_num_blocks, want.kv_num_blocks)  # partly masked
+    assert torch.equal(got.full_kv_num_blocks, want.full_kv_num_blocks)  # no mask evaluated
+    n = int(got.full_kv_num_blocks.max())
+    assert n > 0 and torch.equal(got.full_kv_indices[..., :n], want.full_kv_indices[..., :n])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lingua_mem.cli import one_line
 from lingua_mem.errors import ConfigError
@@ -148,15 +148,48 @@ def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask 
     BlockDiagonalMask, for SDPA a bool mask (B, 1, T, T)."""
     b, t = doc_ids.shape
     if impl == "flex":
-        def same_document(bi, h, qi, ki):
-            return (ki <= qi) & (doc_ids[bi, qi] == doc_ids[bi, ki])
-
-        return create_block_mask(same_document, b, None, t, t, device=doc_ids.device)
+        return document_block_mask(doc_ids)
     if impl == "xformers":
         bias_type = xformers_fmha().attn_bias.BlockDiagonalCausalMask
         return BlockDiagonalMask(bias_type.from_seqlens(document_lengths(doc_ids)))
     causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
     return ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal).unsqueeze(1)
+
+
+def document_block_mask(doc_ids: torch.Tensor, block: int = 128) -> BlockMask:
+    """flex_attention's BlockMask of doc_causal attention, built from the documents' extent in
+    each block of `block` tokens: O((T/block)^2) work a row, where create_block_mask evaluates
+    the mask at every (query, key) pair (O(T^2)). doc_ids (B, T) non-decreasing along each row
+    (packed documents: the loader's document_ids). A key block is read by a query block when
+    it is not after it and its last document reaches the query block's first; it is full
+    (no mask evaluated in it) when both blocks lie in one and the same document, the key
+    block strictly earlier (and neither is a ragged last block)."""
+    b, t = doc_ids.shape
+    nb = -(-t // block)
+    ids = F.pad(doc_ids, (0, nb * block - t), mode="replicate") if t % block else doc_ids
+    ids = ids.reshape(b, nb, block)
+    first, last = ids.amin(-1), ids.amax(-1)  # (B, nb): the documents each block holds
+    n = torch.arange(nb, device=doc_ids.device)
+    not_after = n[None, :] <= n[:, None]  # (nq, nk)
+    read = not_after & (last[:, None, :] >= first[:, :, None])  # (B, nq, nk)
+    one_doc = first == last
+    full = ((n[None, :] < n[:, None]) & one_doc[:, :, None] & one_doc[:, None, :]
+            & (first[:, :, None] == first[:, None, :]))
+    if t % block:  # the ragged last block holds padding: never full
+        full[:, -1, :] = False
+        full[:, :, -1] = False
+    partial = read & ~full
+
+    def kv_blocks(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # (B, 1, nq) blocks read per query block, (B, 1, nq, nk) their indices first, ascending
+        order = torch.argsort(~m, dim=-1, stable=True).to(torch.int32)
+        return m.sum(-1, dtype=torch.int32)[:, None], order[:, None]
+
+    def same_document(bi, h, qi, ki):
+        return (ki <= qi) & (doc_ids[bi, qi] == doc_ids[bi, ki])
+
+    return BlockMask.from_kv_blocks(*kv_blocks(partial), *kv_blocks(full), BLOCK_SIZE=block,
+                                    mask_mod=same_document, seq_lengths=(t, t))
 
 
 def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
