@@ -426,3 +426,33 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, capsys):
     assert last == {}
     assert (tmp_path / "metrics.jsonl").read_bytes() == metrics_before
     assert snapshot(tmp_path) == before  # no checkpoint written again
+
+
+def test_an_async_save_holds_the_weights_of_its_step_once_staged_whatever_follows(tmp_path):
+    # the trainer waits for staged() after the next step's backward, before its update: the copy
+    # runs beside that forward and backward, and the weights may change as soon as it returns
+    from lingua_mem.checkpoint.checkpointer import Checkpointer
+    from lingua_mem.config import CheckpointConfig, DistributedConfig
+    from lingua_mem.parallel import init_distributed, parallelize
+
+    cfg = load_config(SMALL)
+    meshes = init_distributed(DistributedConfig(), "cpu")
+    try:
+        model = build_model(model_args(cfg.model, cfg.memory), seed=1)
+        model = parallelize(model, meshes, DistributedConfig())
+        optimizer = torch.optim.AdamW(model.parameters())
+        before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        asynchronous = CheckpointConfig(every=1, async_save=True)
+        checkpointer = Checkpointer(asynchronous, tmp_path, model, optimizer, None)
+        checkpointer.save(1)
+        assert checkpointer.staging is not None and checkpointer.pending[1] is not None  # in the background
+        checkpointer.staged()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)  # the next update
+        checkpointer.close()
+        saved = model_state(tmp_path / "checkpoints" / "0000000001", tmp_path)["model"]
+        for name, value in before.items():
+            assert torch.equal(saved[name], value), name
+    finally:
+        meshes.close()

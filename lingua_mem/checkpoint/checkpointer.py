@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -165,6 +166,8 @@ class Checkpointer:
         self.rank = dist.get_rank() if self.distributed else 0
         self.world = dist.get_world_size() if self.distributed else 1
         self.pending = None  # (step, future) of an async save not yet committed
+        self.staging = None  # (step, future): its copy of the state, until done (staged())
+        self.stager = None  # async_save's, made at the first async save (its pinned buffers reused)
         self.async_group = self.poll_group = None
         if cfg.async_save and self.distributed:
             # gloo groups of their own: DCP's collectives run in its writer thread, the "is
@@ -209,9 +212,11 @@ class Checkpointer:
             def start():
                 with quiet_single_process():
                     return dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,
-                                          no_dist=not self.distributed)
+                                          no_dist=not self.distributed, async_stager=self._stager())
 
-            self.pending = (step, self._or_abandon(step, start))
+            response = self._or_abandon(step, start)
+            self.staging = (step, response.staging_completion)
+            self.pending = (step, response.upload_completion)
         else:
             def write():
                 with quiet_single_process():
@@ -256,8 +261,34 @@ class Checkpointer:
             if done.item():
                 self.wait()
 
+    def _stager(self) -> DefaultStager:
+        """async_save's stager: the state copied off the training device in a thread of its own
+        (the step goes on meanwhile: staged() waits for the copy before the weights change),
+        through pinned host memory when the weights are on CUDA."""
+        if self.stager is None:
+            cuda = any(p.device.type == "cuda" for p in self.model.parameters())
+            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                       use_async_staging=True, use_non_blocking_copy=cuda))
+        return self.stager
+
+    def staged(self) -> None:
+        """Wait until an async save's copy of the state is taken (every rank calls this at the
+        same point: after a step's backward, before its update changes the weights)."""
+        if self.staging is not None:
+            step, future = self.staging
+            self.staging = None
+            self._or_abandon(step, future.result)
+
+    def close(self) -> None:
+        """Finish and commit the save in flight; release the stager's thread and buffers."""
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+            self.stager = None
+
     def wait(self) -> None:
         """Finish the save in flight (if any) and commit it."""
+        self.staged()
         if self.pending is None:
             return
         step, future = self.pending

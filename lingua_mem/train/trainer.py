@@ -9,6 +9,7 @@ resume -> loop: train_step (step.py) -> divergence guard (guard.py) -> step repo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -131,7 +132,7 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     preemption = PreemptionFlag(cfg.checkpoint.preempt_signals)
     try:
         last = _loop(run, start, preemption)
-        run.checkpointer.wait()
+        run.checkpointer.close()
         if is_main and cfg.logging.console and last and "preempted_at" not in last:
             print(run.report.summary(last, start), flush=True)
     finally:
@@ -186,7 +187,15 @@ def _step(run: Run, micro_batches: list[dict]):
     dense_params, value_params = run.params
     with run.finetune.counting():  # sparse finetuning counts the step's reads, not an evaluation's
         return train_step(run.model, run.optimizer, micro_batches, run.cfg.optim, dense_params, value_params,
-                          after_backward=run.finetune.after_backward)
+                          after_backward=partial(_after_backward, run))
+
+
+def _after_backward(run: Run) -> None:
+    # an async checkpoint's copy of the weights ran beside this step's forward and backward;
+    # it must be taken before the update changes them
+    run.checkpointer.staged()
+    if run.finetune.after_backward is not None:
+        run.finetune.after_backward()
 
 
 def _log(run: Run, step: int, result, lrs: dict) -> dict:
