@@ -1,36 +1,43 @@
 #!/usr/bin/env bash
-# GPU smoke test: the trainer's GPU paths on one CUDA GPU, in under 5 minutes.
+# GPU smoke test: the trainer's GPU paths on one CUDA GPU, within a time budget (10 minutes).
 #
 #   bash benchmarks/gpu_smoke.sh            # on a machine with a CUDA GPU
 #
-# 1. configs/debug.yaml on CUDA, one process, bf16 (FSDP2 at degree 1), 30 steps, checkpoints at
-#    steps 15 and 30 (DCP from GPU tensors): the loss falls
+# 1. configs/debug.yaml on CUDA, one process, bf16 (FSDP2 at degree 1), 20 steps, checkpoints at
+#    steps 10 and 20 (DCP from GPU tensors): the loss falls
 # 2. the same under `torchrun --nproc-per-node 1`: an NCCL world of 1 (cuda:nccl,cpu:gloo)
-# 3. configs/memory_134m.yaml for 20 steps (byte tokenizer, generated facts corpus): tokens/s,
+# 3. configs/memory_134m.yaml for 10 steps (byte tokenizer, generated facts corpus): tokens/s,
 #    MFU and peak GPU memory
 # 4. benchmarks/memory_layer.py on CUDA (memory layer vs SwiGLU FFN at debug and 134m shapes)
-# 5. eval.py on the debug run's step-30 checkpoint on CUDA (val, facts QA, generation)
+# 5. eval.py on the debug run's step-20 checkpoint on CUDA (val, facts QA, generation)
 # 6. benchmarks/generate.py on CUDA: generation tokens/s with and without the KV cache
 # 7. benchmarks/embedding_bag.py on CUDA: the torch path against the Triton kernels (GB/s)
 # 8. benchmarks/plan_vs_measured.py: the scale plan's peak memory against max_memory_allocated
 # 9. benchmarks/memory_scaling.py: the debug base at 65k, 1M and 16M value rows, dense AdamW
 #    and row-wise Adagrad on the tables: tokens/s and peak memory against the smallest
-# then one summary table. Exit 0 when every part ran (and the debug losses fell), 1 otherwise.
-# Without CUDA it says so and exits 0.
+# then one summary table, also written to $SMOKE_OUT/figures.txt. Exit 0 when every part ran
+# (and the debug losses fell), 1 otherwise. Without CUDA it says so and exits 0. Each part has
+# its own time limit, and the limits together fit SMOKE_BUDGET: a part that would start past it
+# is skipped (and counts as not run), so the whole script ends within the budget.
 #
 # Environment:
 #   PYTHON          the interpreter (default python3)
 #   SMOKE_OUT       output folder (default dumps/gpu_smoke), emptied first
 #   SMOKE_DEVICE    cuda (default) | cpu: a rehearsal of the same commands on CPU with tiny
 #                   shapes, to check the script itself on a machine without a GPU
+#   SMOKE_BUDGET    seconds for the whole script (default 600)
 #   SMOKE_WHEELS    a folder of wheels installed (--no-index --no-deps) when a package the
-#                   trainer needs is missing, e.g. on a GPU machine without a registry:
-#                   pip download --no-deps -d .gpu_wheels omegaconf antlr4-python3-runtime==4.9.3
+#                   trainer needs is missing, e.g. on a GPU machine without a registry. A GPU
+#                   image with torch, numpy, PyYAML, safetensors and sentencepiece lacks only
+#                   omegaconf (2.4: pure Python, needs only PyYAML); on a machine with a registry:
+#                   pip download --no-deps --only-binary=:all: -d .gpu_wheels 'omegaconf>=2.4'
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${SMOKE_OUT:-dumps/gpu_smoke}
 DEVICE=${SMOKE_DEVICE:-cuda}
+BUDGET=${SMOKE_BUDGET:-600}
+DEADLINE=$((SECONDS + BUDGET - 15))  # the summary's seconds kept back
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -51,8 +58,9 @@ if ! "$PY" -c "import omegaconf" 2>/dev/null; then
 fi
 
 rm -rf "$OUT" && mkdir -p "$OUT"
-echo "gpu_smoke: $(date -u +%Y-%m-%dT%H:%MZ), output in $OUT"
-"$PY" - <<'PY'
+FIGURES="$OUT/figures.txt"  # the header, each part's outcome and time, the summary table
+echo "gpu_smoke: $(date -u +%Y-%m-%dT%H:%MZ), output in $OUT, budget $BUDGET s" | tee "$FIGURES"
+"$PY" - <<'PY' | tee -a "$FIGURES"
 import torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
 if torch.cuda.is_available():
@@ -61,17 +69,17 @@ if torch.cuda.is_available():
 PY
 
 if [ "$DEVICE" = cuda ]; then
-  DEBUG=(steps=30 log_every=5 checkpoint.every=15)
-  M134=(steps=20 log_every=5 checkpoint.every=0)
+  DEBUG=(steps=20 log_every=5 checkpoint.every=10)
+  M134=(steps=10 log_every=5 checkpoint.every=0)
   BENCH=(--device cuda)
   EVAL=(eval.max_questions=300)
   GEN=(--device cuda --batch 16 --new 128)
   BAG=(--device cuda --shapes 134m,373m,1.3b)
   PLAN=(--device cuda)
-  SCALING=(--rows 65k,1m,16m --value-optimizers adamw,adagrad --steps 20 --set distributed.device=cuda
+  SCALING=(--rows 65k,1m,16m --value-optimizers adamw,adagrad --steps 10 --set distributed.device=cuda
            distributed.compute_dtype=bf16)
 else  # rehearsal: the same commands, shapes small enough for a CPU
-  DEBUG=(steps=30 log_every=5 checkpoint.every=15 data.batch_size=4 data.seq_len=64)
+  DEBUG=(steps=20 log_every=5 checkpoint.every=10 data.batch_size=4 data.seq_len=64)
   M134=(steps=2 log_every=1 checkpoint.every=0 data.batch_size=1 data.seq_len=128 memory.n_keys=128)
   BENCH=(--device cpu --shapes debug --repeats 2 --warmup 1)
   EVAL=(eval.max_questions=16 eval.max_tokens=2048 eval.generate.max_new_tokens=16)
@@ -87,35 +95,45 @@ failed=()
 run() {  # name, timeout in seconds, command...
   local name=$1 limit=$2
   shift 2
-  echo "== $name: $*"
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: not run (SMOKE_BUDGET=$BUDGET s spent)" | tee -a "$FIGURES"
+    failed+=("$name")
+    return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "== $name (at most $limit s): $*"
   local start=$SECONDS
   if timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
     echo "   ok in $((SECONDS - start)) s"
+    echo "$name: ok in $((SECONDS - start)) s" >>"$FIGURES"
   else
-    echo "   FAILED (exit $?) after $((SECONDS - start)) s; the last lines of $OUT/$name.log:"
+    local rc=$?
+    echo "$name: FAILED (exit $rc) after $((SECONDS - start)) s" >>"$FIGURES"
+    echo "   FAILED (exit $rc) after $((SECONDS - start)) s; the last lines of $OUT/$name.log:"
     tail -n 15 "$OUT/$name.log" | sed 's/^/   | /'
     failed+=("$name")
   fi
 }
 
-run debug 150 "$PY" train.py config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug"
-run debug_torchrun 150 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 train.py \
+run debug 75 "$PY" train.py config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug"
+run debug_torchrun 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 train.py \
   config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug_torchrun"
-run memory_134m 240 "$PY" train.py config=configs/memory_134m.yaml "${COMMON[@]}" "${M134[@]}" \
+run memory_134m 90 "$PY" train.py config=configs/memory_134m.yaml "${COMMON[@]}" "${M134[@]}" \
   data.tokenizer.name=bytes dump_dir="$OUT/memory_134m"
-run memory_layer 180 "$PY" benchmarks/memory_layer.py "${BENCH[@]}" --json "$OUT/memory_layer.json"
-run eval 150 "$PY" eval.py ckpt="$OUT/debug/checkpoints/0000000030" distributed.device="$DEVICE" "${EVAL[@]}"
-run generate 120 "$PY" benchmarks/generate.py "${GEN[@]}" --json "$OUT/generate.json"
+run memory_layer 60 "$PY" benchmarks/memory_layer.py "${BENCH[@]}" --json "$OUT/memory_layer.json"
+run eval 60 "$PY" eval.py ckpt="$OUT/debug/checkpoints/0000000020" distributed.device="$DEVICE" "${EVAL[@]}"
+run generate 45 "$PY" benchmarks/generate.py "${GEN[@]}" --json "$OUT/generate.json"
 if "$PY" -c "import triton" 2>/dev/null; then
-  run embedding_bag 180 "$PY" benchmarks/embedding_bag.py "${BAG[@]}" --json "$OUT/embedding_bag.json"
+  run embedding_bag 60 "$PY" benchmarks/embedding_bag.py "${BAG[@]}" --json "$OUT/embedding_bag.json"
 else
   echo "== embedding_bag: skipped (triton is not installed)"
 fi
-run plan_vs_measured 240 "$PY" benchmarks/plan_vs_measured.py "${PLAN[@]}" --out "$OUT/plan_vs_measured.json"
-run memory_scaling 300 "$PY" benchmarks/memory_scaling.py "${SCALING[@]}" --out "$OUT/memory_scaling" \
+run plan_vs_measured 60 "$PY" benchmarks/plan_vs_measured.py "${PLAN[@]}" --out "$OUT/plan_vs_measured.json"
+run memory_scaling 90 "$PY" benchmarks/memory_scaling.py "${SCALING[@]}" --out "$OUT/memory_scaling" \
   --json "$OUT/memory_scaling.json"
 
-"$PY" - "$OUT" <<'PY' || failed+=(summary)
+"$PY" - "$OUT" <<'PY' | tee -a "$FIGURES" || failed+=(summary)
 import json, sys
 from pathlib import Path
 
@@ -142,10 +160,10 @@ if bench.exists():
     for r in json.loads(bench.read_text()):
         print(f"memory_layer {r['shape']} {r['device']} {r['dtype']}: ffn {r['ffn_ms']:.2f} ms, "
               f"memory {r['memory_ms']:.2f} ms (lookup {r['lookup_ms']:.2f}, bag {r['bag_ms']:.2f})")
-report = out / "debug" / "evals" / "30.json"
+report = out / "debug" / "evals" / "20.json"
 if report.exists():
     m = json.loads(report.read_text())["metrics"]
-    print(f"eval debug step 30: val loss {m['val/loss']:.3f}, {m['val/tokens_per_s']:,.0f} val tok/s, "
+    print(f"eval debug step 20: val loss {m['val/loss']:.3f}, {m['val/tokens_per_s']:,.0f} val tok/s, "
           f"facts EM {m['facts_qa/exact_match']:.3f}, memory usage layer1 {m['memory/layer1/usage']:.2f}")
 gen = out / "generate.json"
 if gen.exists():
@@ -179,7 +197,7 @@ sys.exit(1 if bad else 0)
 PY
 
 if [ ${#failed[@]} -gt 0 ]; then
-  echo "gpu_smoke: FAILED: ${failed[*]}"
+  echo "gpu_smoke: FAILED: ${failed[*]} (in $((SECONDS)) s)" | tee -a "$FIGURES"
   exit 1
 fi
-echo "gpu_smoke: all parts ran"
+echo "gpu_smoke: all parts ran in $SECONDS s" | tee -a "$FIGURES"
