@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_value_optim import LargestOutput
 
 from lingua_mem.config import MemoryConfig, ModelConfig, model_args
 from lingua_mem.kernels import embedding_bag
@@ -365,19 +365,6 @@ def test_the_memory_layer_benchmark_runs_on_the_cpu(tmp_path):
     assert all(row[k] > 0 for k in ("ffn_ms", "memory_ms", "lookup_ms", "bag_ms"))
 
 
-class _LargestOutput(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_chunked_loss_equals_the_loss_of_the_whole_logits_without_them(monkeypatch, dtype):
     monkeypatch.setattr(loss_module, "_CHUNK_ELEMENTS", 7 * 61)  # 7 tokens a chunk: 4 ragged chunks
@@ -387,7 +374,7 @@ def test_the_chunked_loss_equals_the_loss_of_the_whole_logits_without_them(monke
     targets = torch.randint(0, 61, (3, 9))
     targets[0, :4] = loss_module.IGNORE  # not scored
     for reduction in ("mean", "sum"):
-        with _LargestOutput() as seen:
+        with LargestOutput() as seen:
             chunked = loss_module.linear_cross_entropy(h, weight, targets, reduction)
             (chunked * 1.7).backward()
         assert seen.largest < 27 * 61  # never the (tokens, vocab) logits

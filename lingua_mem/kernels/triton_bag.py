@@ -97,8 +97,9 @@ def _bag_table_grad_atomic(idx_ptr, w_ptr, off_ptr, grad_out_ptr, grad_table_ptr
     g = tl.load(grad_out_ptr + s * D + cols, mask=col_ok, other=0.0).to(tl.float32)
     for j0 in range(start, end, BLOCK_M):
         _, rows, w, j_ok = _reads(idx_ptr, w_ptr, j0, end, BLOCK_M)
+        # relaxed: a sum has no ordering to keep (the default acq_rel fences every add on a GPU)
         tl.atomic_add(grad_table_ptr + rows[:, None] * D + cols[None, :], w[:, None] * g[None, :],
-                      mask=j_ok[:, None] & col_ok[None, :])
+                      mask=j_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
 @triton.jit
