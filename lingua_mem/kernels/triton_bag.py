@@ -13,7 +13,7 @@ backward  grad_weights[j] = grad_out[s] . table[indices[j]]: one program per bag
           reads at a time, the dot products over D in fp32
           grad_table, two variants (`table_grad`):
             atomic   one program per (bag, D block) adds weights * grad_out[s] into the
-                     rows it read (fp32 atomics)
+                     rows it read (fp32 atomics, relaxed: no ordering to keep)
             sorted   the "reverse index": the reads sorted by row, one program per
                      (distinct row, D block) sums its reads and writes once, no atomics
                      (the paper finds it faster for D > 128 with balanced usage)
