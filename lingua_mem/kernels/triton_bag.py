@@ -14,8 +14,9 @@ backward  grad_weights[j] = grad_out[s] . table[indices[j]]: one program per bag
           grad_table, two variants (`table_grad`):
             atomic   one program per (bag, D block) adds weights * grad_out[s] into the
                      rows it read (fp32 atomics, relaxed: no ordering to keep)
-            sorted   the "reverse index": the reads sorted by row, one program per
-                     (distinct row, D block) sums its reads and writes once, no atomics
+            sorted   the "reverse index": the reads sorted by row; the program of a row's
+                     first read (and D block) sums its reads and writes once, no atomics,
+                     no host sync (a grid of all reads, the others idle)
                      (the paper finds it faster for D > 128 with balanced usage)
           auto picks sorted for D > 128, else atomic (the paper's finding: not yet
           measured on a GPU here, see docs/performance.md)
@@ -103,16 +104,16 @@ def _bag_table_grad_atomic(idx_ptr, w_ptr, off_ptr, grad_out_ptr, grad_table_ptr
 
 
 @triton.jit
-def _bag_table_grad_sorted(rows_ptr, starts_ptr, bags_ptr, w_ptr, grad_out_ptr, grad_table_ptr, D,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    u = tl.program_id(0)  # one distinct row; its reads are sorted[start:end]
+def _bag_table_grad_sorted(sorted_rows_ptr, is_first_ptr, ends_ptr, bags_ptr, w_ptr, grad_out_ptr,
+                           grad_table_ptr, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64)  # one read of the sorted reads; the first of its row sums them all
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    first = tl.load(is_first_ptr + j).to(tl.int32)  # 1: the first read of its row
     col_ok = cols < D
-    row = tl.load(rows_ptr + u).to(tl.int64)
-    start = tl.load(starts_ptr + u)
-    end = tl.load(starts_ptr + u + 1)
+    row = tl.load(sorted_rows_ptr + j).to(tl.int64)
+    end = tl.where(first != 0, tl.load(ends_ptr + j), j)  # its reads: sorted[j:end]; none if not first
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for j0 in range(start, end, BLOCK_M):
+    for j0 in range(j, end, BLOCK_M):
         js = j0 + tl.arange(0, BLOCK_M)
         j_ok = js < end
         bags = tl.load(bags_ptr + js, mask=j_ok, other=0).to(tl.int64)
@@ -120,7 +121,7 @@ def _bag_table_grad_sorted(rows_ptr, starts_ptr, bags_ptr, w_ptr, grad_out_ptr, 
         g = tl.load(grad_out_ptr + bags[:, None] * D + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
                     other=0.0).to(tl.float32)
         acc += tl.sum(w[:, None] * g, axis=0)
-    tl.store(grad_table_ptr + row * D + cols, acc, mask=col_ok)
+    tl.store(grad_table_ptr + row * D + cols, acc, mask=col_ok & (cols * 0 + first != 0))
 
 
 def _check(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, offsets) -> None:
@@ -184,16 +185,22 @@ def embedding_bag_triton_backward(grad_out: torch.Tensor, indices: torch.Tensor,
             _bag_table_grad_atomic[(s, triton.cdiv(d, BLOCK_D))](idx, w, off, grad_out, grad_table, d,
                                                                 BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
         else:  # the reverse index: reads sorted by row, each distinct row summed by one program
+            k = idx.numel()
             sorted_rows, order = torch.sort(idx, stable=True)
-            distinct, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-            starts = torch.zeros(distinct.numel() + 1, dtype=torch.int64, device=idx.device)
-            starts[1:] = counts.cumsum(0)
+            is_first = torch.ones(k, dtype=torch.int8, device=idx.device)  # 1: a row's first read
+            is_first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+            # where each read's row ends: the next first read after it (K at the end), by a
+            # reversed running minimum; sizes known on the host, so no sync (no unique's count)
+            at = torch.where(is_first.bool(), torch.arange(k, device=idx.device), k)
+            after = torch.cat([at[1:], at.new_full((1,), k)])
+            ends = torch.flip(torch.cummin(torch.flip(after, (0,)), 0).values, (0,))
             bag_of_read = torch.repeat_interleave(torch.arange(s, device=idx.device), off.diff(),
-                                                  output_size=idx.numel())
+                                                  output_size=k)
             bags = bag_of_read[order].contiguous()
             w_sorted = w[order].contiguous()
-            _bag_table_grad_sorted[(distinct.numel(), triton.cdiv(d, BLOCK_D))](
-                distinct, starts, bags, w_sorted, grad_out, grad_table, d, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+            _bag_table_grad_sorted[(k, triton.cdiv(d, BLOCK_D))](
+                sorted_rows, is_first, ends, bags, w_sorted, grad_out, grad_table, d, BLOCK_M=BLOCK_M,
+                BLOCK_D=BLOCK_D)
     return grad_w.view(weights.shape).to(weights.dtype), grad_table.to(table.dtype)
 
 
