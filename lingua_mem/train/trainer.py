@@ -151,8 +151,7 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
     report.begin()
     for step in range(start + 1, cfg.steps + 1):
         # inputs, targets, doc_ids (B, T) each
-        micro_batches = [{k: v.to(run.device, non_blocking=True) for k, v in next(batches).items()}
-                         for _ in range(cfg.optim.grad_accum)]
+        micro_batches = [to_device(next(batches), run.device) for _ in range(cfg.optim.grad_accum)]
         lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
         result = _step(run, micro_batches)
         guard.observe(step, result)
@@ -181,6 +180,15 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
             _say_preempted(run, step, preemption)
             return {**last, "preempted_at": step}
     return last
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A loader batch on the training device. To a GPU through pinned host memory: a copy from
+    pageable memory waits for the GPU's queued work first (a host-device sync every step); a
+    pinned copy is queued like any kernel."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _step(run: Run, micro_batches: list[dict]):
