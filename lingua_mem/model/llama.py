@@ -139,7 +139,8 @@ def document_lengths(doc_ids: torch.Tensor) -> list[int]:
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     offsets = starts.flatten().nonzero().flatten()  # (docs,) into the B*T tokens
     end = torch.tensor([doc_ids.numel()], device=doc_ids.device)
-    return torch.diff(offsets, append=end).tolist()  # one host sync: xformers wants them there
+    # a host sync when doc_ids are on a GPU (the trainer keeps them on the host for xformers)
+    return torch.diff(offsets, append=end).tolist()
 
 
 def document_mask(doc_ids: torch.Tensor, impl: str) -> torch.Tensor | BlockMask | BlockDiagonalMask:

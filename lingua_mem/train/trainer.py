@@ -148,10 +148,13 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
     """Steps start+1 .. cfg.steps; the last logged row (with preempted_at if it stopped early)."""
     cfg, report, guard, checkpointer = run.cfg, run.report, run.guard, run.checkpointer
     batches, last = iter(run.loader), {}
+    # xformers' document mask takes the documents' lengths on the host: its doc_ids stay there
+    xformers = resolve_attention(cfg.model.attention_impl, run.device.type) == "xformers"
+    on_host = ("doc_ids",) if xformers else ()
     report.begin()
     for step in range(start + 1, cfg.steps + 1):
         # inputs, targets, doc_ids (B, T) each
-        micro_batches = [to_device(next(batches), run.device) for _ in range(cfg.optim.grad_accum)]
+        micro_batches = [to_device(next(batches), run.device, on_host) for _ in range(cfg.optim.grad_accum)]
         lrs = {g["name"]: g["lr"] for g in run.optimizer.param_groups}
         result = _step(run, micro_batches)
         guard.observe(step, result)
@@ -182,13 +185,13 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
     return last
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """A loader batch on the training device. To a GPU through pinned host memory: a copy from
-    pageable memory waits for the GPU's queued work first (a host-device sync every step); a
-    pinned copy is queued like any kernel."""
+def to_device(batch: dict, device: torch.device, on_host: tuple[str, ...] = ()) -> dict:
+    """A loader batch on the training device, but for the keys `on_host`. To a GPU through
+    pinned host memory: a copy from pageable memory waits for the GPU's queued work first (a
+    host-device sync every step); a pinned copy is queued like any kernel."""
     if device.type != "cuda":
-        return {k: v.to(device) for k, v in batch.items()}
-    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: v if k in on_host else v.to(device) for k, v in batch.items()}
+    return {k: v if k in on_host else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _step(run: Run, micro_batches: list[dict]):
