@@ -322,3 +322,24 @@ def test_compile_without_a_cpu_compiler_is_refused(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(ConfigError, match="distributed.compile: .*C\\+\\+ compiler"):
         apply_compile(build_model(model_args(MODEL, MEMORY), "meta"), "cpu")
+
+
+def test_both_checkpointing_policies_keep_every_attention_kernel_and_the_routed_read():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from lingua_mem.parallel.memory_parallel import routed_read
+    from lingua_mem.parallel.parallelize import _full_policy, _selective_policy
+
+    class XformersFlash:  # what a policy is given for xformers' flash op (registered by xformers)
+        def name(self):
+            return "xformers_flash::flash_fwd"
+
+    kept = [torch.ops.aten._scaled_dot_product_flash_attention.default,
+            torch.ops.aten._efficient_attention_forward.default,  # xformers' cutlass path
+            torch.ops.higher_order.flex_attention, XformersFlash(), routed_read._opoverload]
+    for policy in (_selective_policy, _full_policy):
+        for op in kept:
+            assert policy(None, op) == CheckpointPolicy.MUST_SAVE, (policy.__name__, op)
+        assert policy(None, torch.ops.aten.silu.default) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _selective_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.MUST_SAVE
+    assert _full_policy(None, torch.ops.aten.mm.default) == CheckpointPolicy.PREFER_RECOMPUTE

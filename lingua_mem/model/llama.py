@@ -32,7 +32,18 @@ ATTENTION_OPS = frozenset({
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    # xformers' memory-efficient attention runs these aten kernels (its cutlass path) or its own
+    # flash ops, named below: registered when xformers is imported, so matched by name
+    torch.ops.aten._efficient_attention_forward.default,
+    torch.ops.aten._flash_attention_forward.default,
+    torch.ops.higher_order.flex_attention,  # flex_attention's op, as compiled code sees it
 })
+ATTENTION_OP_NAMES = frozenset({"xformers_flash::flash_fwd", "xformers_flash3::flash_fwd"})
+
+
+def is_attention_op(op) -> bool:
+    """Whether `op` (what checkpointing policies are given) is an attention kernel."""
+    return op in ATTENTION_OPS or (hasattr(op, "name") and op.name() in ATTENTION_OP_NAMES)
 # ops whose outputs selective activation checkpointing keeps (everything else is
 # recomputed): this model's matmuls and attention, and what the memory search and the
 # kernels declare for themselves (memory.layer.SAVED_OPS)

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.errors import ConfigError
-from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, ATTENTION_OPS, Transformer
+from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, ATTENTION_OPS, Transformer, is_attention_op
 from lingua_mem.parallel.memory_parallel import ShardedValueTable, routed_read
 from lingua_mem.parallel.mesh import Meshes
 
@@ -29,11 +29,13 @@ FULL_SAVED_OPS = ATTENTION_OPS | {routed_read._opoverload}
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    keep = op in SAVED_OPS or is_attention_op(op)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _full_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in FULL_SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    keep = op in FULL_SAVED_OPS or is_attention_op(op)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
