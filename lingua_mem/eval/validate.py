@@ -29,10 +29,8 @@ from lingua_mem.data.sources import (
 )
 from lingua_mem.errors import ConfigError
 from lingua_mem.eval.shard import rank_batches
-from lingua_mem.model.loss import forward_loss
+from lingua_mem.model.loss import IGNORE, forward_loss  # IGNORE: a target not scored
 from lingua_mem.parallel.runtime import all_reduce
-
-IGNORE = -100  # a target not scored (cross_entropy's ignore_index)
 
 
 def read_documents(name: str, src: EvalSourceConfig) -> Iterator[str]:

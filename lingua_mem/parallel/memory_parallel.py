@@ -137,7 +137,7 @@ class TableReader(OpaqueBase):
         self.mp_group, self.mp = cols_mesh.get_group(), cols_mesh.size()
         self.row_group, self.row_ranks = rows_mesh.get_group(), rows_mesh.size()
         self.world = self.mp * self.row_ranks
-        self.n_values, self.v_dim, self.kernel = n_values, v_dim, kernel
+        self.kernel = kernel
         self.cols = v_dim // self.mp
         self.rows_per_rank = -(-n_values // self.row_ranks)  # Shard(0): chunks of ceil(n/R) rows
         self.compute_dtype = compute_dtype

@@ -14,18 +14,19 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.errors import ConfigError
-from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, ATTENTION_OPS, Transformer, is_attention_op
+from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer, is_attention_op
 from lingua_mem.parallel.memory_parallel import ShardedValueTable, routed_read
 from lingua_mem.parallel.mesh import Meshes
 
 # kept by selective checkpointing: the model's (matmuls, attention, top-k, the value bag) and
 # the routed read's output and route
 SAVED_OPS = ACTIVATION_SAVED_OPS | {routed_read._opoverload}
-# kept by full checkpointing: the routed read (recomputed, it would route the reads again)
-# and attention (its recompute under torch.compile saves the random generator's state,
-# which torch 2.13's compiled autograd cannot save beside a table's reader: "expected all
-# tensors_saved_with_vc_check to be Tensors"); (B, S, dim) a block, against the block's input
-FULL_SAVED_OPS = ATTENTION_OPS | {routed_read._opoverload}
+# kept by full checkpointing: the routed read (recomputed, it would route the reads again),
+# and, as by selective, attention (is_attention_op: its recompute under torch.compile saves
+# the random generator's state, which torch 2.13's compiled autograd cannot save beside a
+# table's reader: "expected all tensors_saved_with_vc_check to be Tensors"); (B, S, dim) a
+# block, against the block's input
+FULL_SAVED_OPS = frozenset({routed_read._opoverload})
 
 
 def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -39,9 +40,9 @@ def _full_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
-    """Wrap every block: `full` recomputes the whole block in backward but for FULL_SAVED_OPS,
-    `selective` keeps the outputs of SAVED_OPS (matmuls, attention, top-k, the value bag,
-    the routed read)."""
+    """Wrap every block: `full` recomputes the whole block in backward but for attention and
+    FULL_SAVED_OPS (the routed read), `selective` keeps the outputs of SAVED_OPS (matmuls,
+    attention, top-k, the value bag, the routed read)."""
     if mode == "none":
         return
     policy = _selective_policy if mode == "selective" else _full_policy
