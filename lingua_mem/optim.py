@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -199,7 +200,15 @@ def clip_grads(params: list[nn.Parameter], max_norm: float,
         return torch.zeros(())
     norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad]) if with_grad else None
     if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+        # a scalar over a 2-D memory mesh: torch 2.11 warns on every step that it takes two
+        # all-reduces (one per mesh dim); for one scalar that costs nothing worth a line
+        redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = redistribute_log.level
+        redistribute_log.setLevel(logging.ERROR)
+        try:
+            norm = norm.full_tensor()
+        finally:
+            redistribute_log.setLevel(level)
     if row_grads:
         squares = all_reduce(sum(torch.linalg.vector_norm(g) ** 2 for g in row_grads))
         norm = squares.sqrt() if norm is None else (norm**2 + squares.to(norm.device)).sqrt()

@@ -5,6 +5,7 @@ The distributed model is built on meta, sharded, then initialised shard by shard
 gives the single-process weights; one layout parallelizes a materialised model."""
 
 import copy
+import importlib
 import os
 import socket
 from dataclasses import replace
@@ -28,6 +29,7 @@ from lingua_mem.data.loader import document_ids
 from lingua_mem.model.llama import build_model
 from lingua_mem.optim import build_optimizer, split_params
 from lingua_mem.parallel import init_distributed, parallelize, resolve_dims
+from lingua_mem.parallel.parallelize import COMPILES_CHECKPOINTED_READS, apply_compile
 from lingua_mem.train.step import train_step
 
 MODEL = ModelConfig(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
@@ -134,6 +136,9 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("world,layout", LAYOUTS, ids=[str(lay) for _, lay in LAYOUTS])
 def test_parallel_training_equals_single_process(world, layout):
+    if layout.get("compile") and layout.get("activation_checkpointing") and not COMPILES_CHECKPOINTED_READS:
+        pytest.skip(f"torch {torch.__version__} cannot compile checkpointed blocks (refused: "
+                    "test_compile_with_checkpointing_is_refused_where_torch_cannot)")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     mp.start_processes(worker, args=(world, free_port(), layout, results), nprocs=world,
@@ -144,8 +149,10 @@ def test_parallel_training_equals_single_process(world, layout):
     if layout.get("value_reduce_dtype") == "bf16":  # value gradients averaged in bf16: close, not equal
         assert losses == pytest.approx(ref_losses, rel=1e-3)
         # each rank's row gradients travel to their owners in bf16 (2^-9 relative), which this
-        # tiny model, trained on one batch, carries into every weight
-        assert 1e-7 < param_err < 5e-2
+        # tiny model, trained on one batch, carries into every weight; Adam turns the rounding
+        # of a gradient near zero into a step of the whole lr (measured 0.03-0.07 over torch
+        # 2.11 and 2.13)
+        assert 1e-7 < param_err < 0.15
     else:
         assert losses == pytest.approx(ref_losses, rel=1e-5)
         # compiled kernels, and masked attention at another batch size, round differently from
@@ -153,6 +160,17 @@ def test_parallel_training_equals_single_process(world, layout):
         assert param_err < (5e-5 if layout.get("compile") or layout.get("doc_ids") else 1e-5)
     n_values = MEMORY.n_keys**2 * MODEL.dim  # one shared table
     assert local_values == n_values // world  # 1/world of the table on each rank
+
+
+def test_compile_with_checkpointing_is_refused_where_torch_cannot(monkeypatch):
+    # the module, not the function the package exports under its name
+    module = importlib.import_module("lingua_mem.parallel.parallelize")
+    monkeypatch.setattr(module, "COMPILES_CHECKPOINTED_READS", False)  # as on torch 2.11
+    model = build_model(model_args(MODEL, MEMORY), "meta")
+    refusal = r"^distributed.compile with activation_checkpointing=selective needs torch>=2.13 \(this is "
+    with pytest.raises(ConfigError, match=refusal + r".*; turn one of them off$"):
+        apply_compile(model, "cpu", "selective")
+    apply_compile(model, "cpu", "none")  # compile alone is fine on every supported torch
 
 
 def bf16_worker(rank, world, port, results):

@@ -55,6 +55,11 @@ from lingua_mem.config import CheckpointConfig
 from lingua_mem.errors import ConfigError
 from lingua_mem.parallel.runtime import agree, first_error
 
+# torch 2.11's DefaultStager releases its copy routines after its first stage, so a second
+# stage fails (KeyError: <class 'type'>); from 2.13 one stager (and its pinned buffers) serves
+# every save.
+STAGER_REUSABLE = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+
 
 class CheckpointWriteError(Stopped):
     """A save that failed (disk full, I/O error); the run stops, the earlier checkpoints stay."""
@@ -264,7 +269,11 @@ class Checkpointer:
     def _stager(self) -> DefaultStager:
         """async_save's stager: the state copied off the training device in a thread of its own
         (the step goes on meanwhile: staged() waits for the copy before the weights change),
-        through pinned host memory when the weights are on CUDA."""
+        through pinned host memory when the weights are on CUDA. One for the run where torch
+        allows (STAGER_REUSABLE), else a new one for each save."""
+        if self.stager is not None and not STAGER_REUSABLE:
+            self.stager.close()  # its save's copy is taken: staged() ran before this save
+            self.stager = None
         if self.stager is None:
             cuda = any(p.device.type == "cuda" for p in self.model.parameters())
             self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,

@@ -277,9 +277,11 @@ _Tensors8 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 
 
 def _routed_read(reader: TableReader, indices: torch.Tensor, weights: torch.Tensor, shard: torch.Tensor,
-                 v_dim: int, dtype: torch.dtype) -> _Tensors8:
+                 v_dim: int, dtype: torch.dtype, keep_rows: bool) -> _Tensors8:
     """This rank's N tokens' bags, (N, v_dim) in `dtype` (the compute dtype), and what the
-    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors)."""
+    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors).
+    `shard` is read as data (no autograd edge): its gradient comes as rows, kept in the
+    reader by the backward when `keep_rows` (a table that trains)."""
     n, given = indices.shape[0], weights
     if reader.mp > 1:
         indices = _all_gather_rows(indices, reader.mp_group)  # (T, M) = (mp*N, M)
@@ -325,7 +327,7 @@ ROUTED_READ_IMPLS = {routed_read._opoverload: _routed_read,
 
 
 @routed_read.register_fake
-def _(reader, indices, weights, shard, v_dim, dtype):
+def _(reader, indices, weights, shard, v_dim, dtype, keep_rows):
     ctx = torch.library.get_ctx()
     sized = [indices.new_empty(ctx.new_dynamic_size()) for _ in range(5)]  # rows .. bag_token
     out = weights.new_empty((indices.shape[0], v_dim), dtype=dtype)
@@ -339,16 +341,15 @@ def _(reader, grad, w, rows, slots, offsets, order, bag_token, splits, shard, m,
 
 
 def _setup_context(ctx, inputs, output):
-    reader, indices, weights, shard, _, _ = inputs
-    ctx.reader, ctx.m = reader, indices.shape[1]
+    reader, indices, weights, shard, _, _, keep_rows = inputs
+    ctx.reader, ctx.m, ctx.keep_rows = reader, indices.shape[1], keep_rows
     ctx.save_for_backward(*output[1:], shard)
 
 
 def _backward(ctx, grad, *_):
     saved = ctx.saved_tensors
-    keep = ctx.needs_input_grad[3]  # the shard: a frozen table keeps no row gradient
-    grad_w = routed_read_backward(ctx.reader, grad.contiguous(), *saved, ctx.m, keep)
-    return None, None, grad_w, None, None, None
+    grad_w = routed_read_backward(ctx.reader, grad.contiguous(), *saved, ctx.m, ctx.keep_rows)
+    return None, None, grad_w, None, None, None, None
 
 
 routed_read.register_autograd(_backward, setup_context=_setup_context)
@@ -379,8 +380,10 @@ class ShardedValueTable(ValueTable):
 
     def forward(self, bag: Bag) -> torch.Tensor:
         """bag (N, M) of this rank's tokens -> (N, v_dim) in compute dtype."""
-        return routed_read(self.reader, bag.indices, bag.weights, self.weight.to_local(), self.v_dim,
-                           self.compute_dtype)[0]
+        # the shard goes in detached: its gradient is never a table-sized tensor, not even
+        # zeros (torch 2.11 gave the weight a zero .grad for a None it was returned)
+        return routed_read(self.reader, bag.indices, bag.weights, self.weight.to_local().detach(), self.v_dim,
+                           self.compute_dtype, self.weight.requires_grad and torch.is_grad_enabled())[0]
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's gradient of this rank's shard, row-sparse: (local rows (K,), distinct,

@@ -20,6 +20,9 @@ from lingua_mem.parallel.mesh import Meshes
 
 # kept by selective checkpointing: the model's (matmuls, attention, top-k, the value bag) and
 # the routed read's output and route
+# torch 2.11's inductor stops on the backward of a checkpointed, compiled block (a sympy
+# relational reaches it as a graph input: "Unsupported inductor graph input type"); 2.13 compiles it
+COMPILES_CHECKPOINTED_READS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
 SAVED_OPS = ACTIVATION_SAVED_OPS | {routed_read._opoverload}
 # kept by full checkpointing: the routed read (recomputed, it would route the reads again),
 # and, as by selective, attention (is_attention_op: its recompute under torch.compile saves
@@ -51,11 +54,16 @@ def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
                                              context_fn=partial(create_selective_checkpoint_contexts, policy))
 
 
-def apply_compile(model: Transformer, device_type: str) -> None:
+def apply_compile(model: Transformer, device_type: str, activation_checkpointing: str = "none") -> None:
     """torch.compile every block in place, each as one graph (fullgraph: a graph break is an
     error), after activation checkpointing and before FSDP, so FSDP's hooks stay outside the
     compiled code. A value table's read is one opaque op in the graph (routed_read: its
     routing's data-dependent collectives run inside it, eagerly)."""
+    if activation_checkpointing != "none" and not COMPILES_CHECKPOINTED_READS:
+        raise ConfigError(
+            f"distributed.compile with activation_checkpointing={activation_checkpointing} needs torch>=2.13 "
+            f"(this is {torch.__version__}: its inductor cannot compile the backward of a checkpointed "
+            "block's routed read); turn one of them off")
     if device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise ConfigError("distributed.compile: torch.compile on CPU needs a C++ compiler "
                           f"({os.environ.get('CXX', 'g++')} is not on PATH)")
@@ -73,7 +81,7 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
     weights are kept."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
-        apply_compile(model, meshes.device_type)
+        apply_compile(model, meshes.device_type, cfg.activation_checkpointing)
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
     dense_policy = MixedPrecisionPolicy(param_dtype=dense_dtype, reduce_dtype=torch.float32)
     # a query BatchNorm keeps fp32 parameters, like its running statistics (fp32 buffers)
