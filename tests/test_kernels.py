@@ -221,3 +221,27 @@ def test_the_bag_reads_a_bf16_table_and_the_master_weights_stay_fp32(tmp_path, k
         meshes.close()
     assert results["bf16"] == pytest.approx(results["fp32"], rel=1e-2)
     assert results["bf16"] != results["fp32"]
+
+
+def test_the_kernels_autotune_on_a_gpu_over_blocks_that_fit_d():
+    import triton
+
+    from lingua_mem.kernels import triton_bag
+
+    configs = [triton.Config({"BLOCK_D": d, "BLOCK_M": m}, num_warps=w)
+               for d, m, w in triton_bag.AUTOTUNE_CONFIGS]
+
+    def widths(d):
+        return sorted({c.kwargs["BLOCK_D"] for c in triton_bag.fitting_configs(configs, {"D": d})})
+
+    assert widths(32) == [64]  # at least 64 wide
+    assert widths(64) == [64]
+    assert widths(100) == [64, 128]
+    assert widths(1024) == [64, 128, 256]
+    # interpreted (these tests), the default config alone: a trial there would time nothing
+    for kernel in (triton_bag._bag_forward, triton_bag._bag_weight_grad, triton_bag._bag_table_grad_atomic,
+                   triton_bag._bag_table_grad_sorted):
+        assert kernel.keys == ["D"]
+        assert [(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_M"]) for c in kernel.configs] == [(128, 16)]
+    # trials add into the atomic gradient: it starts from zero at each
+    assert triton_bag._bag_table_grad_atomic.reset_to_zero == ["grad_table_ptr"]

@@ -21,6 +21,10 @@ backward  grad_weights[j] = grad_out[s] . table[indices[j]]: one program per bag
           auto picks sorted for D > 128, else atomic (the paper's finding: not yet
           measured on a GPU here, see docs/performance.md)
 
+Block sizes and warps are autotuned on a GPU (AUTOTUNE_CONFIGS, keyed on D and the tensors'
+dtypes, pruned to blocks that fit D; the atomic table gradient is zeroed between trials); the
+interpreter runs the default config alone (a trial there measures nothing).
+
 Registered with torch.library (lingua_mem::embedding_bag_triton and its backward), so
 torch.compile traces through them and selective activation checkpointing can keep their
 outputs (SAVED_OPS). On CUDA they run compiled; on the CPU only under
@@ -29,13 +33,35 @@ TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_D = 128  # columns per program
-BLOCK_M = 16  # indices gathered at a time
+BLOCK_D = 128  # columns per program (the default config)
+BLOCK_M = 16  # indices gathered at a time (the default config)
 SORTED_ABOVE_D = 128  # table_grad=auto: the sorted variant for D above this
+# (BLOCK_D, BLOCK_M, num_warps) tried on a GPU, the default first
+AUTOTUNE_CONFIGS = ((BLOCK_D, BLOCK_M, 4), (64, 16, 2), (64, 32, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8))
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at import, like this
+
+
+def _configs() -> list[triton.Config]:
+    chosen = AUTOTUNE_CONFIGS[:1] if INTERPRETED else AUTOTUNE_CONFIGS
+    return [triton.Config({"BLOCK_D": d, "BLOCK_M": m}, num_warps=w) for d, m, w in chosen]
+
+
+def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configs whose BLOCK_D is no wider than D needs (the next power of two, at least
+    64): a wider block only masks columns off. Never empty."""
+    widest = max(64, triton.next_power_of_2(int(named_args["D"])))
+    return [c for c in configs if c.kwargs["BLOCK_D"] <= widest] or configs[:1]
+
+
+def _autotuned(reset_to_zero: list[str] | None = None):
+    return triton.autotune(configs=_configs(), key=["D"], reset_to_zero=reset_to_zero,
+                           prune_configs_by={"early_config_prune": fitting_configs})
 
 
 @triton.jit
@@ -54,6 +80,7 @@ def _reads(idx_ptr, w_ptr, j0, end, BLOCK_M: tl.constexpr):
     return js, rows, w, j_ok
 
 
+@_autotuned()
 @triton.jit
 def _bag_forward(idx_ptr, w_ptr, off_ptr, table_ptr, out_ptr, D, BLOCK_M: tl.constexpr,
                  BLOCK_D: tl.constexpr):
@@ -70,6 +97,7 @@ def _bag_forward(idx_ptr, w_ptr, off_ptr, table_ptr, out_ptr, D, BLOCK_M: tl.con
     tl.store(out_ptr + s * D + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
+@_autotuned()
 @triton.jit
 def _bag_weight_grad(idx_ptr, w_ptr, off_ptr, table_ptr, grad_out_ptr, grad_w_ptr, D, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
@@ -88,6 +116,7 @@ def _bag_weight_grad(idx_ptr, w_ptr, off_ptr, table_ptr, grad_out_ptr, grad_w_pt
         tl.store(grad_w_ptr + js, acc, mask=j_ok)
 
 
+@_autotuned(["grad_table_ptr"])
 @triton.jit
 def _bag_table_grad_atomic(idx_ptr, w_ptr, off_ptr, grad_out_ptr, grad_table_ptr, D, BLOCK_M: tl.constexpr,
                            BLOCK_D: tl.constexpr):
@@ -103,6 +132,7 @@ def _bag_table_grad_atomic(idx_ptr, w_ptr, off_ptr, grad_out_ptr, grad_table_ptr
                       mask=j_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
+@_autotuned()
 @triton.jit
 def _bag_table_grad_sorted(sorted_rows_ptr, is_first_ptr, ends_ptr, bags_ptr, w_ptr, grad_out_ptr,
                            grad_table_ptr, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -122,6 +152,11 @@ def _bag_table_grad_sorted(sorted_rows_ptr, is_first_ptr, ends_ptr, bags_ptr, w_
                     other=0.0).to(tl.float32)
         acc += tl.sum(w[:, None] * g, axis=0)
     tl.store(grad_table_ptr + row * D + cols, acc, mask=col_ok & (cols * 0 + first != 0))
+
+
+def _by_bags_and_columns(n: int, d: int):
+    """The grid of n programs by the D blocks of the config being run."""
+    return lambda meta: (n, triton.cdiv(d, meta["BLOCK_D"]))
 
 
 def _check(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, offsets) -> None:
@@ -154,8 +189,7 @@ def embedding_bag_triton(indices: torch.Tensor, weights: torch.Tensor, table: to
     s, d = off.numel() - 1, table.shape[1]
     out = table.new_empty((s, d))
     if s and d:
-        _bag_forward[(s, triton.cdiv(d, BLOCK_D))](idx, w, off, table.contiguous(), out, d,
-                                                   BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+        _bag_forward[_by_bags_and_columns(s, d)](idx, w, off, table.contiguous(), out, d)
     return out
 
 
@@ -180,10 +214,9 @@ def embedding_bag_triton_backward(grad_out: torch.Tensor, indices: torch.Tensor,
     grad_w = torch.zeros(idx.shape, dtype=torch.float32, device=weights.device)
     grad_table = torch.zeros((rows, d), dtype=torch.float32, device=table.device)
     if s and idx.numel() and d:
-        _bag_weight_grad[(s,)](idx, w, off, table, grad_out, grad_w, d, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+        _bag_weight_grad[(s,)](idx, w, off, table, grad_out, grad_w, d)
         if table_grad_variant(d, table_grad) == "atomic":
-            _bag_table_grad_atomic[(s, triton.cdiv(d, BLOCK_D))](idx, w, off, grad_out, grad_table, d,
-                                                                BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D)
+            _bag_table_grad_atomic[_by_bags_and_columns(s, d)](idx, w, off, grad_out, grad_table, d)
         else:  # the reverse index: reads sorted by row, each distinct row summed by one program
             k = idx.numel()
             sorted_rows, order = torch.sort(idx, stable=True)
@@ -198,9 +231,8 @@ def embedding_bag_triton_backward(grad_out: torch.Tensor, indices: torch.Tensor,
                                                   output_size=k)
             bags = bag_of_read[order].contiguous()
             w_sorted = w[order].contiguous()
-            _bag_table_grad_sorted[(k, triton.cdiv(d, BLOCK_D))](
-                sorted_rows, is_first, ends, bags, w_sorted, grad_out, grad_table, d, BLOCK_M=BLOCK_M,
-                BLOCK_D=BLOCK_D)
+            _bag_table_grad_sorted[_by_bags_and_columns(k, d)](
+                sorted_rows, is_first, ends, bags, w_sorted, grad_out, grad_table, d)
     return grad_w.view(weights.shape).to(weights.dtype), grad_table.to(table.dtype)
 
 
