@@ -133,3 +133,63 @@ def test_value_optimizer_is_a_checked_choice():
     assert cfg.optim.value_optimizer == "adagrad"
     with pytest.raises(ConfigError, match="value_optimizer: 'sgd' is not one of adamw, lazy_adamw, adagrad"):
         load_config(["config=configs/debug.yaml", "optim.value_optimizer=sgd"])
+
+
+class HostSyncs(TorchDispatchMode):
+    """The ops inside the mode that make the host wait for a GPU when their input is on one
+    (a scalar read, an output sized by the data), each with the innermost lingua_mem frame
+    that called it. On the CPU nothing waits, so this counts by construction. A scalar read of
+    one of `host_tensors` (kept on the host on every device) is no wait."""
+
+    OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+           torch.ops.aten._unique2.default, torch.ops.aten.unique_dim.default,
+           torch.ops.aten.unique_consecutive.default, torch.ops.aten.masked_select.default,
+           torch.ops.aten.repeat_interleave.Tensor, torch.ops.aten.equal.default}
+
+    def __init__(self, host_tensors=()):
+        super().__init__()
+        self.calls, self.on_host = [], {t.data_ptr() for t in host_tensors}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        sized = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is not None
+        on_host = func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() in self.on_host
+        if func in self.OPS and not sized and not on_host:
+            import traceback
+
+            ours = [f for f in traceback.extract_stack() if "/lingua_mem/" in f.filename]
+            self.calls.append((func.__name__, f"{ours[-1].filename.split('/lingua_mem/')[-1]}:{ours[-1].name}"
+                               if ours else "torch"))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("value_optimizer", ["adamw", "lazy_adamw"])
+def test_a_steady_state_step_waits_for_the_device_only_for_the_distinct_rows_read(value_optimizer):
+    from lingua_mem.optim import build_optimizer, split_params
+    from lingua_mem.train.step import train_step
+
+    torch.manual_seed(0)
+    meshes = init_distributed(DistributedConfig(), "cpu")
+    try:
+        model = parallelize(build_model(model_args(MODEL, MEMORY), "meta"), meshes, DistributedConfig())
+        model.to_empty(device="cpu")
+        model.init_weights(seed=3)
+        optim = OptimConfig(lr=1e-3, value_optimizer=value_optimizer, warmup=0)
+        optimizer = build_optimizer(model, optim)
+        dense, values = split_params(model)
+        tokens = torch.randint(0, MODEL.vocab_size, (2, 17))
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        train_step(model, optimizer, [batch], optim, dense, values)  # the first step makes the state
+        # the optimizers' step counts are host tensors on every device (torch's AdamW's too)
+        steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+        assert steps and all(s.device.type == "cpu" for s in steps)
+        with HostSyncs(steps) as syncs, RunReadsInline():  # the read's ops as Python: their insides seen
+            result = train_step(model, optimizer, [batch], optim, dense, values)
+        # a `torch.unique` per read (two memory layers, one table, one process: no split sizes
+        # to send) and one as the backward sums the second read's row gradients into the
+        # first's; nothing else
+        reads = len(MEMORY.layers)
+        assert syncs.calls == [("_unique2.default", "parallel/memory_parallel.py:distinct")] * (2 * reads - 1)
+        assert result.finite.item()
+    finally:
+        meshes.close()
