@@ -2,6 +2,8 @@
 read, summed over the memory layers sharing the table, nothing table-sized), and the value
 optimizers (optim.value_optimizer) update exactly the rows read, by their formulas."""
 
+import traceback
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -155,8 +157,6 @@ class HostSyncs(TorchDispatchMode):
         sized = func is torch.ops.aten.repeat_interleave.Tensor and kwargs.get("output_size") is not None
         on_host = func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() in self.on_host
         if func in self.OPS and not sized and not on_host:
-            import traceback
-
             ours = [f for f in traceback.extract_stack() if "/lingua_mem/" in f.filename]
             self.calls.append((func.__name__, f"{ours[-1].filename.split('/lingua_mem/')[-1]}:{ours[-1].name}"
                                if ours else "torch"))
