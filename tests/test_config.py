@@ -151,3 +151,13 @@ def test_train_py_without_a_config_trains_the_debug_memory_model(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("done: 2 steps in ") and f"metrics {tmp_path / 'metrics.jsonl'}" in last
     assert ", 1,024 tokens; checkpoint " in last  # 2 steps x 2 x 256; debug saves at the last step
+
+
+def test_the_license_file_is_the_one_pyproject_declares():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"]["text"]
+    assert declared == "MIT"
+    text = (root / "LICENSE").read_text()
+    assert text.startswith("MIT License\n") and "Permission is hereby granted, free of charge" in text

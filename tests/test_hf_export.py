@@ -91,7 +91,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("layout", ["1proc", "mp2"])
-def test_a_memory_export_loads_in_transformers_with_the_training_models_logits(checkpoints, layout, tmp_path):
+def test_a_memory_export_loads_in_transformers_with_the_training_models_logits(checkpoints, layout, tmp_path,
+                                                                             monkeypatch):
     ckpt = checkpoints[layout]
     ours = load_model(ckpt, "cpu", TokenizerConfig(name="")).model
     out = export_hf(ckpt, tmp_path / "export", max_shard_bytes=200_000)  # several shards
@@ -123,7 +124,21 @@ def test_a_memory_export_loads_in_transformers_with_the_training_models_logits(c
     with torch.no_grad():
         torch.testing.assert_close(back.model(tokens), ours(tokens), rtol=0, atol=0)
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    # AutoTokenizer reads config.json first: for a memory model, remote code, which an
+    # interactive session is asked about ("run the custom code? [y/N]"); the documented call
+    # (docs/checkpoints.md) says no up front: the tokenizer needs none
+    asked = []
+
+    def terminal(prompt=""):
+        asked.append(prompt)
+        return "n"
+
+    monkeypatch.setattr("builtins.input", terminal)
+    transformers.AutoTokenizer.from_pretrained(str(out))
+    assert asked and "Do you wish to run the custom code?" in asked[0]  # what a user met
+    asked.clear()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
+    assert asked == []
     for text in [*TEXT, "literal <s> and </s> are text"]:
         assert tokenizer(text)["input_ids"] == TOK.encode(text, add_eos=False)
     prompt = TOK.encode("Ada Lovelace was born in", add_eos=False)
