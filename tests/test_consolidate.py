@@ -4,6 +4,7 @@ config.json, loaded back by load_consolidated into a model with the very same lo
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 from safetensors import safe_open
+from sealed import seal
 
 from lingua_mem.checkpoint.__main__ import main
 from lingua_mem.checkpoint.consolidate import consolidate, load_consolidated
@@ -27,6 +29,7 @@ from lingua_mem.config import (
     TrainConfig,
     model_args,
 )
+from lingua_mem.eval.load import load_model
 from lingua_mem.model.llama import build_model
 from lingua_mem.parallel import init_distributed, parallelize
 
@@ -40,8 +43,9 @@ TOKENS = torch.randint(0, MODEL.vocab_size, (3, 16), generator=torch.Generator()
 
 
 def write_config(path, model=MODEL, memory=MEMORY) -> None:
-    """config.yaml as a training run saves it: the whole TrainConfig."""
+    """config.yaml as a training run saves it: the whole TrainConfig; then the manifest."""
     OmegaConf.save(OmegaConf.structured(TrainConfig(model=model, memory=memory)), path / "config.yaml")
+    seal(path)
 
 
 def trained_model() -> torch.nn.Module:
@@ -178,6 +182,9 @@ def test_errors_name_the_path_or_key(tmp_path):
 
     ckpt = tmp_path / "ckpt"
     dcp.save({"model": build_model(model_args(MODEL, MEMORY)).state_dict()}, checkpoint_id=str(ckpt))
+    with pytest.raises(ValueError, match=re.escape(f"{ckpt}: no manifest.json (a save that never finished")):
+        consolidate(ckpt, tmp_path / "out")
+    seal(ckpt)
     with pytest.raises(ValueError, match=re.escape(f"{ckpt / 'config.yaml'}: missing")):
         consolidate(ckpt, tmp_path / "out")
 
@@ -196,6 +203,7 @@ def test_errors_name_the_path_or_key(tmp_path):
         consolidate(ckpt, tmp_path / "out")
 
     OmegaConf.save(OmegaConf.create({"model": {"dim": "big"}}), ckpt / "config.yaml")
+    seal(ckpt)
     with pytest.raises(ConfigError, match=re.escape(f"{ckpt / 'config.yaml'}: model.dim: ") + ".*'big'"):
         consolidate(ckpt, tmp_path / "out")
 
@@ -212,11 +220,16 @@ def test_errors_name_the_path_or_key(tmp_path):
     shard = next(ckpt.glob("*.distcp"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # truncated: the metadata reads, the tensors do not
+    with pytest.raises(ValueError, match=re.escape(f"{shard}: {len(data) // 2} bytes, the manifest says "
+                                                   f"{len(data)} (truncated?)")):
+        consolidate(ckpt, tmp_path / "out")
+    seal(ckpt)  # a manifest that agrees with the truncated file: DCP's read names it
     with pytest.raises(ValueError, match=re.escape(f"{ckpt}: ") + r"[\w.]+ unreadable \("):
         consolidate(ckpt, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert not list(tmp_path.glob(".out.partial-*"))
     shard.write_bytes(data)
+    seal(ckpt)
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'file'}: cannot write")):
         consolidate(ckpt, tmp_path / "file")
 
@@ -236,3 +249,27 @@ def test_cli_error_is_one_line_on_stderr(tmp_path, capsys):
         assert captured.out == ""
     assert main(["consolidate", str(missing), "--out", "x"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+def test_every_reader_refuses_a_corrupt_or_set_aside_checkpoint_in_one_line(tmp_path, capsys):
+    model = trained_model()
+    ckpt = tmp_path / "checkpoints" / "0000000042"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+    data = next(ckpt.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte: same size, another CRC
+    data.write_bytes(bytes(raw))
+    aside = ckpt.with_name("0000000042.corrupt")
+    shutil.copytree(ckpt, aside)
+    seal(aside)  # its manifest agrees with its files: set aside all the same
+    corrupt = f"{data}: CRC32 mismatch (corrupt)"
+    set_aside = f"{aside}: set aside by training as corrupt (it failed to load); not read"
+    for path, message in ((ckpt, corrupt), (aside, set_aside)):
+        for command in (["consolidate", str(path), "--out", str(tmp_path / "out")],
+                        ["export-hf", str(path), "--out", str(tmp_path / "hf")]):
+            assert main(command) == 2
+            assert capsys.readouterr().err.strip().endswith(message)
+        with pytest.raises(ConfigError, match=re.escape(f"ckpt: {message}")):
+            load_model(path, "cpu")
+        assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()

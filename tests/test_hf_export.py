@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 transformers = pytest.importorskip("transformers")
 
+from sealed import seal  # noqa: E402
 from test_parallel import free_port  # noqa: E402
 from test_tokenizer import write_ranks  # noqa: E402
 
@@ -170,6 +171,7 @@ def save_training_checkpoint(model, path: Path, memory: MemoryConfig | None = No
     dcp.save({"model": model.state_dict()}, checkpoint_id=str(path))
     config = TrainConfig(model=DENSE, memory=memory or MemoryConfig())
     OmegaConf.save(OmegaConf.structured(config), path / "config.yaml")
+    seal(path)
     return path
 
 
@@ -416,7 +418,7 @@ def test_bad_input_is_one_line_and_leaves_nothing_half_written(checkpoints, tmp_
     for shard in corrupt.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:4096])
     code, _, err = cli("export-hf", str(corrupt), "--out", str(tmp_path / "z"))
-    assert code == 2 and err.count("\n") == 1 and "unreadable" in err, err
+    assert code == 2 and err.count("\n") == 1 and "bytes, the manifest says" in err, err
     assert not (tmp_path / "z").exists() and not list(tmp_path.glob(".z.partial-*"))
     assert cli("export-hf", str(corrupt), "--out", str(out), "--force")[0] == 2
     assert (out / "config.json").is_file()  # the earlier export survives a failed --force

@@ -20,7 +20,6 @@ import random
 import shutil
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +45,11 @@ from lingua_mem.checkpoint.records import (
     checkpoint_dir,
     checkpoint_model_args,
     complete_checkpoints,
+    file_crc32,
     match_by_name,
     quiet_single_process,
     saved_shapes,
+    verify,
 )
 from lingua_mem.cli import Stopped, one_line
 from lingua_mem.config import CheckpointConfig
@@ -96,32 +97,6 @@ def _write_failure(exc: BaseException, where: Path) -> str:
     except OSError:
         free = "free space unknown"
     return f"{one_line(f'{type(exc).__name__}: {exc}')} ({free})"
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
-def verify(path: Path, rank: int = 0, world: int = 1) -> None:
-    """Check this rank's share of the files against the manifest (all sizes; CRC32 of
-    files rank, rank + world, ...); CheckpointError names the first bad file."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
-    for i, (name, entry) in enumerate(sorted(manifest.items())):
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        if f.stat().st_size != entry["size"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['size']} "
-                                  "(truncated?)")
-        if i % world == rank and _crc32(f) != entry["crc32"]:
-            raise CheckpointError(f"{f}: CRC32 mismatch (corrupt)")
 
 
 def _untrusted_checkpoint(dump_dir: Path, complete: list[Path]) -> str | None:
@@ -307,7 +282,7 @@ class Checkpointer:
         tmp = _tmp_dir(self.dump_dir, step)
         # each rank checksums the files it wrote; rank 0 the shared ones, then commits
         mine = [tmp / f"train_state_{self.rank:05d}.pt", *tmp.glob(f"__{self.rank}_*.distcp")]
-        files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in mine}
+        files = {p.name: {"size": p.stat().st_size, "crc32": file_crc32(p)} for p in mine}
         if self.distributed:
             everyone = [None] * self.world
             dist.all_gather_object(everyone, files)
@@ -324,7 +299,7 @@ class Checkpointer:
                                                    "layout": self.layout, "time": time.time()}))
         for p in sorted(tmp.iterdir()):
             if p.is_file() and p.name not in files:  # .metadata, config.yaml, meta.json
-                files[p.name] = {"size": p.stat().st_size, "crc32": _crc32(p)}
+                files[p.name] = {"size": p.stat().st_size, "crc32": file_crc32(p)}
         manifest = {"step": step, "files": dict(sorted(files.items()))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in ("config.yaml", "meta.json", MANIFEST, ".metadata"):
@@ -452,7 +427,7 @@ class Checkpointer:
 
         try:
             self._verify(path)
-            theirs, _ = checkpoint_model_args(path)  # the model and memory sections of its config.yaml
+            theirs, _ = checkpoint_model_args(path, verified=True)  # the model and memory sections
             saved = saved_shapes(path)
         except ValueError as exc:  # CheckpointError and ConfigError included
             raise ConfigError(f"{KEY}: {exc}") from None

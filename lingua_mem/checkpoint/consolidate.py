@@ -86,14 +86,15 @@ def checkpoint_meta_model(args: ModelArgs, lora: LoraConfig | None) -> Transform
     return build_model_as_trained(args, build_finetune(finetune))
 
 
-def read_checkpoint(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict, dict]:
+def read_checkpoint(checkpoint_dir: str | Path, verified: bool = False) -> tuple[ModelArgs, dict, dict]:
     """(model args, every model tensor in full on the CPU, the run's config.yaml as a dict) of
     a training checkpoint written by any layout, read in this one process (no
     torch.distributed). A LoRA run's adapters are merged into their weights (merge_lora):
     the tensors are a plain model's. ValueError (one line, naming the path or key) when the
-    checkpoint is missing, unreadable or does not match its own config.yaml."""
+    checkpoint is missing, set aside, corrupt (records.verify; `verified`: the caller did),
+    unreadable or does not match its own config.yaml."""
     path = Path(checkpoint_dir)
-    args, run_config = checkpoint_model_args(path)
+    args, run_config = checkpoint_model_args(path, verified)
     lora = checkpoint_lora(run_config, path / "config.yaml")
 
     # the model on meta gives every state-dict entry's FQN, full shape and dtype (no memory used)
@@ -137,11 +138,12 @@ def parse_size(text: str | int) -> int:
 def checkpoint_sources(path: Path, args: ModelArgs, rename=lambda name: name,
                        dtype: torch.dtype | None = None) -> list[TensorSource]:
     """Every model tensor of the training checkpoint at `path`, as sources that read it row
-    block by row block (dcp_stream), named rename(name) (None: left out), floating tensors
-    cast to `dtype` when given. A LoRA run's (its config.yaml's finetune.mode) are a plain
-    model's: each adapted weight merged row block by row block (merge_lora's arithmetic), the
-    lora tensors left out. ValueError (one line) when the checkpoint does not match args."""
-    lora = checkpoint_lora(checkpoint_model_args(path)[1], path / "config.yaml")
+    block by row block (dcp_stream; verified by the caller: checkpoint_model_args), named
+    rename(name) (None: left out), floating tensors cast to `dtype` when given. A LoRA run's
+    (its config.yaml's finetune.mode) are a plain model's: each adapted weight merged row
+    block by row block (merge_lora's arithmetic), the lora tensors left out. ValueError (one
+    line) when the checkpoint does not match args."""
+    lora = checkpoint_lora(checkpoint_model_args(path, verified=True)[1], path / "config.yaml")
     meta_sd = checkpoint_meta_model(args, lora).state_dict()
     check_model_shapes(path, {name: tuple(t.shape) for name, t in meta_sd.items()})
     adapted = set(lora_prefixes(meta_sd))

@@ -1,13 +1,15 @@
 """What a checkpoint is on disk, read without loading it: the step folders of a dump dir
 (checkpoints/<step>/, committed by its manifest), the tensors' shapes from DCP's metadata,
-and the model arguments of a training checkpoint (its config.yaml) or of a consolidated or
-exported one (lingua_mem.json / config.json). Everything else in checkpoint/ builds on this."""
+the model arguments of a training checkpoint (its config.yaml) or of a consolidated or
+exported one (lingua_mem.json / config.json), and verify(), the check before any read.
+Everything else in checkpoint/ builds on this."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import warnings
+import zlib
 from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
@@ -41,6 +43,42 @@ def complete_checkpoints(dump_dir: str | Path) -> list[Path]:
         return []
     return sorted(p for p in root.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file())
 
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):  # 1 MiB: a tool streaming a checkpoint keeps a bounded peak
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def verify(path: Path, rank: int = 0, world: int = 1) -> None:
+    """The check every reader of a training checkpoint makes before reading it (training's
+    resume and init_from, eval, consolidate, export-hf, the usage count): not a folder
+    training set aside (*.corrupt), a manifest, and this rank's share of the files against
+    it (all sizes; CRC32 of files rank, rank + world, ...). CheckpointError names the first
+    fault in one line."""
+    if not path.is_dir():
+        raise CheckpointError(missing_checkpoint(path))
+    if ".corrupt" in path.name:
+        raise CheckpointError(f"{path}: set aside by training as corrupt (it failed to load); not read")
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (a save that never finished, or not a training "
+                              "checkpoint); not read")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+    for i, (name, entry) in enumerate(sorted(manifest.items())):
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        if f.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['size']} "
+                                  "(truncated?)")
+        if i % world == rank and file_crc32(f) != entry["crc32"]:
+            raise CheckpointError(f"{f}: CRC32 mismatch (corrupt)")
 
 
 def missing_checkpoint(path: Path) -> str:
@@ -131,10 +169,13 @@ def _training_model_args(raw, where: Path) -> ModelArgs:
 
 
 
-def checkpoint_model_args(checkpoint_dir: str | Path) -> tuple[ModelArgs, dict]:
-    """(model args, the run's config.yaml as a dict) of a training checkpoint; ValueError
-    (one line, naming the path or key) for a missing directory or config."""
+def checkpoint_model_args(checkpoint_dir: str | Path, verified: bool = False) -> tuple[ModelArgs, dict]:
+    """(model args, the run's config.yaml as a dict) of a training checkpoint, verified first
+    (verify(); `verified`: the caller did); ValueError (one line, naming the path or key) for
+    a missing, set-aside, unverifiable or corrupt checkpoint, or a missing config."""
     path = Path(checkpoint_dir)
+    if not verified:
+        verify(path)
     if not path.is_dir():
         raise ValueError(missing_checkpoint(path))
     config_file = path / "config.yaml"

@@ -128,7 +128,7 @@ def load_model(ckpt: str | Path | CheckpointInfo, device, tokenizer: TokenizerCo
         elif parallel:  # each rank reads its own shards below
             sd = None
         else:
-            _, sd, _ = read_checkpoint(path)
+            _, sd, _ = read_checkpoint(path, verified=True)  # by inspect_checkpoint
         if parallel:
             lora = checkpoint_lora(info.run_config, path / "config.yaml") if sd is None else None
             model = _parallel_model(args, sd, path, device, meshes, distributed, lora)
