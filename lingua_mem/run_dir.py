@@ -41,6 +41,49 @@ def dump_dir_of(checkpoint: str | Path) -> Path:
     return Path(checkpoint).parent.parent
 
 
+def usage_file(checkpoint: str | Path, training: bool) -> Path:
+    """Where `python -m lingua_mem.eval.usage` writes a checkpoint's row counts by default:
+    <dump_dir>/memory_usage/<step>.safetensors for a training checkpoint (beside its
+    checkpoints/, which retention prunes), an export's own folder otherwise."""
+    checkpoint = Path(checkpoint)
+    if training:
+        return dump_dir_of(checkpoint) / "memory_usage" / f"{checkpoint.name}.safetensors"
+    return checkpoint / "memory_usage.safetensors"
+
+
+def check_output(out: str | Path, reads: list[str | Path], key: str = "--out") -> None:
+    """Refuse (ValueError, one line naming `key`) an output a command would write, or replace
+    with --force, that
+      - is, contains or lies inside anything the command reads (`reads`);
+      - is, contains or lies inside a run's checkpoints/ folder: the read checkpoint's, or
+        a live run's (retention prunes what is there; a sibling step is another checkpoint);
+      - is or contains a run's dump dir while it holds run.lock (a run is training there).
+    A folder of its own inside a dump dir (memory_usage/, exports/) is fine: training never
+    touches it. Checked before anything is written or removed."""
+    target = Path(out).resolve()
+    guarded = []  # (path, why, whether an output inside it is refused too)
+    for path in map(Path, reads):
+        guarded.append((path.resolve(), "which this command reads", True))
+        if path.parent.name == "checkpoints":
+            guarded.append((path.parent.resolve(), "a run's checkpoints, which retention prunes", True))
+    locks = [d / LOCK for d in (target, *target.parents)]
+    if target.is_dir():
+        locks += list(target.rglob(LOCK))
+    for lock in filter(Path.is_file, locks):
+        guarded.append((lock.parent, f"the dump dir of a live run ({LOCK})", False))
+        guarded.append((lock.parent / "checkpoints", "a live run's checkpoints (retention prunes)", True))
+    for path, why, inside_too in guarded:
+        if target == path:
+            where = "is"
+        elif path.is_relative_to(target):
+            where = "contains"
+        elif inside_too and target.is_relative_to(path):
+            where = "lies inside"
+        else:
+            continue
+        raise ValueError(f"{key} {out}: {where} {path}, {why}; choose another {key}")
+
+
 def check_writable(dump_dir: str | Path) -> None:
     """Prove that dump_dir can be written (a file created and removed in it, or in the
     nearest folder that exists when it does not yet: nothing is left behind); ConfigError
@@ -64,7 +107,7 @@ def _slurm_job() -> str | None:
     return f"{job}_{task}" if job and task else os.environ.get("SLURM_JOB_ID")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +139,7 @@ class RunLock:
     def _stale(self, holder: dict, mtime: float) -> bool:
         if holder.get("slurm_job") and holder.get("slurm_job") == _slurm_job():
             return True
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
+        if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
             return True
         return self._now_on_fs() - mtime > self.stale_s
 

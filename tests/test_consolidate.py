@@ -273,3 +273,39 @@ def test_every_reader_refuses_a_corrupt_or_set_aside_checkpoint_in_one_line(tmp_
         with pytest.raises(ConfigError, match=re.escape(f"ckpt: {message}")):
             load_model(path, "cpu")
         assert not (tmp_path / "out").exists() and not (tmp_path / "hf").exists()
+
+
+def test_no_output_destroys_what_it_reads_or_a_live_run_and_killed_partials_are_removed(tmp_path, capsys):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "0000000042"
+    dcp.save({"model": trained_model().state_dict()}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+    other = tmp_path / "live"  # a run training now: its lock
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "run.lock").write_text("{}")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    cases = [(ckpt, "is", ckpt), (run, "contains", ckpt), (tmp_path, "contains", ckpt),
+             (ckpt / "out", "lies inside", ckpt),
+             (run / "checkpoints" / "0000000040", "lies inside", ckpt.parent),
+             (other, "is", other), (other / "checkpoints" / "x", "lies inside", other / "checkpoints")]
+    for out, where, what in cases:
+        for command in ("consolidate", "export-hf"):
+            assert main([command, str(ckpt), "--out", str(out), "--force"]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and f"--out {out}: {where} {what}, " in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing touched
+    # a folder of its own in the run's dump dir is fine (training never touches it)
+    assert main(["consolidate", str(ckpt), "--out", str(run / "exports" / "c")]) == 0
+    # a consolidation killed mid-write left its staging folder: the next run removes it; one
+    # of a process still writing is left alone
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    writing = subprocess.Popen(["sleep", "60"])
+    try:
+        left, busy = tmp_path / f".out.partial-{gone.pid}", tmp_path / f".out.partial-{writing.pid}"
+        (left / "half").mkdir(parents=True)
+        (busy / "half").mkdir(parents=True)
+        assert main(["consolidate", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+        assert not left.exists() and busy.exists() and (tmp_path / "out" / "config.json").is_file()
+    finally:
+        writing.kill()

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ from lingua_mem.memory.usage import RowReads, Usage, count_usage, load_usage
 from lingua_mem.model.llama import build_model
 from lingua_mem.optim import split_params
 from lingua_mem.parallel import init_distributed, parallelize
+from lingua_mem.run_dir import usage_file
 from lingua_mem.train.step import train_step
 
 TOP_T, STEPS, BACKGROUND = 6, 3, 4
@@ -205,15 +207,32 @@ def pretrained(tmp_path_factory):
 
 
 def test_usage_command_counts_the_runs_own_data(pretrained):
-    usage = load_usage(pretrained / "memory_usage.safetensors", {"shared": 16 * 16})
+    usage = load_usage(usage_file(pretrained, training=True), {"shared": 16 * 16})
+    # beside checkpoints/, where retention does not prune
+    assert usage_file(pretrained, True) == pretrained.parents[1] / "memory_usage" / "0000000006.safetensors"
     assert usage.n_batches == 4 and usage.tokens == 4 * 2 * 64 and usage.meta["step"] == "6"
     assert int(usage.reads["shared"].sum()) == usage.tokens * 2 * 4  # heads x knn, one memory layer
     assert json.loads(usage.meta["data"])["facts"] == {"people": 50, "seed": 0}  # the run's own data
     # bad input: one line, exit 2
+    inside, beside = pretrained / "usage.safetensors", pretrained.parent / "u.safetensors"
     for args, words in ((["batches=0"], "batches: must be positive"),
-                        ([f"ckpt={pretrained.parent}"], "ckpt: ")):
+                        ([f"ckpt={pretrained.parent}"], "ckpt: "),
+                        ([f"out={inside}"], f"out {inside}: lies inside {pretrained}, which this command"),
+                        ([f"out={beside}"], "a run's checkpoints, which retention")):
         proc = usage_cli(f"ckpt={pretrained}", *args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and words in proc.stderr, proc.stderr
+
+
+def test_the_usage_counts_survive_the_runs_retention(pretrained, tmp_path):
+    run = tmp_path / "pre"
+    shutil.copytree(pretrained.parent.parent, run)  # the module's run stays as it is
+    counts = usage_file(run / "checkpoints" / pretrained.name, training=True)
+    written = counts.read_bytes()
+    # the run goes on and keeps only its newest checkpoint: step 6's folder is pruned
+    proc = run_cli(run, "steps=8", "checkpoint.every=2", "checkpoint.keep_last=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()] == ["0000000008"]
+    assert counts.read_bytes() == written
 
 
 FINETUNE = ["data.facts.seed=1", "optim.warmup=0", "optim.scheduler=constant", "checkpoint.every=2"]
@@ -221,7 +240,7 @@ FINETUNE = ["data.facts.seed=1", "optim.warmup=0", "optim.scheduler=constant", "
 
 def test_three_modes_from_train_py_and_a_sparse_resume(pretrained, tmp_path):
     source = tensors(pretrained)
-    background = pretrained / "memory_usage.safetensors"
+    background = usage_file(pretrained, training=True)
     # AdamW: its moments must resume too
     sparse = ["finetune.mode=sparse_memory", f"finetune.background={background}", "finetune.top_t=8",
               "finetune.optimizer=adamw", "optim.value_lr=1e-2"]

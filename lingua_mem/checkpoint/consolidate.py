@@ -15,6 +15,7 @@ weight merged with its adapters (W + alpha/rank B A), the lora tensors left out.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ from lingua_mem.finetune.lora import (
 from lingua_mem.finetune.modes import build_finetune, build_model_as_trained
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.llama import Transformer, build_model
+from lingua_mem.run_dir import check_output, pid_alive
 
 
 def checkpoint_lora(run_config: dict, where: str | Path) -> LoraConfig | None:
@@ -189,13 +191,19 @@ def checkpoint_sources(path: Path, args: ModelArgs, rename=lambda name: name,
 @contextlib.contextmanager
 def staged_output(out: Path, force: bool):
     """A staging directory beside `out` to write into; on success it replaces `out`, on any
-    error it is removed (nothing half-written is left). ValueError (one line) when `out`
-    exists and is not empty without `force`, or cannot be written."""
+    error it is removed (nothing half-written is left), and a staging directory a killed
+    run of the same output left behind (its process gone) is removed first. ValueError (one
+    line) when `out` exists and is not empty without `force`, or cannot be written. (Its
+    callers first refuse an `out` that would destroy what they read: run_dir.check_output.)"""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: cannot write (a file, not a directory)")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"{out}: exists and is not empty (give --force to replace it)")
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    for left in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):  # a killed run's
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -224,6 +232,7 @@ def consolidate(checkpoint_dir: str | Path, out_dir: str | Path, max_shard_bytes
     size. Returns out_dir. ValueError (one line, naming the path or key) as read_checkpoint,
     or for an out_dir that is not empty (without `force`)."""
     path, out = Path(checkpoint_dir), Path(out_dir)
+    check_output(out, [path])  # with --force too: before anything is read or written
     args, run_config = checkpoint_model_args(path)
     sources = checkpoint_sources(path, args)
     step = int(path.name) if path.name.isdigit() else None  # checkpoints/<step, 10 digits>/

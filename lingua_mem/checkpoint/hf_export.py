@@ -30,6 +30,7 @@ from lingua_mem.checkpoint.safetensors_stream import write_sharded
 from lingua_mem.config import TokenizerConfig
 from lingua_mem.data.tokenizer import build_tokenizer
 from lingua_mem.model.args import ModelArgs
+from lingua_mem.run_dir import check_output
 
 REMOTE = Path(__file__).parent / "hf_remote"
 REMOTE_FILES = ("configuration_lingua_mem.py", "modeling_lingua_mem.py")
@@ -84,6 +85,7 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "fp3
 
     transformers = _transformers()
     path, out = Path(checkpoint_dir), Path(out_dir)
+    check_output(out, [path])  # with --force too: before anything is read or written
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     args, run_config = checkpoint_model_args(path)

@@ -306,7 +306,7 @@ class UsageCommandConfig:
     """python -m lingua_mem.eval.usage: background read counts of a checkpoint's value rows."""
 
     ckpt: str = ""  # a checkpoints/<step> directory, or a consolidated export directory
-    out: str = ""  # "": <ckpt>/memory_usage.safetensors
+    out: str = ""  # "": <dump_dir>/memory_usage/<step>.safetensors (run_dir.usage_file)
     batches: int = 64  # per process
     # defaults: the run's own data section (config.yaml of a training checkpoint), then these keys
     data: DataConfig = field(default_factory=DataConfig)

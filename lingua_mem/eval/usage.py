@@ -14,7 +14,9 @@ per value table (one for a shared table, else one per memory layer), for each ro
            one batch is data.batch_size x data.seq_len tokens of one process)
 The counts of every process are summed. They are written as safetensors (<key>.reads and
 <key>.batches, int64 (n_values,)), the metadata holding the checkpoint, its step and the
-numbers of batches and tokens; by default into the checkpoint's folder (memory_usage.safetensors).
+numbers of batches and tokens; by default into <dump_dir>/memory_usage/<step>.safetensors
+(run_dir.usage_file: beside checkpoints/, so retention never prunes it; an export's own
+folder for an export). An `out` inside a checkpoint or a run's checkpoints/ is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import sys
 from pathlib import Path
 
-from lingua_mem.memory.usage import USAGE_FILE, Usage, count_usage, save_usage
+from lingua_mem.memory.usage import Usage, count_usage, save_usage
 from lingua_mem.run_dir import dump_dir_of
 
 
@@ -35,7 +37,7 @@ def run(cfg) -> Usage:
     from lingua_mem.eval.load import inspect_checkpoint, load_model
     from lingua_mem.parallel import distributed_session
     from lingua_mem.parallel.runtime import on_rank_0
-    from lingua_mem.run_dir import check_writable
+    from lingua_mem.run_dir import check_output, check_writable, usage_file
 
     with distributed_session(cfg.distributed) as (meshes, device):
         dims = meshes.dims
@@ -44,7 +46,11 @@ def run(cfg) -> Usage:
         info = inspect_checkpoint(cfg.ckpt, TokenizerConfig(name=""))  # the run's own tokenizer
         if not info.args.memory.layers:
             raise ConfigError(f"ckpt: {info.path} is a dense model: it has no memory layers to count")
-        out = Path(cfg.out) if cfg.out else info.path / USAGE_FILE
+        out = Path(cfg.out) if cfg.out else usage_file(info.path, info.kind == "training")
+        try:
+            check_output(out, [info.path], key="out")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         on_rank_0(lambda: check_writable(out.parent), is_main)
         # the run's dump dir holds its generated facts corpus; an export's folder stands in
         dump_dir = dump_dir_of(info.path) if info.kind == "training" else info.path

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-USAGE_FILE = "memory_usage.safetensors"
 FORMAT = "lingua_mem.memory_usage"
 
 
