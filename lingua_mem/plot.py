@@ -77,7 +77,8 @@ def load_run(dump_dir: str | Path) -> dict:
     for _, row in sorted(train.items()):
         if "loss" in row and "tokens" in row:
             tokens = row["tokens"]
-            out["train"].append((tokens, _flops(tokens, row.get("flops_per_token")), row["loss"]))
+            flops = row["flops"] if "flops" in row else _flops(tokens, row.get("flops_per_token"))
+            out["train"].append((tokens, flops, row["loss"]))
     for step, row in sorted(evals.items()):
         tokens = row.get("tokens")
         if tokens is None and step in train:  # an evals/ file without tokens: those of its step

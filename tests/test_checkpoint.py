@@ -151,7 +151,7 @@ def test_corrupt_checkpoints_are_set_aside_and_resume_is_bit_exact_from_the_prev
     assert str(cut) in errors[0] and "truncated" in errors[0] and "0000000012.corrupt" in errors[0]
     assert str(flipped) in errors[1] and "CRC32" in errors[1] and "0000000008.corrupt" in errors[1]
     resumed = [line for line in again.stdout.splitlines() if line.startswith("resumed from ")]
-    assert resumed == [f"resumed from {root / '0000000004'}"]
+    assert resumed == [f"resumed from {root / '0000000004'} (512 tokens trained)"]  # 4 steps of 2 x 64
     # set aside as they were; 8 and 12 written again by the resumed run
     assert ckpts(tmp_path) == ["0000000004", "0000000008", "0000000008.corrupt", "0000000012",
                                "0000000012.corrupt"]
@@ -456,3 +456,24 @@ def test_an_async_save_holds_the_weights_of_its_step_once_staged_whatever_follow
             assert torch.equal(saved[name], value), name
     finally:
         meshes.close()
+
+
+def test_tokens_and_flops_add_up_across_a_resume_with_another_batch(tmp_path):
+    first = run_cli(tmp_path, "steps=4", "checkpoint.every=2")  # 2 x 64 tokens a step
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = run_cli(tmp_path, "steps=6", "checkpoint.every=2", "data.batch_size=4")  # 4 x 64
+    assert second.returncode == 0, second.stderr[-2000:]
+    said = second.stdout + second.stderr
+    assert "resumed from" in said and "(512 tokens trained)" in said
+    assert ("warning: the global batch changed on resume: 128 tokens a step before, 256 now (processes x "
+            "grad_accum x batch_size x seq_len); the token count goes on from 512") in said
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").open()]
+    train_rows = {r["step"]: r for r in rows if "loss" in r and not r.get("eval")}
+    assert [train_rows[s]["tokens"] for s in range(1, 7)] == [128, 256, 384, 512, 768, 1024]
+    per_token = train_rows[6]["flops_per_token"]
+    assert train_rows[6]["flops"] == pytest.approx(1024 * per_token)
+    done = [line for line in second.stdout.splitlines() if line.startswith("done:")]
+    assert done and "1,024 tokens" in done[0]  # not 6 x 256 = 1,536
+    # the same batch again: no warning
+    third = run_cli(tmp_path, "steps=8", "checkpoint.every=2", "data.batch_size=4")
+    assert third.returncode == 0 and "global batch changed" not in third.stdout + third.stderr

@@ -4,7 +4,8 @@ commit, retention, async save, resume with fallback, and init_from.
 <dump_dir>/checkpoints/
   0000000200/               a complete checkpoint of step 200 (the only kind ever loaded)
     .metadata, __<r>_0.distcp   DCP of {"model", "optim"}: global shapes, loadable by any layout
-    train_state_<r>.pt      rank r: data loader state, LR schedule, RNG states
+    train_state_<r>.pt      rank r: data loader state, LR schedule, RNG states, tokens and FLOPs
+                            trained
     config.yaml             the run's full config
     meta.json               step, world size, layout
     manifest.json           size and CRC32 of every file above; written last
@@ -138,8 +139,9 @@ class Checkpointer:
     are DTensors of global shape, so a checkpoint loads into any layout (4 ranks -> 2 -> 1)."""
 
     def __init__(self, cfg: CheckpointConfig, dump_dir: str | Path, model, optimizer, scheduler=None,
-                 loader=None, run_config: dict | None = None, layout: dict | None = None):
+                 loader=None, run_config: dict | None = None, layout: dict | None = None, counts=None):
         self.cfg, self.dump_dir = cfg, Path(dump_dir)
+        self.counts = counts  # the tokens and FLOPs trained (train/report.TrainedCounts), or None
         self.model, self.optimizer, self.scheduler, self.loader = model, optimizer, scheduler, loader
         self.run_config, self.layout = run_config or {}, layout or {}
         self.distributed = dist.is_available() and dist.is_initialized()
@@ -211,6 +213,7 @@ class Checkpointer:
         torch.save({"step": step, "world_size": self.world,
                     "loader": self.loader.state_dict() if self.loader is not None else None,
                     "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                    "counts": self.counts.state_dict() if self.counts is not None else None,
                     "rng": _rng_state()}, path)
         _fsync(path)
 
@@ -364,6 +367,11 @@ class Checkpointer:
             raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {exc})") from None
         if self.scheduler is not None:
             self.scheduler.load_state_dict(train_state["scheduler"])
+        if self.counts is not None:  # global: the same in every rank's file
+            if train_state.get("counts") is not None:
+                self.counts.load_state_dict(train_state["counts"])
+            else:  # written before the counts were kept
+                self.counts.guess(train_state["step"])
         if same_layout:
             if self.loader is not None and train_state["loader"] is not None:
                 self.loader.load_state_dict(train_state["loader"])

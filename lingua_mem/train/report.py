@@ -15,9 +15,46 @@ from lingua_mem.config import TrainConfig
 from lingua_mem.metrics import bf16_peak_flops, format_duration
 
 
+class TrainedCounts:
+    """The tokens and training FLOPs of every step so far, added as steps are taken and
+    checkpointed with the train state (not recomputed as step x batch: a resume with another
+    number of processes or another batch keeps counting from what was trained)."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float):
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token  # global
+        self.tokens, self.flops = 0, 0.0
+        self.resumed_per_step = None  # the tokens a step of the checkpoint resumed from took
+
+    def step(self) -> None:
+        self.tokens += self.tokens_per_step
+        self.flops += self.tokens_per_step * self.flops_per_token
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "flops": self.flops, "tokens_per_step": self.tokens_per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens, self.flops = int(state["tokens"]), float(state["flops"])
+        self.resumed_per_step = int(state["tokens_per_step"])
+
+    def guess(self, step: int) -> None:
+        """A checkpoint from before these counts were kept: step x this run's batch."""
+        self.tokens = step * self.tokens_per_step
+        self.flops = self.tokens * self.flops_per_token
+
+    def change_line(self) -> str | None:
+        """One line when the global batch differs from the resumed checkpoint's, else None."""
+        if self.resumed_per_step in (None, self.tokens_per_step):
+            return None
+        return (f"warning: the global batch changed on resume: {self.resumed_per_step:,} tokens a step "
+                f"before, {self.tokens_per_step:,} now (processes x grad_accum x batch_size x seq_len); the "
+                f"token count goes on from {self.tokens:,}, and the LR schedule counts steps, not tokens")
+
+
 class StepReport:
-    def __init__(self, cfg: TrainConfig, dims, device: torch.device, stats: dict, loader):
+    def __init__(self, cfg: TrainConfig, dims, device: torch.device, stats: dict, loader,
+                 counts: TrainedCounts):
         self.cfg, self.dims, self.device, self.stats, self.loader = cfg, dims, device, stats, loader
+        self.counts = counts
         self.peak = bf16_peak_flops(device) if cfg.distributed.compute_dtype == "bf16" else None
         self.tokens_per_step = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len  # per rank
         self.started = time.perf_counter()
@@ -64,7 +101,8 @@ class StepReport:
             "value_lr": lrs.get("values", 0.0),
             "grad_norm": result.grad_norm.item(),
             "value_grad_norm": result.value_grad_norm.item(),
-            "tokens": step * self.tokens_per_step * dims.world_size,
+            "tokens": self.counts.tokens,
+            "flops": self.counts.flops,
             "tokens_per_s": tokens_per_s * dims.world_size,
             "tokens_per_s_per_rank": tokens_per_s,
             "flops_per_token": stats["flops_per_token"],
@@ -87,7 +125,10 @@ class StepReport:
         if finetune_line:
             lines.append(finetune_line)
         if start:
-            lines.append(f"resumed from {checkpoint_dir(cfg.dump_dir, start)}")
+            lines.append(f"resumed from {checkpoint_dir(cfg.dump_dir, start)} ({self.counts.tokens:,} tokens "
+                         "trained)")
+            if (change := self.counts.change_line()) is not None:
+                lines.append(change)
             if start >= cfg.steps:
                 lines.append(f"nothing to train: the run is complete ({cfg.steps} steps); raise `steps` "
                              "or use another dump_dir")

@@ -33,7 +33,7 @@ from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
 from lingua_mem.train.evaluator import Evaluator
 from lingua_mem.train.guard import DivergenceGuard
-from lingua_mem.train.report import StepReport
+from lingua_mem.train.report import StepReport, TrainedCounts
 from lingua_mem.train.step import train_step
 
 
@@ -87,6 +87,7 @@ class Run:
     params: tuple = ()  # (dense, values): clipped apart
     checkpointer: Checkpointer = None
     report: StepReport = None
+    counts: TrainedCounts = None  # tokens and FLOPs trained, checkpointed
     guard: DivergenceGuard = None
     evaluator: Evaluator | None = None
     logger: MetricLogger | None = None
@@ -117,12 +118,14 @@ def _train_locked(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_mai
     run = _build(cfg, meshes, device, is_main, loader)
     # resume from the newest complete checkpoint of this dump_dir, or start from init_from's
     # weights; a checkpoint of another model shape stops here, before anything is written
+    global_batch = cfg.optim.grad_accum * cfg.data.batch_size * cfg.data.seq_len * run.dims.world_size
+    run.counts = TrainedCounts(global_batch, run.stats["flops_per_token"])
     run.checkpointer = Checkpointer(cfg.checkpoint, cfg.dump_dir, run.model, run.optimizer, run.scheduler,
-                                    loader, to_dict(cfg), asdict(run.dims))
+                                    loader, to_dict(cfg), asdict(run.dims), counts=run.counts)
     start = run.checkpointer.resume()
     if start == 0 and cfg.checkpoint.init_from:
         run.checkpointer.init_from(cfg.checkpoint.init_from)
-    run.report = StepReport(cfg, run.dims, device, run.stats, loader)
+    run.report = StepReport(cfg, run.dims, device, run.stats, loader, run.counts)
     run.guard = DivergenceGuard(run.checkpointer, cfg.optim.skip_nonfinite, device)
     run.evaluator = evaluator
     if is_main:
@@ -159,6 +162,7 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
         result = _step(run, micro_batches)
         guard.observe(step, result)
         run.scheduler.step()
+        run.counts.step()
         report.stepped()
 
         preempted = preemption.requested(run.dims.distributed, run.device)
@@ -219,8 +223,7 @@ def _log(run: Run, step: int, result, lrs: dict) -> dict:
 
 
 def _evaluate(run: Run, step: int) -> None:
-    row, samples, seconds = run.evaluator.run(run.model, step, step * run.report.tokens_per_step
-                                              * run.dims.world_size)
+    row, samples, seconds = run.evaluator.run(run.model, step, run.counts.tokens)
     if run.logger is not None:
         run.logger.log_eval(row, seconds, samples.get("generate", []))
     run.report.pause(seconds)  # the evaluation's time is not the steps'
