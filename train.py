@@ -11,6 +11,7 @@ from lingua_mem.cli import STOPPED, Stopped, fail, reports
 from lingua_mem.config import ConfigError, TrainConfig, load_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "debug.yaml"  # the quickstart
+INTERRUPTED = 130  # Ctrl-C (SIGINT): 128 + 2, as a shell reports it
 
 
 def usage() -> str:
@@ -50,10 +51,14 @@ def main(argv: list[str]) -> int:
     from lingua_mem.train.trainer import train
 
     try:
-        train(cfg)
+        last = train(cfg)
     except Stopped as exc:  # diverged, or a checkpoint that cannot be written: one line, exit 1
         return fail(exc, code=STOPPED)
-    return 0
+    except KeyboardInterrupt:  # Ctrl-C before the training loop took over SIGINT: nothing trained yet
+        print("interrupted (SIGINT) before training started: nothing to save", file=sys.stderr, flush=True)
+        return INTERRUPTED
+    # Ctrl-C during training: the step's checkpoint is written (the trainer said so)
+    return INTERRUPTED if (last or {}).get("preempted_by") == "SIGINT" else 0
 
 
 if __name__ == "__main__":

@@ -127,6 +127,23 @@ def test_preemption_signal_checkpoints_exits_0_and_resumes_exactly(tmp_path, uni
     assert rows(dump) == want
 
 
+def test_ctrl_c_checkpoints_exits_130_without_a_traceback_and_resumes_exactly(tmp_path, uninterrupted):
+    want = uninterrupted(1)
+    dump = tmp_path / "interrupted"
+    procs = start(dump, 1)
+    wait_for_step(dump, 5, procs)
+    procs[0].send_signal(signal.SIGINT)  # what Ctrl-C sends the foreground process
+    (rc, stdout, stderr), = finish(procs)
+    assert rc == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-2000:]
+    stopped = int(stdout.split("interrupted (SIGINT): checkpoint of step ")[1].split()[0])
+    assert 5 <= stopped < 14 and "the same command resumes" in stdout
+    assert (dump / "checkpoints" / f"{stopped:010d}" / "manifest.json").is_file()
+    results = finish(start(dump, 1))
+    assert results[0][0] == 0, results
+    assert rows(dump) == want  # nothing lost, nothing twice
+
+
 def test_wandb_continues_the_same_run_after_a_kill(tmp_path):
     wandb = ("logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.project=lm_test")
     dump = tmp_path / "run"

@@ -192,7 +192,9 @@ class CheckpointConfig:
     # directory (its FFN at memory layers skipped) or a lingua_mem export (consolidate, export-hf)
     init_from: str | None = None
     # signals that mean "preempted": finish the step, checkpoint, requeue under SLURM, exit 0
-    preempt_signals: list[PreemptSignal] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+    # each: checkpoint at the end of the step, then exit (SIGINT, Ctrl-C: exit 130, no requeue)
+    preempt_signals: list[PreemptSignal] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM",
+                                                                          "SIGINT"])
     requeue: bool = True  # under SLURM, `scontrol requeue $SLURM_JOB_ID` after a preemption checkpoint
 
 

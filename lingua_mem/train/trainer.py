@@ -185,7 +185,7 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
             checkpointer.poll()
         if preempted:
             _say_preempted(run, step, preemption)
-            return {**last, "preempted_at": step}
+            return {**last, "preempted_at": step, "preempted_by": preemption.received}
     return last
 
 
@@ -245,6 +245,10 @@ def _open_metrics(run: Run, start: int) -> MetricLogger:
 
 def _say_preempted(run: Run, step: int, preemption: PreemptionFlag) -> None:
     if run.is_main:
+        if preemption.received == "SIGINT":  # Ctrl-C: the user stops the run; not requeued
+            print(f"interrupted (SIGINT): checkpoint of step {step} written; the same command resumes",
+                  flush=True)
+            return
         signal_name = preemption.received or "a signal to another rank"
         print(f"preempted ({signal_name}): checkpoint of step {step} written", flush=True)
         if run.cfg.checkpoint.requeue and requeue_slurm_job():
