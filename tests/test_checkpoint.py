@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from test_parallel import free_port
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -477,3 +478,20 @@ def test_tokens_and_flops_add_up_across_a_resume_with_another_batch(tmp_path):
     # the same batch again: no warning
     third = run_cli(tmp_path, "steps=8", "checkpoint.every=2", "data.batch_size=4")
     assert third.returncode == 0 and "global batch changed" not in third.stdout + third.stderr
+
+
+def test_a_rerun_never_rewrites_the_runs_config_but_records_a_new_version(tmp_path):
+    assert run_cli(tmp_path, "steps=4", "checkpoint.every=2").returncode == 0
+    first = (tmp_path / "config.yaml").read_bytes()
+    same = run_cli(tmp_path, "steps=4", "checkpoint.every=2")  # nothing to train, nothing changed
+    assert same.returncode == 0 and "config: this run changes" not in same.stdout
+    smaller = run_cli(tmp_path, "steps=2", "checkpoint.every=2")  # a smaller steps than the checkpoint's
+    assert smaller.returncode == 0
+    assert "config: this run changes steps from config.yaml; recorded as config.2.yaml" in smaller.stdout
+    assert (tmp_path / "config.yaml").read_bytes() == first
+    assert OmegaConf.load(tmp_path / "config.2.yaml").steps == 2
+    again = run_cli(tmp_path, "steps=6", "checkpoint.every=2", "optim.lr=1e-4")
+    assert again.returncode == 0
+    assert ("config: this run changes optim.lr, steps from config.2.yaml; recorded as config.3.yaml"
+            in again.stdout)
+    assert (tmp_path / "config.yaml").read_bytes() == first

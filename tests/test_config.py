@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,28 @@ def test_bad_key_in_yaml_names_key_and_file(tmp_path):
     yaml.write_text("optim:\n  lrr: 0.1\n")
     with pytest.raises(ConfigError, match=r"optim\.lrr.*bad\.yaml"):
         load_config([f"config={yaml}"])
+
+
+def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("model:\n  dim: 64\n   n_layers: 2\n")  # one space too many on line 3
+    with pytest.raises(ConfigError, match=re.escape(f"config: {yaml}:3:12: mapping values are not allowed "
+                                                    "in this context (YAML syntax)") + "$"):
+        load_config([f"config={yaml}"])
+
+
+def test_a_section_given_a_value_names_its_key_and_where(tmp_path):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("model: 5\n")
+    with pytest.raises(ConfigError, match=re.escape(f"model: expected a section (its keys, e.g. model.<key>: "
+                                                    f"...), got 5 (in {yaml})")):
+        load_config([f"config={yaml}"])
+    yaml.write_text("data:\n  facts: 3\n")  # nested
+    with pytest.raises(ConfigError, match=re.escape("data.facts: expected a section")):
+        load_config([f"config={yaml}"])
+    with pytest.raises(ConfigError, match=re.escape("optim: expected a section (its keys, e.g. optim.<key>: "
+                                                    "...), got 'fast' (on the command line)")):
+        load_config(["optim=fast"])
 
 
 def test_train_py_exits_2_with_one_line_before_any_work(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -28,6 +29,32 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key else msg
 
 
+def _check_sections(schema_node, layer, where: str, prefix: str = "") -> None:
+    """A section (a nested config) given a scalar or a list, in one layer to be merged: one
+    ConfigError naming its key (OmegaConf's merge says only "Merge error: int is not a
+    subclass of ModelConfig")."""
+    if not OmegaConf.is_dict(layer):
+        return
+    for key, value in layer.items_ex(resolve=False):
+        if key not in schema_node:
+            continue  # an unknown key: the merge names it
+        name = f"{prefix}{key}"
+        expected = schema_node._get_node(key)
+        if OmegaConf.is_dict(expected) and expected._metadata.object_type not in (None, dict):
+            if not OmegaConf.is_dict(value):
+                raise ConfigError(f"{name}: expected a section (its keys, e.g. {name}.<key>: ...), got "
+                                  f"{value!r} ({where})")
+            _check_sections(expected, value, where, f"{name}.")
+
+
+def _yaml_error(path: str, exc: Exception) -> str:
+    """A YAML syntax error as `config: FILE:LINE:COLUMN: problem`."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    return f"config: {where}: {problem} (YAML syntax)"
+
+
 def load_config(args: list[str], schema: type = TrainConfig, check=validate, base: dict | None = None):
     """Build a config from `config=<yaml>` and `key=value` items.
 
@@ -47,7 +74,9 @@ def load_config(args: list[str], schema: type = TrainConfig, check=validate, bas
     merged = OmegaConf.structured(schema)
     if base is not None:
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.create(base))
+            layer = OmegaConf.create(base)
+            _check_sections(merged, layer, "in the run's config.yaml")
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{_one_line(exc)} (in the run's config.yaml)") from None
     if yaml_path is not None:  # its errors name the file
@@ -55,13 +84,23 @@ def load_config(args: list[str], schema: type = TrainConfig, check=validate, bas
         if not path.is_file():
             raise ConfigError(f"config: no such file {yaml_path}")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            layer = OmegaConf.load(path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(_yaml_error(yaml_path, exc)) from None
+        except Exception as exc:  # unreadable, not text, ...
+            raise ConfigError(f"config: cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
+        _check_sections(merged, layer, f"in {yaml_path}")
+        try:
+            merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
             raise ConfigError(f"{_one_line(exc)} (in {yaml_path})") from None
-        except Exception as exc:  # a YAML syntax error and the like
-            raise ConfigError(f"config: cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
     try:  # the command line's errors say so
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(dotlist))
+        layer = OmegaConf.from_dotlist(dotlist)
+    except Exception as exc:
+        raise ConfigError(f"command line: {str(exc).splitlines()[0]}") from None
+    _check_sections(merged, layer, "on the command line")
+    try:
+        merged = OmegaConf.merge(merged, layer)
         cfg = OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{_one_line(exc)} (on the command line)") from None

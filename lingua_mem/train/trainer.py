@@ -234,13 +234,43 @@ def _open_metrics(run: Run, start: int) -> MetricLogger:
     cfg = run.cfg
     dump_dir = Path(cfg.dump_dir)
     dump_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), dump_dir / "config.yaml")
+    version_line = _record_config(cfg, dump_dir)
     logger = MetricLogger(cfg.dump_dir, cfg.steps, cfg.logging.wandb, to_dict(cfg), cfg.logging.console,
                           resume_step=start)
     if cfg.logging.console:
         for line in run.report.startup(run.finetune.describe(run.model), start):
             print(line, flush=True)
+        if version_line:
+            print(version_line, flush=True)
     return logger
+
+
+def _record_config(cfg: TrainConfig, dump_dir: Path) -> str | None:
+    """The run's config as <dump_dir>/config.yaml, written by its first start and never
+    rewritten: a rerun whose config differs records it as config.<n>.yaml (n = 2, 3, ...;
+    the newest is the one in force) and returns a line naming the keys that changed."""
+    now = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=False)
+    first = dump_dir / "config.yaml"
+    if not first.is_file():
+        OmegaConf.save(OmegaConf.create(now), first)
+        return None
+    numbered = sorted((int(p.name.split(".")[1]), p) for p in dump_dir.glob("config.*.yaml")
+                      if p.name.split(".")[1].isdigit())
+    n, newest = numbered[-1] if numbered else (1, first)
+    changed = _changed_keys(OmegaConf.to_container(OmegaConf.load(newest), resolve=False), now)
+    if not changed:
+        return None
+    path = dump_dir / f"config.{n + 1}.yaml"
+    OmegaConf.save(OmegaConf.create(now), path)
+    shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+    return f"config: this run changes {shown} from {newest.name}; recorded as {path.name}"
+
+
+def _changed_keys(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _say_preempted(run: Run, step: int, preemption: PreemptionFlag) -> None:
