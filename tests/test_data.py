@@ -716,3 +716,24 @@ def test_files_added_between_runs_join_at_the_next_epoch_and_removed_ones_stop(t
     with pytest.raises(ConfigError, match=r"^data\.sources\.web\.path: b\.jsonl was read by the run being "
                                           r"resumed and is not in .* any more"):
         fresh.load_state_dict(state)
+
+
+def test_a_file_cut_below_the_saved_offset_stops_the_resume_in_one_line(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", ["a0", "a1", "a2", "a3"])
+    cfg = SourceConfig(path=str(d))
+    src = open_source("web", cfg)
+    assert read_all(src, 3) == ["a0", "a1", "a2"]
+    state = json.loads(json.dumps(src.state_dict()))
+    src.close()
+    write_jsonl(d / "a.jsonl", ["a0"])  # rewritten shorter while the run was stopped
+    size = (d / "a.jsonl").stat().st_size
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.sources.web.path: {d / 'a.jsonl'} is {size:,} bytes, below the offset {state['offset']:,} "
+            "the run being resumed had read it to (changed since the checkpoint?)")):
+        open_source("web", cfg).load_state_dict(state)
+    write_jsonl(d / "a.jsonl", ["a0", "a1", "a2", "a3", "a4"])  # grown: still resumes where it was
+    resumed = open_source("web", cfg)
+    resumed.load_state_dict(state)
+    assert read_all(resumed, 2) == ["a3", "a4"]

@@ -336,6 +336,14 @@ class Source:
                   "join at the next epoch", file=sys.stderr, flush=True)
         self._next_epoch_files = list(self.files) if added else None
         self.files = [now[name] for name in state["files"]]
+        reading = self.files[state["file_index"]] if state["file_index"] < len(self.files) else None
+        size = os.path.getsize(reading) if reading is not None else 0
+        if reading is not None and self.format in ("jsonl", "text") and not reading.endswith(".gz") \
+                and size < state["offset"]:  # cut or rewritten since the checkpoint
+            raise ConfigError(f"data.sources.{self.name}.path: {reading} is {size:,} bytes, "
+                              f"below the offset {state['offset']:,} the run being resumed had read it to "
+                              "(changed since the checkpoint?); restore it to resume exactly, or use "
+                              "another dump_dir")
         self.close()
         for key in ("epoch", "file_index", "offset", "line", "epoch_docs", "skipped"):
             setattr(self, key, int(state[key]))
