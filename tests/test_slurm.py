@@ -5,6 +5,7 @@ keeps failing stops requeueing. Bad input fails before anything is submitted."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import LocalSlurm, missing
+from test_parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["config=configs/debug.yaml", "profile=local", "log_every=1", "checkpoint.every=4",
@@ -171,7 +173,16 @@ def one_line_error(proc, key: str) -> None:
 def test_bad_input_fails_before_anything_is_submitted(cluster, tmp_path):
     dump = tmp_path / "never"
     run = [*RUN, f"dump_dir={dump}"]
-    one_line_error(launch(cluster, "lingua_mem.launch", *run, "partition=nope"), "partition")
+    nope = launch(cluster, "lingua_mem.launch", *run, "partition=nope")
+    one_line_error(nope, "partition: nope does not exist on this cluster (")
+    # a controller that does not answer is not a missing partition: scontrol's own words
+    conf = Path(cluster["SLURM_CONF"])
+    dead = tmp_path / "dead.conf"
+    dead.write_text(re.sub(r"SlurmctldPort=\d+", f"SlurmctldPort={free_port()}", conf.read_text())
+                    + "MessageTimeout=1\n")
+    unreachable = launch(dict(cluster, SLURM_CONF=str(dead)), "lingua_mem.launch", *run, "partition=debug")
+    one_line_error(unreachable, "partition: cannot check debug: scontrol show partition: ")
+    assert "does not exist" not in unreachable.stderr
     no_sbatch = dict(cluster, PATH=str(Path(sys.executable).parent))
     one_line_error(launch(no_sbatch, "lingua_mem.launch", *run), "sbatch")
     one_line_error(launch(cluster, "lingua_mem.launch", *run, "optim.lrr=1"), "optim.lrr")
@@ -203,6 +214,8 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
 @pytest.mark.parametrize("args,key", [
     (["time=2days"], "time"),
     (["time=12:3:4:5"], "time"),
+    (["time=1"], "time"),  # one minute: the default USR1 is due 120 s before the end
+    (["time=2", "signal_seconds=120"], "time"),
     (["mem=lots"], "mem"),
     (["mem=64GB"], "mem"),
     (["nodes=1", "gpus_per_node=8", "distributed.dp_replicate=3"], "distributed.dp_shard"),

@@ -64,6 +64,23 @@ _TIME = re.compile(r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2
 _MEM = re.compile(r"\d+[KMGT]?")
 
 
+def time_seconds(time: str) -> int | None:
+    """A SLURM time in seconds (None: UNLIMITED / INFINITE): minutes, minutes:seconds,
+    hours:minutes:seconds, days-hours, days-hours:minutes, days-hours:minutes:seconds."""
+    if time in ("UNLIMITED", "INFINITE"):
+        return None
+    days, _, rest = time.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # days-hours[:minutes[:seconds]]
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 1:
+        return parts[0] * 60  # minutes
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]  # minutes:seconds
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+
+
 def _check_launch(c: LaunchConfig) -> None:
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
@@ -82,6 +99,10 @@ def _check_launch(c: LaunchConfig) -> None:
     accelerator(c.gpu)  # an unknown name: ConfigError naming the key
     need(c.time is None or _TIME.fullmatch(c.time) is not None, "time",
          f"{c.time!r} is not a SLURM time (minutes, [days-]hours:minutes:seconds, days-hours, ...)")
+    limit = time_seconds(c.time) if c.time is not None else None
+    need(limit is None or not c.signal_seconds or limit > c.signal_seconds, "time",
+         f"{c.time} ({limit} s) is not longer than signal_seconds={c.signal_seconds}: the checkpoint signal "
+         "(USR1) would be due before the job trains a step; give more time or a smaller signal_seconds")
     need(c.mem is None or _MEM.fullmatch(c.mem) is not None, "mem",
          f"{c.mem!r} is not a SLURM size (a number with an optional K, M, G or T suffix)")
 
@@ -152,8 +173,11 @@ def check_cluster(c: LaunchConfig) -> None:
         raise ConfigError("sbatch: not found on PATH (is this a SLURM login node?)")
     if c.partition is not None:
         out = subprocess.run(["scontrol", "show", "partition", c.partition], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise ConfigError(f"partition: {c.partition} does not exist on this cluster")
+        said = (out.stderr.strip() or out.stdout.strip() or f"exit {out.returncode}").splitlines()[0]
+        if out.returncode != 0 and ("not found" in said or "invalid partition" in said.lower()):
+            raise ConfigError(f"partition: {c.partition} does not exist on this cluster ({said})")
+        if out.returncode != 0:  # slurmctld down, munge, permissions: scontrol's own words
+            raise ConfigError(f"partition: cannot check {c.partition}: scontrol show partition: {said}")
 
 
 def snapshot_code(dest: Path) -> Path:
