@@ -129,8 +129,10 @@ class MetricLogger:
             if "val/loss" in metrics:
                 parts.append(f"val loss {metrics['val/loss']:.4f} ppl {metrics['val/ppl']:.2f} "
                              f"bpb {metrics['val/bits_per_byte']:.3f}")
-            if "facts_qa/exact_match" in metrics:
-                parts.append(f"facts EM {metrics['facts_qa/exact_match']:.3f} "
+            if "facts_qa/recall/exact_match" in metrics:  # asked as trained: stored?
+                parts.append(f"facts recall EM {metrics['facts_qa/recall/exact_match']:.3f}")
+            if "facts_qa/exact_match" in metrics:  # asked in new words
+                parts.append(f"facts QA EM {metrics['facts_qa/exact_match']:.3f} "
                              f"F1 {metrics['facts_qa/f1']:.3f}")
             parts.append(f"{seconds:.1f}s")
             print(" | ".join(parts), flush=True)

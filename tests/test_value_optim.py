@@ -77,7 +77,7 @@ def test_the_routed_read_is_a_checked_custom_op():
     try:
         reader = TableReader(meshes.memory, 64, 8, "torch", torch.float32, torch.float32)
         args = (reader, torch.randint(0, 64, (5, 4)), torch.randn(5, 4, requires_grad=True),
-                torch.randn(64, 8), 8, torch.float32, True)
+                torch.randn(64, 8, requires_grad=True), 8, torch.float32)
         # schema, fake kernel (sizes from the data: unbacked), autograd registered for every output
         torch.library.opcheck(routed_read, args, test_utils=("test_schema", "test_faketensor",
                                                             "test_autograd_registration"))

@@ -33,14 +33,19 @@ SAMPLES = 5  # facts QA answers kept in the report
 
 
 def default_sources(run_config: dict, facts_dir: Path | None) -> dict[str, EvalSourceConfig]:
-    """A run's held-out data: the facts corpus's val.jsonl and qa.jsonl when it trains on
-    the corpus (no data.sources); for a source at <dir>/train, the <dir>/val beside it."""
+    """A run's held-out data: the facts corpus's val.jsonl, qa.jsonl (facts asked in new
+    words: facts_qa/...) and recall.jsonl (in the training templates' words: is the fact
+    stored? facts_qa/recall/...) when it trains on the corpus (no data.sources); for a source
+    at <dir>/train, the <dir>/val beside it."""
     sources = (run_config.get("data") or {}).get("sources") or {}
     if not sources:
         if facts_dir is None:
             return {}
-        return {"facts": EvalSourceConfig(path=str(facts_dir / "val.jsonl")),
-                "facts_qa": EvalSourceConfig(path=str(facts_dir / "qa.jsonl"), kind="qa")}
+        out = {"facts": EvalSourceConfig(path=str(facts_dir / "val.jsonl")),
+               "facts_qa": EvalSourceConfig(path=str(facts_dir / "qa.jsonl"), kind="qa")}
+        if (facts_dir / "recall.jsonl").is_file():  # the same facts asked in the training templates' words
+            out["recall"] = EvalSourceConfig(path=str(facts_dir / "recall.jsonl"), kind="qa")
+        return out
     out = {}
     for name, src in sorted(sources.items()):
         path = Path(src.get("path", ""))
@@ -131,7 +136,8 @@ def evaluate(model, tokenizer, data: EvalData, device, progress=None) -> tuple[d
             started = time.perf_counter()
             predictions = facts_qa.answer(model, tokenizer, questions, cfg.batch_size, cfg.max_answer_tokens)
             scores = facts_qa.score(questions, predictions, total, n_params, n_params - n_values)
-            prefix = "facts_qa" if len(data.questions) == 1 else f"facts_qa/{name}"
+            # the default source keeps its plain names (facts_qa/exact_match) beside others
+            prefix = "facts_qa" if len(data.questions) == 1 or name == "facts_qa" else f"facts_qa/{name}"
             metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
             say(f"facts_qa {name}: exact match {scores['exact_match']:.3f} over {len(questions)} questions "
                 f"in {time.perf_counter() - started:.1f}s")

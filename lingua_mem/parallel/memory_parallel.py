@@ -277,11 +277,9 @@ _Tensors8 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
 
 
 def _routed_read(reader: TableReader, indices: torch.Tensor, weights: torch.Tensor, shard: torch.Tensor,
-                 v_dim: int, dtype: torch.dtype, keep_rows: bool) -> _Tensors8:
+                 v_dim: int, dtype: torch.dtype) -> _Tensors8:
     """This rank's N tokens' bags, (N, v_dim) in `dtype` (the compute dtype), and what the
-    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors).
-    `shard` is read as data (no autograd edge): its gradient comes as rows, kept in the
-    reader by the backward when `keep_rows` (a table that trains)."""
+    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors)."""
     n, given = indices.shape[0], weights
     if reader.mp > 1:
         indices = _all_gather_rows(indices, reader.mp_group)  # (T, M) = (mp*N, M)
@@ -327,7 +325,7 @@ ROUTED_READ_IMPLS = {routed_read._opoverload: _routed_read,
 
 
 @routed_read.register_fake
-def _(reader, indices, weights, shard, v_dim, dtype, keep_rows):
+def _(reader, indices, weights, shard, v_dim, dtype):
     ctx = torch.library.get_ctx()
     sized = [indices.new_empty(ctx.new_dynamic_size()) for _ in range(5)]  # rows .. bag_token
     out = weights.new_empty((indices.shape[0], v_dim), dtype=dtype)
@@ -341,18 +339,38 @@ def _(reader, grad, w, rows, slots, offsets, order, bag_token, splits, shard, m,
 
 
 def _setup_context(ctx, inputs, output):
-    reader, indices, weights, shard, _, _, keep_rows = inputs
-    ctx.reader, ctx.m, ctx.keep_rows = reader, indices.shape[1], keep_rows
+    reader, indices, weights, shard, _, _ = inputs
+    ctx.reader, ctx.m = reader, indices.shape[1]
     ctx.save_for_backward(*output[1:], shard)
 
 
 def _backward(ctx, grad, *_):
     saved = ctx.saved_tensors
-    grad_w = routed_read_backward(ctx.reader, grad.contiguous(), *saved, ctx.m, ctx.keep_rows)
-    return None, None, grad_w, None, None, None, None
+    keep = ctx.needs_input_grad[3]  # the shard: a frozen table keeps no row gradient
+    grad_w = routed_read_backward(ctx.reader, grad.contiguous(), *saved, ctx.m, keep)
+    return None, None, grad_w, None, None, None
 
 
 routed_read.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LocalShard(torch.autograd.Function):
+    """weight.to_local() for the read, whose backward passes no gradient on when given none
+    (the read's gradient comes as rows). DTensor's own to_local on torch 2.11 hands its
+    backward a shard of zeros there, so the weight got a shard-sized .grad each step."""
+
+    @staticmethod
+    def forward(ctx, weight):
+        ctx.set_materialize_grads(False)
+        ctx.mesh, ctx.placements = weight.device_mesh, weight.placements
+        local = weight.to_local()
+        return local.view(local.shape)  # a view: not the DTensor's own tensor
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is None:
+            return None
+        return DTensor.from_local(grad, ctx.mesh, ctx.placements, run_check=False)
 
 
 class ShardedValueTable(ValueTable):
@@ -380,10 +398,8 @@ class ShardedValueTable(ValueTable):
 
     def forward(self, bag: Bag) -> torch.Tensor:
         """bag (N, M) of this rank's tokens -> (N, v_dim) in compute dtype."""
-        # the shard goes in detached: its gradient is never a table-sized tensor, not even
-        # zeros (torch 2.11 gave the weight a zero .grad for a None it was returned)
-        return routed_read(self.reader, bag.indices, bag.weights, self.weight.to_local().detach(), self.v_dim,
-                           self.compute_dtype, self.weight.requires_grad and torch.is_grad_enabled())[0]
+        return routed_read(self.reader, bag.indices, bag.weights, _LocalShard.apply(self.weight), self.v_dim,
+                           self.compute_dtype)[0]
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """This step's gradient of this rank's shard, row-sparse: (local rows (K,), distinct,
