@@ -40,7 +40,7 @@ class LocalSlurm:
     """start() -> env (SLURM_CONF, PATH) for sbatch/squeue/scontrol; stop() ends every daemon."""
 
     def __init__(self, root: Path, cpus: int = 8, memory_mb: int = 16000, cred_expire: int = 10,
-                 bf_interval: int = 1, sched_interval: int = 2):
+                 bf_interval: int = 1, sched_interval: int = 2, nodes: int = 1):
         # cred_expire: the lifetime of a job step's credential, and so how long slurmctld holds a
         # requeued job before it may start again (slurmd refuses a job id whose credentials it has
         # revoked until they expire). Debian's default is 120 s, the hold the requeue tests used to
@@ -53,6 +53,10 @@ class LocalSlurm:
         # within a second. Neither changes what runs, only when the scheduler looks.
         self.root, self.cpus, self.memory_mb, self.cred_expire = Path(root), cpus, memory_mb, cred_expire
         self.bf_interval, self.sched_interval = bf_interval, sched_interval
+        # nodes > 1: that many slurmd on this host (Slurm's multiple-slurmd mode), named n1, n2,
+        # ..., each on its own port with its own spool, pid and log (%n), all at 127.0.0.1; each
+        # has cpus and memory_mb of its own
+        self.names = ["localhost"] if nodes == 1 else [f"n{i + 1}" for i in range(nodes)]
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ)
 
@@ -71,6 +75,12 @@ class LocalSlurm:
              f"--seed-file={r / 'munge' / 'munged.seed'}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         conf = r / "slurm.conf"
+        for name in self.names:
+            (r / "spool" / name).mkdir(parents=True, exist_ok=True)
+        one = f"CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN"
+        nodes = (f"NodeName=localhost {one}" if self.names == ["localhost"] else "\n".join(
+            f"NodeName={name} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} {one}"
+            for name in self.names))
         conf.write_text(f"""\
 ClusterName=lingua-test
 SlurmctldHost=localhost
@@ -82,11 +92,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={sock},cred_expire={self.cred_expire}
 StateSaveLocation={r / 'state'}
-SlurmdSpoolDir={r / 'spool'}
+SlurmdSpoolDir={r / 'spool'}/%n
 SlurmctldPidFile={r / 'slurmctld.pid'}
-SlurmdPidFile={r / 'slurmd.pid'}
+SlurmdPidFile={r / 'slurmd'}-%n.pid
 SlurmctldLogFile={r / 'log' / 'slurmctld.log'}
-SlurmdLogFile={r / 'log' / 'slurmd.log'}
+SlurmdLogFile={r / 'log' / 'slurmd'}-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -101,17 +111,21 @@ JobRequeue=1
 MinJobAge=3600
 KillWait=10
 SlurmdParameters=config_overrides
-NodeName=localhost CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN
-PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{nodes}
+PartitionName=debug Nodes={",".join(self.names)} Default=YES MaxTime=INFINITE State=UP
 """)
         self.env["SLURM_CONF"] = str(conf)
-        for daemon, args in (("slurmctld", ["-D", "-i"]), ("slurmd", ["-D", "-N", "localhost"])):
+        daemons = [("slurmctld", ["-D", "-i"]), *(("slurmd", ["-D", "-N", name]) for name in self.names)]
+        for daemon, args in daemons:
             self.procs.append(subprocess.Popen([_exe(daemon), *args, "-f", str(conf)], env=self.env,
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True)
-            if out.returncode == 0 and out.stdout.strip() in ("idle", "mixed", "allocated"):
+            out = subprocess.run(["sinfo", "-N", "-h", "-o", "%T"], env=self.env, capture_output=True,
+                                 text=True)
+            states = out.stdout.split()
+            if out.returncode == 0 and len(states) == len(self.names) \
+                    and all(s in ("idle", "mixed", "allocated") for s in states):
                 return self.env
             time.sleep(0.5)
         logs = "\n".join(p.read_text()[-2000:] for p in (r / "log").glob("*.log"))

@@ -6,6 +6,7 @@ keeps failing stops requeueing. Bad input fails before anything is submitted."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -162,6 +163,55 @@ def test_a_job_failing_at_the_same_step_stops_requeueing(cluster, tmp_path):
     assert json.loads((dump / "launch" / "attempts.json").read_text()) == {"step": 0, "failures": 2}
     log = (dump / "logs" / f"{job}.log").read_text()
     assert "failure 1/2 from step 0: requeued" in log and "giving up: 2 failures" in log
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A cluster of two nodes on this host (two slurmd, n1 and n2, at 127.0.0.1), 2 CPUs each."""
+    why = missing()
+    if why:
+        pytest.skip(why)
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm2"), cpus=2, memory_mb=8000, nodes=2)
+    env = slurm.start()
+    yield env
+    slurm.stop()
+
+
+def tasks_on(node: str) -> list[int]:
+    """The pids of this host's training processes that SLURM started as tasks of `node`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"train.py" in cmdline and f"SLURMD_NODENAME={node}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_two_node_job_trains_as_one_node_does_and_a_lost_node_is_requeued_exactly(two_nodes, uninterrupted,
+                                                                                    tmp_path):
+    dump = tmp_path / "two"
+    job = submitted_job(launch(two_nodes, "lingua_mem.launch", *RUN, "steps=16", "nodes=2",
+                               "tasks_per_node=1", f"dump_dir={dump}"))
+    deadline = time.monotonic() + 240
+    while not any(r["step"] >= 6 for r in metrics(dump)):  # past the checkpoint of step 4
+        assert time.monotonic() < deadline and job_state(two_nodes, job) in ("PENDING", "RUNNING")
+        time.sleep(0.1)
+    victims = tasks_on("n2")
+    assert victims, "no task of node n2 found"
+    for pid in victims:  # node n2's processes die (as with a node lost): SIGKILL, no checkpoint
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(two_nodes, job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
+    log = (dump / "logs" / f"{job}.log").read_text()
+    assert "on n[1-2]" in log and "2 process(es)" in log  # one task on each node
+    # the job failed as a whole (srun ended n1's task too) and was requeued by its own script
+    assert "failure 1/" in log and "requeued" in log and "(restart 1)" in log and "resumed from" in log
+    want, got = metrics(uninterrupted[0]), metrics(dump)  # the 1-node, 2-task run of the same config
+    assert [r["step"] for r in got] == list(range(1, 17))
+    assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]
 
 
 def one_line_error(proc, key: str) -> None:

@@ -205,6 +205,18 @@ def prepare_run(cfg: TrainConfig) -> tuple[Path, Path]:
     return config, dump_dir
 
 
+# torch.distributed's rendezvous, in the job's shell: the first node of the allocation at its
+# NodeAddr (the address slurmctld reaches it at; the node's name unless the site set one), a
+# port from the job id. The sbatch template and submitit's setup both run it.
+RENDEZVOUS = [
+    'FIRST_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+    "MASTER_ADDR=$(scontrol show node \"$FIRST_NODE\" 2>/dev/null"
+    " | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
+    "export MASTER_ADDR=${MASTER_ADDR:-$FIRST_NODE}",
+    "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
+]
+
+
 def render_script(c: LaunchConfig, configs: list[Path], dump_dirs: list[Path], code_dir: Path,
                   log_pattern: str, array: bool = False) -> str:
     """The sbatch script: slurm/job.sbatch with this job's #SBATCH lines and paths."""
@@ -225,7 +237,7 @@ def render_script(c: LaunchConfig, configs: list[Path], dump_dirs: list[Path], c
         "dump_dirs": " ".join(shlex.quote(str(p)) for p in dump_dirs),
         "setup": "\n".join(c.setup), "omp_threads": str(c.cpus_per_task or 1),
         "signal_seconds": str(c.signal_seconds), "python": shlex.quote(c.python),
-        "max_attempts": str(c.max_attempts),
+        "max_attempts": str(c.max_attempts), "rendezvous": "\n".join(RENDEZVOUS),
     }
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
 
@@ -254,9 +266,7 @@ def submit_submitit(c: LaunchConfig, config: Path, dump_dir: Path, code_dir: Pat
         nodes=c.nodes, ntasks_per_node=c.tasks_per_node, cpus_per_task=c.cpus_per_task or 1,
         gpus_per_node=c.gpus_per_node or None, partition=c.partition, time=c.time or 0,
         job_name=c.job_name or "lingua_mem", signal_delay_s=c.signal_seconds, additional_parameters=extra,
-        setup=[*c.setup, 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-               "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
-               f"export PYTHONPATH={shlex.quote(str(code_dir))}"],
+        setup=[*c.setup, *RENDEZVOUS, f"export PYTHONPATH={shlex.quote(str(code_dir))}"],
         srun_args=["--cpu-bind=none"])
     command = submitit.helpers.CommandFunction([c.python, "-u", "train.py", f"config={config}"],
                                                cwd=str(code_dir))
