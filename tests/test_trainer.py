@@ -51,11 +51,15 @@ def test_debug_quickstart_halves_its_loss(tmp_path):
     report = json.loads((tmp_path / "evals" / f"{steps}.json").read_text())
     m = report["metrics"]
     assert m["val/loss"] == pytest.approx(rows[-1]["loss"], abs=0.3)  # new biographies of the same people
-    assert m["facts_qa/questions"] == 500 and 0 <= m["facts_qa/exact_match"] <= 1
+    assert m["facts_qa/questions"] == 180 and 0 <= m["facts_qa/exact_match"] <= 1  # 30 people x 6 facts
+    # it learned facts: asked in the training templates' words it recalls some (0.117 measured
+    # on 2026-12-06; 0 with the 1000-person corpus of before)
+    assert m["facts_qa/recall/questions"] == 180 and m["facts_qa/recall/exact_match"] >= 0.05
     assert 0 < m["memory/layer1/usage"] <= 1 and 0 < m["memory/layer3/usage"] <= 1
     samples = report["samples"]["generate"]
     assert len(samples) == 2 and all(s["completion"] for s in samples)
-    for key in ("val/loss", "val/bits_per_byte", "facts_qa/exact_match", "generate:"):
+    for key in ("val/loss", "val/bits_per_byte", "facts_qa/exact_match", "facts_qa/recall/exact_match",
+                "generate:"):
         assert key in proc.stdout, key
 
 
