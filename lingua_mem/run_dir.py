@@ -17,8 +17,10 @@ Any other lock refuses the run: one line naming the holder, exit 2.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -82,6 +84,18 @@ def check_output(out: str | Path, reads: list[str | Path], key: str = "--out") -
         else:
             continue
         raise ValueError(f"{key} {out}: {where} {path}, {why}; choose another {key}")
+
+
+def staging_dir(out: str | Path) -> Path:
+    """Where a command writes `out` before renaming it into place: a hidden folder beside it
+    named by this process (.<name>.partial-<pid>). Those a killed run of the same output left
+    behind (their process gone) are removed first; a live writer's are left alone."""
+    out = Path(out)
+    for left in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return out.with_name(f".{out.name}.partial-{os.getpid()}")
 
 
 def check_writable(dump_dir: str | Path) -> None:

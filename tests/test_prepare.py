@@ -10,6 +10,7 @@ import collections
 import gzip
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,8 +231,16 @@ def test_cli_errors_and_atomic_output(tmp_path, monkeypatch):
     assert prep.main(["--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--chunks", "1",
                       "--val-docs", "0", "--seed", "0", "--overwrite"]) == 0
     assert [p.name for p in (tmp_path / "out" / "train").iterdir()] == ["chunk.00000.jsonl"]
-    with pytest.raises(prep.InputError, match="output .* holds the input"):
+    holds = f"--out {tmp_path / 'out'}: contains {tmp_path / 'out' / 'train'}, which this command reads"
+    with pytest.raises(prep.InputError, match=re.escape(holds)):
         prep.prepare([str(tmp_path / "out" / "train")], str(tmp_path / "out"), 1, 0, 0, overwrite=True)
+    # a prepare killed mid-write left its staging folder: the next one (same --out) removes it
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / f".out.partial-{gone.pid}" / "train").mkdir(parents=True)
+    assert prep.main(["--input", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "out"), "--chunks", "1",
+                      "--val-docs", "0", "--seed", "0", "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".out.partial-*"))
     (tmp_path / "a.dat").write_text("x")
     with pytest.raises(prep.InputError, match="cannot tell the format of .*a.dat by its name; give --format"):
         prep.find_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "a.dat")])

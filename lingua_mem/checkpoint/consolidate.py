@@ -15,9 +15,7 @@ weight merged with its adapters (W + alpha/rank B A), the lora tensors left out.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -59,7 +57,7 @@ from lingua_mem.finetune.lora import (
 from lingua_mem.finetune.modes import build_finetune, build_model_as_trained
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.llama import Transformer, build_model
-from lingua_mem.run_dir import check_output, pid_alive
+from lingua_mem.run_dir import check_output, staging_dir
 
 
 def checkpoint_lora(run_config: dict, where: str | Path) -> LoraConfig | None:
@@ -199,11 +197,7 @@ def staged_output(out: Path, force: bool):
         raise ValueError(f"{out}: cannot write (a file, not a directory)")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"{out}: exists and is not empty (give --force to replace it)")
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    for left in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):  # a killed run's
-        pid = left.name.rpartition("-")[2]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            shutil.rmtree(left, ignore_errors=True)
+    staging = staging_dir(out)  # a killed run's left behind are removed
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

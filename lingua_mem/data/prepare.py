@@ -54,7 +54,6 @@ import shutil
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -72,6 +71,7 @@ from lingua_mem.data.sources import (
     load_saved_dataset,
     read_dataset,
 )
+from lingua_mem.run_dir import check_output, staging_dir
 
 VERSION = 1
 FAN_OUT = 128  # bucket files open at once in pass 1 (and when splitting a bucket)
@@ -314,11 +314,12 @@ def prepare(inputs: list[str], out: str, chunks: int, val_docs: int, seed: int, 
         raise InputError(f"output is a file, not a directory: {out}")
     if out_path.is_dir() and any(out_path.iterdir()) and not overwrite:
         raise InputError(f"output exists and is not empty: {out} (give --overwrite)")
-    for p in inputs:  # --overwrite must never delete an input
-        if out_path.resolve() in (Path(p).resolve(), *Path(p).resolve().parents):
-            raise InputError(f"output {out} holds the input {p}")
+    try:  # --overwrite must never delete an input, nor a run's files
+        check_output(out_path, [Path(p) for p in inputs])
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    work = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    work = staging_dir(out_path)  # a killed run's left behind are removed
     work.mkdir()  # (not mkdtemp: its mode 0700 would stay on the published directory)
     try:
         summary = prepare_into(work, inputs, files, chunks, val_docs, seed, text_field, split,
