@@ -50,13 +50,17 @@ class PreemptionFlag:
         self._previous = {}
 
 
-def requeue_slurm_job() -> bool:
-    """`scontrol requeue $SLURM_JOB_ID` when running under SLURM; True if requeued."""
+def requeue_slurm_job(announce: str = "", file=None) -> bool:
+    """`scontrol requeue $SLURM_JOB_ID` when running under SLURM; True if requeued.
+    `announce` is printed first, as "<announce>: requeueing SLURM job <id>": the requeue ends
+    the job's processes, possibly before a line printed after it reaches the log."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID")
     job_id = (f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job
               else os.environ.get("SLURM_JOB_ID"))
     if not job_id:
         return False
+    if announce:
+        print(f"{announce}: requeueing SLURM job {job_id}", file=file or sys.stdout, flush=True)
     try:
         proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:

@@ -101,7 +101,7 @@ def test_a_preempted_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one
     subprocess.run(["scancel", "--signal=USR1", job], env=cluster, check=True)
     assert wait_until(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED"
     log = (dump / "logs" / f"{job}.log").read_text()
-    assert "preempted (SIGUSR1)" in log and "SLURM job requeued" in log and "(restart 1)" in log
+    assert "preempted (SIGUSR1)" in log and f"requeueing SLURM job {job}" in log and "(restart 1)" in log
     assert "resumed from" in log
     want = metrics(uninterrupted[0])
     got = metrics(dump)
@@ -162,7 +162,7 @@ def test_a_job_failing_at_the_same_step_stops_requeueing(cluster, tmp_path):
     assert wait_until(cluster, job, {"FAILED", "COMPLETED", "CANCELLED"}, timeout=400) == "FAILED"
     assert json.loads((dump / "launch" / "attempts.json").read_text()) == {"step": 0, "failures": 2}
     log = (dump / "logs" / f"{job}.log").read_text()
-    assert "failure 1/2 from step 0: requeued" in log and "giving up: 2 failures" in log
+    assert f"failure 1/2 from step 0: requeueing SLURM job {job}" in log and "giving up: 2 failures" in log
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,8 @@ def test_a_two_node_job_trains_as_one_node_does_and_a_lost_node_is_requeued_exac
     log = (dump / "logs" / f"{job}.log").read_text()
     assert "on n[1-2]" in log and "2 process(es)" in log  # one task on each node
     # the job failed as a whole (srun ended n1's task too) and was requeued by its own script
-    assert "failure 1/" in log and "requeued" in log and "(restart 1)" in log and "resumed from" in log
+    assert re.search(rf"failure 1/\d+ from step \d+: requeueing SLURM job {job}\n", log)
+    assert "(restart 1)" in log and "resumed from" in log
     want, got = metrics(uninterrupted[0]), metrics(dump)  # the 1-node, 2-task run of the same config
     assert [r["step"] for r in got] == list(range(1, 17))
     assert [(r["loss"], r["grad_norm"]) for r in got] == [(r["loss"], r["grad_norm"]) for r in want]

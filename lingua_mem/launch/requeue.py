@@ -38,10 +38,11 @@ def main(argv: list[str]) -> int:
     if failures >= args.max_attempts:
         print(f"giving up: {failures} failures in a row from the checkpoint of step {step}", file=sys.stderr)
         return 1
-    requeued = requeue_slurm_job()
-    print(f"failure {failures}/{args.max_attempts} from step {step}: "
-          f"{'requeued' if requeued else 'could not requeue'}", file=sys.stderr)
-    return 0 if requeued else 1
+    failure = f"failure {failures}/{args.max_attempts} from step {step}"
+    if requeue_slurm_job(announce=failure, file=sys.stderr):
+        return 0
+    print(f"{failure}: could not requeue", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -281,5 +281,5 @@ def _say_preempted(run: Run, step: int, preemption: PreemptionFlag) -> None:
             return
         signal_name = preemption.received or "a signal to another rank"
         print(f"preempted ({signal_name}): checkpoint of step {step} written", flush=True)
-        if run.cfg.checkpoint.requeue and requeue_slurm_job():
-            print("SLURM job requeued", flush=True)
+        if run.cfg.checkpoint.requeue:
+            requeue_slurm_job(announce=f"preempted at step {step}")
