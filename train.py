@@ -54,8 +54,9 @@ def main(argv: list[str]) -> int:
         last = train(cfg)
     except Stopped as exc:  # diverged, or a checkpoint that cannot be written: one line, exit 1
         return fail(exc, code=STOPPED)
-    except KeyboardInterrupt:  # Ctrl-C before the training loop took over SIGINT: nothing trained yet
-        print("interrupted (SIGINT) before training started: nothing to save", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's handler: before training, or SIGINT left out
+        print("interrupted (SIGINT) outside the training loop (or SIGINT not in checkpoint.preempt_signals): "
+              "no checkpoint written", file=sys.stderr, flush=True)
         return INTERRUPTED
     # Ctrl-C during training: the step's checkpoint is written (the trainer said so)
     return INTERRUPTED if (last or {}).get("preempted_by") == "SIGINT" else 0

@@ -18,11 +18,11 @@ from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer, is_attenti
 from lingua_mem.parallel.memory_parallel import ShardedValueTable, routed_read
 from lingua_mem.parallel.mesh import Meshes
 
-# kept by selective checkpointing: the model's (matmuls, attention, top-k, the value bag) and
-# the routed read's output and route
 # torch 2.11's inductor stops on the backward of a checkpointed, compiled block (a sympy
 # relational reaches it as a graph input: "Unsupported inductor graph input type"); 2.13 compiles it
 COMPILES_CHECKPOINTED_READS = torch.torch_version.TorchVersion(torch.__version__) >= (2, 13)
+# kept by selective checkpointing: the model's (matmuls, attention, top-k, the value bag) and
+# the routed read's output and route
 SAVED_OPS = ACTIVATION_SAVED_OPS | {routed_read._opoverload}
 # kept by full checkpointing: the routed read (recomputed, it would route the reads again),
 # and, as by selective, attention (is_attention_op: its recompute under torch.compile saves
