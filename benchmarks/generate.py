@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--json")
     a = parser.parse_args()
     cfg = load_config([f"config={ROOT / a.config}"])
-    args = model_args(cfg.model, cfg.memory)
+    args = model_args(cfg.model, cfg.memory, cfg.moe)
     model = build_model(args, a.device, seed=0).eval()
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 256, (a.batch, a.prompt), generator=gen).tolist()

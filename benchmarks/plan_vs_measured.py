@@ -53,7 +53,7 @@ def measured_peak(items: list[str], device: str, steps: int) -> int | None:
     meshes = init_distributed(cfg.distributed, device)
     model = optimizer = None
     try:
-        model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel)
+        model = build_model(model_args(cfg.model, cfg.memory, cfg.moe), "meta", kernel=cfg.memory.kernel)
         parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
         model.to_empty(device=device)
         model.init_weights(cfg.seed)

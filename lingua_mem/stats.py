@@ -2,11 +2,13 @@
 
     python -m lingua_mem.stats config=configs/memory_373m.yaml [key=value ...]
 
-prints one JSON line. Training FLOPs per token count every matmul weight at 6x
-(forward 2, backward 4), attention scores and values at 12 * layers * dim *
-seq_len (the usual convention, as in PaLM and Meta Lingua), and each memory
-lookup as what it really does: heads * knn rows of v_dim read, weighted and
-back-propagated (6 FLOPs per element), NOT 6x the whole value table.
+prints one JSON line. Training FLOPs per token count every weight a token is multiplied by at
+6x (forward 2, backward 4) and attention scores and values at 12 * layers * dim * seq_len
+(the usual convention, as in PaLM and Meta Lingua). Sparse parameters (those a token reads
+only a part of) count what a token reads, by family (sparse_reads), NOT 6x the whole table:
+    memory (pkm)  heads * knn value rows of v_dim a layer
+    peer          heads * knn experts: a value row and a row of u (dim each)
+    moe           top_k experts' three SwiGLU matrices
 """
 
 from __future__ import annotations
@@ -20,7 +22,23 @@ from lingua_mem.cli import reports
 from lingua_mem.config import TrainConfig, load_config, model_args
 from lingua_mem.errors import ConfigError
 from lingua_mem.memory import ProductKeyMemory
+from lingua_mem.memory.peer import PEER
 from lingua_mem.model.llama import Transformer, build_model
+from lingua_mem.model.moe import MoEFeedForward
+
+
+def sparse_reads(ffn: nn.Module) -> tuple[int, int]:
+    """(sparse parameters the FFN slot owns, sparse elements a token reads) of one block's FFN;
+    a memory layer's value table is the Transformer's, counted apart (its reads are here)."""
+    if isinstance(ffn, PEER):
+        picked = ffn.heads * ffn.knn
+        return ffn.down.numel(), picked * (ffn.v_dim + ffn.dim)  # v_i bagged, u_i . x
+    if isinstance(ffn, ProductKeyMemory):
+        return 0, ffn.heads * ffn.knn * ffn.v_dim
+    if isinstance(ffn, MoEFeedForward):
+        experts = ffn.w1.numel() + ffn.w2.numel() + ffn.w3.numel()
+        return experts, experts // ffn.n_experts * ffn.top_k
+    return 0, 0
 
 
 def model_stats(model: Transformer, seq_len: int) -> dict:
@@ -28,29 +46,34 @@ def model_stats(model: Transformer, seq_len: int) -> dict:
     n_params = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     total = n_params(model)
     values = sum(n_params(t) for t in model.value_tables())
-    # matmul weights: every Linear, the memory sub-keys (scored against every query),
-    # and the output head (the tied embedding when there is no separate head)
+    owned, read = zip(*(sparse_reads(b.feed_forward) for b in model.layers), strict=True)
+    sparse = values + sum(owned)
+    # weights every token is multiplied by: every Linear (a router's included), the memory
+    # sub-keys (scored against every query), and the output head (the tied embedding when
+    # there is no separate head)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     memories = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
     matmul += sum(m.keys.numel() for m in memories)
     if model.output is None:
         matmul += model.tok_embeddings.weight.numel()
-    rows_read = sum(m.heads * m.knn * m.v_dim for m in memories)  # value elements per token
-    flops = 6 * matmul + 12 * args.n_layers * args.dim * seq_len + 6 * rows_read
+    flops = 6 * matmul + 12 * args.n_layers * args.dim * seq_len + 6 * sum(read)
     return {
         "total_params": total,
         "memory_value_params": values,
-        "dense_params": total - values,
-        "active_params_per_token": total - values + rows_read,
+        "sparse_params": sparse,  # value tables, PEER's u, MoE experts
+        "dense_params": total - sparse,
+        "active_params_per_token": total - sparse + sum(read),
         "flops_per_token": flops,
         "memory_layers": sorted(model.value_key),
+        "moe_layers": sorted(args.moe.layers),
         "n_values": args.memory.n_values if memories else 0,  # rows per table
         "seq_len": seq_len,
     }
 
 
 def config_stats(cfg: TrainConfig) -> dict:
-    return model_stats(build_model(model_args(cfg.model, cfg.memory), device="meta"), cfg.data.seq_len)
+    args = model_args(cfg.model, cfg.memory, cfg.moe)
+    return model_stats(build_model(args, device="meta"), cfg.data.seq_len)
 
 
 @reports(ConfigError)

@@ -157,7 +157,7 @@ def run_train_py(*args):
 def test_train_py_help_and_print_config(tmp_path):
     proc = run_train_py("--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: python train.py")
-    assert "sections:  model, memory, data, optim, distributed, logging, checkpoint" in proc.stdout
+    assert "sections:  model, memory, moe, data, optim, distributed, logging, checkpoint" in proc.stdout
     proc = run_train_py("--print-config", "steps=7", f"dump_dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr
     printed = tmp_path / "printed.yaml"

@@ -47,7 +47,7 @@ def held_worker(rank, world, port, items, results):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     cfg = load_config(items)
     meshes = init_distributed(cfg.distributed, "cpu")
-    model = build_model(model_args(cfg.model, cfg.memory), "meta", kernel=cfg.memory.kernel)
+    model = build_model(model_args(cfg.model, cfg.memory, cfg.moe), "meta", kernel=cfg.memory.kernel)
     parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
     model.to_empty(device="cpu")
     model.init_weights(cfg.seed)

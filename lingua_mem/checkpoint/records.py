@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lingua_mem.checkpoint.safetensors_stream import weight_files
-from lingua_mem.config import MemoryConfig, ModelConfig, validate_model
+from lingua_mem.config import MemoryConfig, ModelConfig, MoEConfig, validate_model
 from lingua_mem.errors import ConfigError
 from lingua_mem.model.args import ModelArgs, validate_args
 
@@ -152,10 +152,11 @@ def _first_line(exc: Exception) -> str:
 
 
 def _training_model_args(raw, where: Path) -> ModelArgs:
-    """The model's arguments from the "model" and "memory" sections of a training run's
-    config.yaml, type-checked by OmegaConf and validated; the rest is ignored."""
+    """The model's arguments from the "model", "memory" and "moe" sections of a training run's
+    config.yaml (a run before moe existed has none: its defaults), type-checked by OmegaConf and
+    validated; the rest is ignored."""
     parts = []
-    for section, schema in (("model", ModelConfig), ("memory", MemoryConfig)):
+    for section, schema in (("model", ModelConfig), ("memory", MemoryConfig), ("moe", MoEConfig)):
         try:
             parts.append(OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
                                                              raw.get(section) or {})))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
-from lingua_mem.model.args import MemoryArgs, ModelArgs, llama_ffn_hidden_dim
+from lingua_mem.model.args import MemoryArgs, ModelArgs, MoEArgs, llama_ffn_hidden_dim
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["fp32", "bf16"]
@@ -34,6 +34,9 @@ RowOptimizer = Literal["sgd", "adamw"]
 # the value tables' update in training: adamw every row every step (the paper's), or only the
 # rows a step reads: lazy_adamw (their moments), adagrad (row-wise: one accumulator per row)
 ValueOptimizer = Literal["adamw", "lazy_adamw", "adagrad"]
+# the product-key layer's family: pkm (Memory+ with memory.swilu, vanilla "Memory" without) or
+# peer (He 2024: single-neuron experts found by product keys; memory.swilu=false)
+MemoryKind = Literal["pkm", "peer"]
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -68,6 +71,7 @@ class MemoryConfig:
     """Product-key memory (Memory+) replacing the FFN at `layers`."""
 
     layers: list[int] = field(default_factory=list)  # empty: a dense model
+    kind: MemoryKind = "pkm"
     n_keys: int = 1024  # sub-keys per half; memory size n_keys**2
     heads: int = 4
     knn: int = 32  # top-k per head
@@ -81,6 +85,18 @@ class MemoryConfig:
     # the dtype the rows a batch reads are sent and bagged in: bf16 halves the bytes moved
     # and read; the tables' shards and optimizer state stay fp32
     value_compute_dtype: Dtype = "fp32"
+
+
+@dataclass
+class MoEConfig:
+    """Token-choice top-k mixture of SwiGLU experts replacing the FFN at `layers` (the paper's
+    MoE baseline): a router picks each token's top_k experts, dropless (no capacity limit)."""
+
+    layers: list[int] = field(default_factory=list)  # empty: no MoE layer
+    experts: int = 8
+    top_k: int = 1  # top-1: the gate is the router's probability (Switch); more: renormalised
+    hidden_dim: int | None = None  # an expert's width; None: the dense FFN's (model's rule)
+    aux_loss_weight: float = 0.01  # Switch's load-balancing loss, added to the training loss
 
 
 @dataclass
@@ -274,6 +290,7 @@ class TrainConfig:
     seed: int = 42
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -315,19 +332,24 @@ class UsageCommandConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
-def model_args(m: ModelConfig, mem: MemoryConfig) -> ModelArgs:
-    """The model's arguments from the YAML's `model` and `memory` sections; the defaults
-    left open there (n_kv_heads, k_dim, v_dim, the FFN width) are resolved here, once."""
+def model_args(m: ModelConfig, mem: MemoryConfig, moe: MoEConfig | None = None) -> ModelArgs:
+    """The model's arguments from the YAML's `model`, `memory` and `moe` sections; the defaults
+    left open there (n_kv_heads, k_dim, v_dim, the FFN and expert widths) are resolved here, once."""
+    moe = moe or MoEConfig()
+    ffn_hidden_dim = llama_ffn_hidden_dim(m.dim, m.ffn_dim_multiplier, m.multiple_of)
     return ModelArgs(
         dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
         n_kv_heads=m.n_kv_heads if m.n_kv_heads is not None else m.n_heads,
         vocab_size=m.vocab_size,
-        ffn_hidden_dim=llama_ffn_hidden_dim(m.dim, m.ffn_dim_multiplier, m.multiple_of),
+        ffn_hidden_dim=ffn_hidden_dim,
         norm_eps=m.norm_eps, rope_theta=m.rope_theta, max_seq_len=m.max_seq_len,
         tie_embeddings=m.tie_embeddings, init_std=m.init_std, attention=m.attention,
         memory=MemoryArgs(
-            layers=tuple(mem.layers), n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn,
+            layers=tuple(mem.layers), kind=mem.kind, n_keys=mem.n_keys, heads=mem.heads, knn=mem.knn,
             k_dim=mem.k_dim if mem.k_dim is not None else m.dim // 2,
             v_dim=mem.v_dim if mem.v_dim is not None else m.dim,
             shared_values=mem.shared_values, swilu=mem.swilu, qk_norm=mem.qk_norm,
-            query_batchnorm=mem.query_batchnorm))
+            query_batchnorm=mem.query_batchnorm),
+        moe=MoEArgs(layers=tuple(moe.layers), experts=moe.experts, top_k=moe.top_k,
+                    hidden_dim=moe.hidden_dim if moe.hidden_dim is not None else ffn_hidden_dim,
+                    aux_loss_weight=moe.aux_loss_weight))

@@ -26,7 +26,9 @@ from lingua_mem.config.schema import (
     LoraConfig,
     LoraTarget,
     MemoryConfig,
+    MemoryKind,
     ModelConfig,
+    MoEConfig,
     OptimConfig,
     PreemptSignal,
     Prefetch,
@@ -64,7 +66,7 @@ def _check_choice(value: str, key: str, literal) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """A training config (train.py, the plan, the launcher)."""
-    args = validate_model(cfg.model, cfg.memory)
+    args = validate_model(cfg.model, cfg.memory, cfg.moe)
     _check(cfg.steps > 0, "steps", "must be positive")
     _check(cfg.log_every > 0, "log_every", "must be positive")
     _check(0 <= cfg.seed < 2**32, "seed", "must be in [0, 2**32)")
@@ -73,6 +75,9 @@ def validate(cfg: TrainConfig) -> None:
     validate_data(cfg.data, cfg.model.max_seq_len)
     validate_optim(cfg.optim)
     validate_distributed(cfg.distributed, cfg.memory, args)
+    _check(not (cfg.distributed.compile and args.moe.layers), "distributed.compile",
+           "cannot be used with moe.layers (each expert's tokens are a data-dependent shape); "
+           "turn one of them off")
     _check_choice(cfg.logging.wandb.mode, "logging.wandb.mode", WandbMode)
     validate_eval(cfg.eval)
     if cfg.eval.every:
@@ -81,14 +86,15 @@ def validate(cfg: TrainConfig) -> None:
     validate_checkpoint(cfg.checkpoint)
 
 
-def validate_model(m: ModelConfig, mem: MemoryConfig) -> ModelArgs:
+def validate_model(m: ModelConfig, mem: MemoryConfig, moe: MoEConfig | None = None) -> ModelArgs:
     """The model's arguments, or ConfigError naming the key of an impossible shape
     (shared by train, stats and export)."""
+    _check_choice(mem.kind, "memory.kind", MemoryKind)
     _check(m.multiple_of > 0, "model.multiple_of", "must be positive")
     _check_choice(m.attention_impl, "model.attention_impl", AttentionImpl)
     if m.ffn_dim_multiplier is not None:
         _check_positive_finite(m.ffn_dim_multiplier, "model.ffn_dim_multiplier")
-    args = model_args(m, mem)
+    args = model_args(m, mem, moe)
     try:
         validate_args(args)
     except ValueError as exc:

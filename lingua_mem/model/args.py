@@ -19,11 +19,18 @@ def llama_ffn_hidden_dim(dim: int, multiplier: float | None, multiple_of: int) -
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+# the product-key layer families (memory.kind): pkm reads a weighted bag of value rows
+# (Memory+ with swilu, the paper's "Memory" without); peer reads n_keys**2 single-neuron
+# experts (He 2024): the same search, each picked expert's weight gelu(u_i . x) times its score
+MEMORY_KINDS = ("pkm", "peer")
+
+
 @dataclass(frozen=True)
 class MemoryArgs:
     """Product-key memory (Memory+) replacing the FFN at `layers` (empty: a dense model)."""
 
     layers: tuple[int, ...] = ()
+    kind: str = "pkm"  # MEMORY_KINDS
     n_keys: int = 1024  # sub-keys per half; n_keys**2 values
     heads: int = 4
     knn: int = 32  # top-k per head
@@ -40,6 +47,18 @@ class MemoryArgs:
 
 
 @dataclass(frozen=True)
+class MoEArgs:
+    """Token-choice top-k mixture of SwiGLU experts replacing the FFN at `layers` (the paper's
+    MoE baseline; empty: none)."""
+
+    layers: tuple[int, ...] = ()
+    experts: int = 8
+    top_k: int = 1
+    hidden_dim: int = 0  # an expert's SwiGLU width (config: the dense FFN's by default)
+    aux_loss_weight: float = 0.01  # the load-balancing loss's weight in the training loss
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     dim: int
     n_layers: int
@@ -53,6 +72,7 @@ class ModelArgs:
     tie_embeddings: bool = False
     init_std: float = 0.02
     memory: MemoryArgs = field(default_factory=MemoryArgs)
+    moe: MoEArgs = field(default_factory=MoEArgs)
     # causal: every earlier token of the window; doc_causal: only those of the token's own
     # document (the batch's doc_ids; without them, causal). "causal" is the default of
     # checkpoints and exports that predate the key
@@ -66,21 +86,25 @@ class ModelArgs:
         """Plain JSON-able values (tuples as lists)."""
         out = asdict(self)
         out["memory"]["layers"] = list(self.memory.layers)
+        out["moe"]["layers"] = list(self.moe.layers)
         return out
 
     @classmethod
     def from_dict(cls, raw: dict) -> ModelArgs:
         """The inverse of to_dict; ValueError (one line) naming a missing or unknown key as
-        the YAML spells it (model.<x>, memory.<x>)."""
+        the YAML spells it (model.<x>, memory.<x>, moe.<x>); a section an older lingua_mem did
+        not write (moe) takes its defaults."""
         if not isinstance(raw, dict):
             raise ValueError(f"model: must be a mapping, not {type(raw).__name__}")
-        memory = raw.get("memory", {})
-        if not isinstance(memory, dict):
-            raise ValueError(f"memory: must be a mapping, not {type(memory).__name__}")
         _check_keys(raw, cls, "model.")
-        _check_keys(memory, MemoryArgs, "memory.")
-        memory = MemoryArgs(**{**memory, "layers": tuple(memory.get("layers", ()))})
-        return cls(**{**raw, "memory": memory})
+        sections = {}
+        for name, schema in (("memory", MemoryArgs), ("moe", MoEArgs)):
+            section = raw.get(name, {})
+            if not isinstance(section, dict):
+                raise ValueError(f"{name}: must be a mapping, not {type(section).__name__}")
+            _check_keys(section, schema, f"{name}.")
+            sections[name] = schema(**{**section, "layers": tuple(section.get("layers", ()))})
+        return cls(**{**raw, **sections})
 
 
 def _check_keys(raw: dict, schema, prefix: str) -> None:
@@ -116,9 +140,16 @@ def validate_args(args: ModelArgs) -> None:
         value = getattr(args, key)
         _check(math.isfinite(value) and value > 0, f"model.{key}",
                f"{value} must be a positive finite number")
+    _validate_moe(args)
     mem = args.memory
     if not mem.layers:
         return
+    _check(mem.kind in MEMORY_KINDS, "memory.kind", f"{mem.kind!r} is not one of {', '.join(MEMORY_KINDS)}")
+    if mem.kind == "peer":
+        _check(not mem.swilu, "memory.swilu", "PEER has no gated output: set memory.swilu=false with "
+               "memory.kind=peer")
+        _check(mem.v_dim == args.dim, "memory.v_dim", f"{mem.v_dim}: PEER's experts write model.dim="
+               f"{args.dim} (leave memory.v_dim unset)")
     for i in mem.layers:
         _check(0 <= i < args.n_layers, "memory.layers", f"layer {i} outside 0..{args.n_layers - 1}")
     _check(len(set(mem.layers)) == len(mem.layers), "memory.layers", "repeats a layer")
@@ -127,3 +158,20 @@ def validate_args(args: ModelArgs) -> None:
     _check(mem.knn <= mem.n_keys, "memory.knn", f"{mem.knn} exceeds memory.n_keys={mem.n_keys}")
     _check(mem.k_dim > 0 and mem.k_dim % 2 == 0, "memory.k_dim", f"{mem.k_dim} must be positive and even")
     _check(mem.v_dim > 0, "memory.v_dim", "must be positive")
+
+
+def _validate_moe(args: ModelArgs) -> None:
+    moe = args.moe
+    if not moe.layers:
+        return
+    for i in moe.layers:
+        _check(0 <= i < args.n_layers, "moe.layers", f"layer {i} outside 0..{args.n_layers - 1}")
+    _check(len(set(moe.layers)) == len(moe.layers), "moe.layers", "repeats a layer")
+    both = sorted(set(moe.layers) & set(args.memory.layers))
+    _check(not both, "moe.layers", f"layer {both[0] if both else 0} is also a memory layer (memory.layers): "
+           "a block has one FFN")
+    _check(moe.experts > 0, "moe.experts", "must be positive")
+    _check(0 < moe.top_k <= moe.experts, "moe.top_k", f"{moe.top_k} must be in 1..moe.experts={moe.experts}")
+    _check(moe.hidden_dim > 0, "moe.hidden_dim", "must be positive")
+    _check(math.isfinite(moe.aux_loss_weight) and moe.aux_loss_weight >= 0, "moe.aux_loss_weight",
+           f"{moe.aux_loss_weight} must be finite, >= 0")

@@ -20,9 +20,11 @@ from lingua_mem.cli import one_line
 from lingua_mem.errors import ConfigError
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
+from lingua_mem.memory.peer import PEER
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.kv_cache import KVCache, attention_mask
 from lingua_mem.model.loss import linear_cross_entropy
+from lingua_mem.model.moe import AuxLosses, MoEFeedForward
 from lingua_mem.param_init import ParamInit
 
 # the attention kernels (each also draws random numbers for its dropout, so a recompute of
@@ -283,23 +285,34 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def build_ffn(layer_id: int, args: ModelArgs) -> nn.Module:
+    """The FFN slot of block `layer_id`, by family: a product-key layer (memory.kind: pkm, the
+    paper's Memory+ or Memory; peer) at memory.layers, a mixture of experts at moe.layers, else
+    the dense SwiGLU."""
+    mem, moe = args.memory, args.moe
+    if layer_id in mem.layers and mem.kind == "peer":
+        return PEER(args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, qk_norm=mem.qk_norm,
+                    query_batchnorm=mem.query_batchnorm, norm_eps=args.norm_eps)
+    if layer_id in mem.layers:
+        return ProductKeyMemory(args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim,
+                                swilu=mem.swilu, qk_norm=mem.qk_norm, query_batchnorm=mem.query_batchnorm,
+                                norm_eps=args.norm_eps)
+    if layer_id in moe.layers:
+        return MoEFeedForward(args.dim, moe.hidden_dim, moe.experts, moe.top_k, moe.aux_loss_weight)
+    return FeedForward(args.dim, args.ffn_hidden_dim)
+
+
 class Block(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn_or_memory(norm(h))."""
+    """Pre-norm block: h = x + attn(norm(x)); out = h + ffn(norm(h)), the FFN slot's family
+    chosen by build_ffn (a memory layer reads the value table it is handed)."""
 
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        mem = args.memory
         self.layer_id = layer_id
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        if layer_id in mem.layers:
-            self.feed_forward = ProductKeyMemory(
-                args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim,
-                swilu=mem.swilu, qk_norm=mem.qk_norm, query_batchnorm=mem.query_batchnorm,
-                norm_eps=args.norm_eps)
-        else:
-            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.feed_forward = build_ffn(layer_id, args)
 
     @property
     def is_memory(self) -> bool:
@@ -317,10 +330,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 values: ValueTable | None = None, mask: torch.Tensor | BlockMask | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, aux: AuxLosses | None = None) -> torch.Tensor:
+        """`aux` (training): where a mixture of experts puts its balancing loss."""
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
         if self.is_memory:
             return h + self.feed_forward(self.ffn_norm(h), values)
+        if isinstance(self.feed_forward, MoEFeedForward):
+            return h + self.feed_forward(self.ffn_norm(h), aux)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -390,7 +406,8 @@ class Transformer(nn.Module):
         generation may give positions (B, T) for RoPE, valid (B, T) bool (False: padding,
         never attended to) and a KVCache (the tokens follow the cached ones). Returns the
         logits (B, T, vocab), or with targets (B, T) the next-token loss (`reduction` mean or
-        sum, fp32), computed without whole logits (loss.linear_cross_entropy)."""
+        sum, fp32), computed without whole logits (loss.linear_cross_entropy); in training mode
+        plus the MoE layers' balancing losses (moe.aux_loss_weight each)."""
         b, t = tokens.shape
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         mask = None
@@ -412,15 +429,18 @@ class Transformer(nn.Module):
                 mask = cache.mask  # (B, 1, T, start + T)
             else:
                 mask = attention_mask(valid, 0, t)  # (B, 1, T, T)
+        aux = AuxLosses() if self.training and targets is not None else None
         for block in self.layers:
             key = self.value_key.get(block.layer_id)
-            h = block(h, rope, self.values[key] if key else None, mask, cache)
+            h = block(h, rope, self.values[key] if key else None, mask, cache, aux)
         if cache is not None:
             cache.end(t)
         h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight  # (vocab, dim)
         if targets is not None:
-            return linear_cross_entropy(h, weight, targets, reduction)
+            loss = linear_cross_entropy(h, weight, targets, reduction)
+            balance = aux.total() if aux is not None else None
+            return loss if balance is None else loss + balance
         return F.linear(h, weight)  # (B, T, vocab)
 
 

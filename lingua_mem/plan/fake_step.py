@@ -232,7 +232,7 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world)
     try:
         meshes = build_meshes(dims, "cpu")
-        model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel="torch",
+        model = build_model_as_trained(model_args(cfg.model, cfg.memory, cfg.moe), finetune, kernel="torch",
                                        attention_impl="sdpa")
         model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
         with FakeTensorMode(allow_non_fake_inputs=True):

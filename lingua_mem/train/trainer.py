@@ -98,7 +98,8 @@ def _build(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     rank then materialises and initialises its own shards (to the values of the whole model)."""
     seed_everything(cfg.seed)
     finetune = build_finetune(cfg.finetune)
-    model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel=cfg.memory.kernel,
+    args = model_args(cfg.model, cfg.memory, cfg.moe)
+    model = build_model_as_trained(args, finetune, kernel=cfg.memory.kernel,
                                    attention_impl=cfg.model.attention_impl)
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
