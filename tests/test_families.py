@@ -6,13 +6,15 @@ the refusals."""
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_checkpoint import one_error_line, rows, run_cli, run_inproc
+from test_checkpoint import ROOT, one_error_line, rows, run_cli, run_inproc
 from test_parallel import free_port, full_state, step
 
 from lingua_mem.config import (
@@ -261,3 +263,11 @@ def test_model_args_round_trip_and_older_records_without_moe():
         ModelArgs.from_dict({**args.to_dict(), "moe": {"capacity": 2}})
     with pytest.raises(ConfigError, match="moe.experts"):
         load_config(["config=configs/debug.yaml", "memory.layers=[]", "moe.layers=[0]", "moe.experts=0"])
+
+
+def test_the_plan_refuses_moe_in_one_line():
+    argv = ["config=configs/debug.yaml", "memory.layers=[]", "moe.layers=[1]"]
+    proc = subprocess.run([sys.executable, "-m", "lingua_mem.plan", *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: moe.layers: the plan does not cover")
+    assert len(proc.stderr.splitlines()) == 1

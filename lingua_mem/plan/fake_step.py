@@ -223,6 +223,9 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     if not finetune.planned:
         covered = ", ".join(name for name, mode in MODES.items() if mode.planned)
         raise ConfigError(f"finetune.mode: the plan covers {covered}, not {cfg.finetune.mode}")
+    if cfg.moe.layers:  # fake tensors have no values to count tokens by
+        raise ConfigError("moe.layers: the plan does not cover mixtures of experts (each expert's tokens "
+                          "are counted from the routing, a value fake tensors do not have)")
     if dist.is_initialized():
         raise RuntimeError("measure_step starts its own (fake) process group; this process has one")
     dims = resolve_dims(cfg.distributed, world, rank, rank % gpus_per_node)
@@ -232,7 +235,7 @@ def measure_step(cfg: TrainConfig, nodes: int, gpus_per_node: int, rank: int = 0
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world)
     try:
         meshes = build_meshes(dims, "cpu")
-        model = build_model_as_trained(model_args(cfg.model, cfg.memory, cfg.moe), finetune, kernel="torch",
+        model = build_model_as_trained(model_args(cfg.model, cfg.memory), finetune, kernel="torch",
                                        attention_impl="sdpa")
         model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
         with FakeTensorMode(allow_non_fake_inputs=True):
