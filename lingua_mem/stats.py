@@ -8,6 +8,7 @@ prints one JSON line. Training FLOPs per token count every weight a token is mul
 only a part of) count what a token reads, by family (sparse_reads), NOT 6x the whole table:
     memory (pkm)  heads * knn value rows of v_dim a layer
     peer          heads * knn experts: a value row and a row of u (dim each)
+    ultramem      heads * knn value rows of v_dim, once per projector (value_expansion bags)
     moe           top_k experts' three SwiGLU matrices
 """
 
@@ -23,6 +24,7 @@ from lingua_mem.config import TrainConfig, load_config, model_args
 from lingua_mem.errors import ConfigError
 from lingua_mem.memory import ProductKeyMemory
 from lingua_mem.memory.peer import PEER
+from lingua_mem.memory.ultramem import UltraMem
 from lingua_mem.model.llama import Transformer, build_model
 from lingua_mem.model.moe import MoEFeedForward
 
@@ -33,6 +35,8 @@ def sparse_reads(ffn: nn.Module) -> tuple[int, int]:
     if isinstance(ffn, PEER):
         picked = ffn.heads * ffn.knn
         return ffn.down.numel(), picked * (ffn.v_dim + ffn.dim)  # v_i bagged, u_i . x
+    if isinstance(ffn, UltraMem):
+        return 0, ffn.heads * ffn.knn * ffn.v_dim * ffn.expansion
     if isinstance(ffn, ProductKeyMemory):
         return 0, ffn.heads * ffn.knn * ffn.v_dim
     if isinstance(ffn, MoEFeedForward):
@@ -49,11 +53,12 @@ def model_stats(model: Transformer, seq_len: int) -> dict:
     owned, read = zip(*(sparse_reads(b.feed_forward) for b in model.layers), strict=True)
     sparse = values + sum(owned)
     # weights every token is multiplied by: every Linear (a router's included), the memory
-    # sub-keys (scored against every query), and the output head (the tied embedding when
-    # there is no separate head)
+    # sub-keys (scored against every query; ultramem's by `rank` queries a half), ultramem's
+    # projectors, and the output head (the tied embedding when there is no separate head)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     memories = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
-    matmul += sum(m.keys.numel() for m in memories)
+    matmul += sum(m.keys.numel() * getattr(m, "rank", 1) for m in memories)
+    matmul += sum(m.projectors.numel() for m in memories if isinstance(m, UltraMem))
     if model.output is None:
         matmul += model.tok_embeddings.weight.numel()
     flops = 6 * matmul + 12 * args.n_layers * args.dim * seq_len + 6 * sum(read)

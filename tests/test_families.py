@@ -29,6 +29,7 @@ from lingua_mem.config import (
 )
 from lingua_mem.memory.layer import ValueTable
 from lingua_mem.memory.peer import PEER
+from lingua_mem.memory.ultramem import UltraMem
 from lingua_mem.model.args import ModelArgs, MoEArgs
 from lingua_mem.model.llama import build_model
 from lingua_mem.model.moe import AuxLosses, MoEFeedForward
@@ -43,6 +44,8 @@ FAMILIES = {
     "moe_top1": (MemoryConfig(), MoEConfig(layers=[1], experts=3, top_k=1)),
     "peer": (MemoryConfig(layers=[0, 2], kind="peer", n_keys=8, heads=2, knn=4, k_dim=16, swilu=False),
              MoEConfig()),
+    "ultramem": (MemoryConfig(layers=[0, 2], kind="ultramem", n_keys=8, heads=2, knn=3, k_dim=16, swilu=False,
+                              value_expansion=2), MoEConfig()),
 }
 
 
@@ -127,6 +130,68 @@ def test_peer_forward_and_backward_equal_a_search_over_every_expert():
     assert layer.down.grad.count_nonzero() > 0 and layer.gate is None and layer.out is None
 
 
+def ultramem_reference(layer: UltraMem, table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each head scores all n_keys**2 slots by the Tucker form S_row[:, i]^T C S_col[:, j],
+    keeps its top knn, softmaxes them, and sums each slot's physical row (slot mod P) through
+    its projector (slot div P)."""
+    n, n_keys, rows = x.shape[0], layer.n_keys, layer.rows
+    q = layer.query(x).view(n, layer.heads, 2, layer.rank, layer.half)
+    out = torch.zeros(n, layer.dim)
+    for h in range(layer.heads):
+        s_row = q[:, h, 0] @ layer.keys[h, 0].T  # (N, rank, n_keys)
+        s_col = q[:, h, 1] @ layer.keys[h, 1].T
+        full = torch.einsum("nai,ab,nbj->nij", s_row, layer.core[h], s_col).reshape(n, n_keys**2)
+        scores, slot = full.topk(layer.knn, dim=-1)
+        g = scores.softmax(-1)  # (N, knn)
+        for j in range(layer.knn):
+            row, projector = table[slot[:, j] % rows], layer.projectors[slot[:, j] // rows]
+            projected = torch.einsum("nv,nvd->nd", row, projector)
+            out = out + g[:, j, None] * projected
+    return out
+
+
+@pytest.mark.parametrize("rank,expansion", [(1, 1), (1, 3)])
+def test_ultramem_forward_and_backward_equal_a_search_over_every_slot(rank, expansion):
+    """At Tucker rank 1 the candidates of the rank-1 approximation hold the exact top knn."""
+    torch.manual_seed(0)
+    layer = UltraMem(dim=16, n_keys=6, heads=2, knn=3, k_dim=8, v_dim=12, rank=rank, expansion=expansion)
+    table = ValueTable(36 // expansion, 12, kernel="torch")
+    init = ParamInit(1)
+    layer.init_weights(init, out_std=0.1)
+    table.init_weights(init)
+    x = torch.randn(7, 16, requires_grad=True)
+    got = layer(x, table)
+    got.square().sum().backward()
+    params = (x, table.weight, layer.core, layer.projectors, layer.keys, layer.query.weight)
+    got_grads = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    want = ultramem_reference(layer, table.weight, x)
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, t in zip(got_grads, params, strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_ultramem_at_rank_2_reads_slots_by_their_exact_tucker_scores():
+    torch.manual_seed(0)
+    layer = UltraMem(dim=16, n_keys=16, heads=2, knn=4, k_dim=8, v_dim=16, rank=2)
+    layer.init_weights(ParamInit(2), out_std=0.1)
+    x = torch.randn(50, 16)
+    slots, weights = layer.lookup(x)  # (N, heads * knn)
+    q = layer.query(x).view(50, 2, 2, 2, 4)
+    found = 0
+    for h in range(2):
+        s_row, s_col = q[:, h, 0] @ layer.keys[h, 0].T, q[:, h, 1] @ layer.keys[h, 1].T
+        full = torch.einsum("nai,ab,nbj->nij", s_row, layer.core[h], s_col).reshape(50, -1)
+        mine = slots[:, h * 4:(h + 1) * 4]
+        # its weights are the softmax of the exact scores of the slots it picked
+        torch.testing.assert_close(weights[:, h * 4:(h + 1) * 4], full.gather(1, mine).softmax(-1))
+        best = full.topk(4).indices
+        found += sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(mine, best, strict=True))
+    assert found / (50 * 2 * 4) > 0.5  # an approximate search: most of the true top knn
+
+
 def test_the_balancing_loss_is_in_the_training_loss_only():
     args = model_args(MODEL, *FAMILIES["moe"])
     model = build_model(args, seed=1)
@@ -175,7 +240,8 @@ def family_worker(rank, world, port, family, layout, results):
     ("moe", {"dp_shard": 2}),
     ("peer", {"dp_shard": 2, "memory_parallel_size": 2}),
     ("peer", {"dp_replicate": 2, "dp_shard": 1}),
-], ids=["moe-fsdp2", "peer-fsdp2-mp2", "peer-replicated"])
+    ("ultramem", {"dp_shard": 2, "memory_parallel_size": 2}),
+], ids=["moe-fsdp2", "peer-fsdp2-mp2", "peer-replicated", "ultramem-fsdp2-mp2"])
 def test_two_processes_train_as_one(family, layout):
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -217,11 +283,24 @@ def test_flops_and_parameters_by_hand():
     assert peer["flops_per_token"] == 6 * (layers * attn + 2 * ffn + query + keys + 2 * 4 * 2 * d
                                            + vocab * d) + attention
 
+    ultra = config_stats(load_config([*base, "memory.layers=[1]", "memory.kind=ultramem",
+                                      "memory.swilu=false", "memory.n_keys=8", "memory.heads=2",
+                                      "memory.knn=4", "memory.k_dim=16", "memory.v_dim=24",
+                                      "memory.tucker_rank=3", "memory.value_expansion=4"]))
+    query = d * 2 * 2 * 3 * 8  # heads x (row, column) x rank queries of k_dim / 2
+    keys, core, projectors = 3 * (2 * 2 * 8 * 8), 2 * 3 * 3, 4 * 24 * d  # keys scored by rank queries
+    assert ultra["memory_value_params"] == 64 // 4 * 24 and ultra["n_values"] == 16
+    owned = query + query // d + keys // 3 + core + projectors  # the query's bias: one a row
+    assert ultra["total_params"] == dense["total_params"] - ffn + owned + 16 * 24
+    assert ultra["flops_per_token"] == 6 * (layers * attn + 2 * ffn + query + keys + projectors
+                                            + 2 * 4 * 24 * 4 + vocab * d) + attention
+
 
 # --- checkpoints and refusals -----------------------------------------------------------------
 
 TINY = {"moe": ["memory.layers=[]", "moe.layers=[1]", "moe.experts=3", "moe.top_k=2"],
-        "peer": ["memory.kind=peer", "memory.swilu=false", "memory.query_batchnorm=true"]}
+        "peer": ["memory.kind=peer", "memory.swilu=false", "memory.query_batchnorm=true"],
+        "ultramem": ["memory.kind=ultramem", "memory.swilu=false", "memory.value_expansion=4"]}
 
 
 @pytest.mark.parametrize("family", TINY)
@@ -246,6 +325,9 @@ def test_resume_from_a_checkpoint_is_bit_exact(tmp_path, family):
     (["memory.kind=peer"], "memory.swilu"),
     (["memory.kind=peer", "memory.swilu=false", "memory.v_dim=32"], "memory.v_dim"),
     (["memory.kind=ffn"], "memory.kind"),
+    (["memory.kind=ultramem", "memory.swilu=false", "memory.knn=9"], "memory.knn"),  # 2 * knn > n_keys=16
+    (["memory.kind=ultramem", "memory.swilu=false", "memory.value_expansion=3"], "memory.value_expansion"),
+    (["memory.value_expansion=2"], "memory.value_expansion"),  # pkm
 ])
 def test_refusals_are_one_line_naming_the_key(tmp_path, overrides, key):
     line = one_error_line(run_cli(tmp_path, *overrides))

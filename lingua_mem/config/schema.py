@@ -35,8 +35,9 @@ RowOptimizer = Literal["sgd", "adamw"]
 # rows a step reads: lazy_adamw (their moments), adagrad (row-wise: one accumulator per row)
 ValueOptimizer = Literal["adamw", "lazy_adamw", "adagrad"]
 # the product-key layer's family: pkm (Memory+ with memory.swilu, vanilla "Memory" without) or
-# peer (He 2024: single-neuron experts found by product keys; memory.swilu=false)
-MemoryKind = Literal["pkm", "peer"]
+# peer (He 2024: single-neuron experts found by product keys; memory.swilu=false) or ultramem
+# (Huang 2025: Tucker-scored key grid, implicit value expansion; memory.swilu=false)
+MemoryKind = Literal["pkm", "peer", "ultramem"]
 
 
 def choices(literal) -> tuple[str, ...]:
@@ -81,6 +82,8 @@ class MemoryConfig:
     swilu: bool = True  # Memory+ gated output; False: vanilla PKM
     qk_norm: bool = False  # RMSNorm on query halves and sub-keys
     query_batchnorm: bool = False  # BatchNorm on the query (Lample 2019)
+    tucker_rank: int = 2  # ultramem: rank of the Tucker core scoring the key grid
+    value_expansion: int = 1  # ultramem: virtual values per physical row (n_keys**2 / this rows)
     kernel: Kernel = "auto"
     # the dtype the rows a batch reads are sent and bagged in: bf16 halves the bytes moved
     # and read; the tables' shards and optimizer state stay fp32
@@ -349,7 +352,8 @@ def model_args(m: ModelConfig, mem: MemoryConfig, moe: MoEConfig | None = None) 
             k_dim=mem.k_dim if mem.k_dim is not None else m.dim // 2,
             v_dim=mem.v_dim if mem.v_dim is not None else m.dim,
             shared_values=mem.shared_values, swilu=mem.swilu, qk_norm=mem.qk_norm,
-            query_batchnorm=mem.query_batchnorm),
+            query_batchnorm=mem.query_batchnorm, tucker_rank=mem.tucker_rank,
+            value_expansion=mem.value_expansion),
         moe=MoEArgs(layers=tuple(moe.layers), experts=moe.experts, top_k=moe.top_k,
                     hidden_dim=moe.hidden_dim if moe.hidden_dim is not None else ffn_hidden_dim,
                     aux_loss_weight=moe.aux_loss_weight))

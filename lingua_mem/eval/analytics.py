@@ -29,8 +29,8 @@ class MemoryReadStats:
     def __init__(self, model: Transformer):
         self.memories = {b.layer_id: b.feed_forward for b in model.layers if b.is_memory}
         device = model.rope_cos.device
-        self.sums = {i: {"counts": torch.zeros(m.n_keys**2, dtype=torch.float64, device=device),
-                         "mass": torch.zeros(m.n_keys**2, dtype=torch.float64, device=device),
+        self.sums = {i: {"counts": torch.zeros(m.rows, dtype=torch.float64, device=device),
+                         "mass": torch.zeros(m.rows, dtype=torch.float64, device=device),
                          "scalars": torch.zeros(3, dtype=torch.float64, device=device)}  # top1, entropy, n
                      for i, m in self.memories.items()}
         self.count: torch.Tensor | None = None  # (N,) bool mask of the next forward's tokens

@@ -77,6 +77,7 @@ class ProductKeyMemory(nn.Module):
         super().__init__()
         self.dim, self.n_keys, self.heads, self.knn = dim, n_keys, heads, knn
         self.k_dim, self.v_dim, self.half = k_dim, v_dim, k_dim // 2
+        self.rows = n_keys**2  # rows of the value table it reads
         self.query = nn.Linear(dim, heads * k_dim, bias=True)
         self.query_bn = nn.BatchNorm1d(heads * k_dim) if query_batchnorm else None
         # sub-keys: (heads, 2 halves, n_keys, k_dim / 2)

@@ -21,8 +21,9 @@ def llama_ffn_hidden_dim(dim: int, multiplier: float | None, multiple_of: int) -
 
 # the product-key layer families (memory.kind): pkm reads a weighted bag of value rows
 # (Memory+ with swilu, the paper's "Memory" without); peer reads n_keys**2 single-neuron
-# experts (He 2024): the same search, each picked expert's weight gelu(u_i . x) times its score
-MEMORY_KINDS = ("pkm", "peer")
+# experts (He 2024): the same search, each picked expert's weight gelu(u_i . x) times its score;
+# ultramem (Huang 2025): Tucker-scored key grid, values expanded through projectors
+MEMORY_KINDS = ("pkm", "peer", "ultramem")
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,13 @@ class MemoryArgs:
     swilu: bool = True  # Memory+ gated output; False: vanilla PKM
     qk_norm: bool = False
     query_batchnorm: bool = False
+    tucker_rank: int = 2  # ultramem: rank of the key grid's Tucker core
+    value_expansion: int = 1  # ultramem: virtual values per physical row (projectors)
 
     @property
     def n_values(self) -> int:
-        return self.n_keys**2
+        """Rows of a value table: the n_keys**2 slots, or for ultramem their physical rows."""
+        return self.n_keys**2 // self.value_expansion
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,16 @@ def validate_args(args: ModelArgs) -> None:
                "memory.kind=peer")
         _check(mem.v_dim == args.dim, "memory.v_dim", f"{mem.v_dim}: PEER's experts write model.dim="
                f"{args.dim} (leave memory.v_dim unset)")
+    if mem.kind == "ultramem":
+        _check(not mem.swilu, "memory.swilu", "UltraMem has no gated output: set memory.swilu=false with "
+               "memory.kind=ultramem")
+        _check(mem.tucker_rank > 0, "memory.tucker_rank", "must be positive")
+        _check(2 * mem.knn <= mem.n_keys, "memory.knn", f"{mem.knn}: UltraMem's search takes 2 * knn rows "
+               f"of memory.n_keys={mem.n_keys}")
+    _check(mem.value_expansion > 0 and mem.n_keys**2 % mem.value_expansion == 0, "memory.value_expansion",
+           f"{mem.value_expansion} must be positive and divide n_keys**2={mem.n_keys**2}")
+    _check(mem.value_expansion == 1 or mem.kind == "ultramem", "memory.value_expansion",
+           "only memory.kind=ultramem expands values")
     for i in mem.layers:
         _check(0 <= i < args.n_layers, "memory.layers", f"layer {i} outside 0..{args.n_layers - 1}")
     _check(len(set(mem.layers)) == len(mem.layers), "memory.layers", "repeats a layer")

@@ -21,6 +21,7 @@ from lingua_mem.errors import ConfigError
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
 from lingua_mem.memory.peer import PEER
+from lingua_mem.memory.ultramem import UltraMem
 from lingua_mem.model.args import ModelArgs
 from lingua_mem.model.kv_cache import KVCache, attention_mask
 from lingua_mem.model.loss import linear_cross_entropy
@@ -287,12 +288,16 @@ class FeedForward(nn.Module):
 
 def build_ffn(layer_id: int, args: ModelArgs) -> nn.Module:
     """The FFN slot of block `layer_id`, by family: a product-key layer (memory.kind: pkm, the
-    paper's Memory+ or Memory; peer) at memory.layers, a mixture of experts at moe.layers, else
-    the dense SwiGLU."""
+    paper's Memory+ or Memory; peer; ultramem) at memory.layers, a mixture of experts at
+    moe.layers, else the dense SwiGLU."""
     mem, moe = args.memory, args.moe
     if layer_id in mem.layers and mem.kind == "peer":
         return PEER(args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, qk_norm=mem.qk_norm,
                     query_batchnorm=mem.query_batchnorm, norm_eps=args.norm_eps)
+    if layer_id in mem.layers and mem.kind == "ultramem":
+        return UltraMem(args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim, rank=mem.tucker_rank,
+                        expansion=mem.value_expansion, qk_norm=mem.qk_norm,
+                        query_batchnorm=mem.query_batchnorm, norm_eps=args.norm_eps)
     if layer_id in mem.layers:
         return ProductKeyMemory(args.dim, mem.n_keys, mem.heads, mem.knn, mem.k_dim, mem.v_dim,
                                 swilu=mem.swilu, qk_norm=mem.qk_norm, query_batchnorm=mem.query_batchnorm,
