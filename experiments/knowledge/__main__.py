@@ -1,9 +1,14 @@
-"""python -m experiments.knowledge --preset small|gpu|tiny --out DIR [--dry-run]
+"""python -m experiments.knowledge --preset NAME --out DIR [--dry-run]
 
-Trains the preset's runs phase by phase (plan.py), each in its own train.py process; a run
-already done is read back, so rerunning the command continues an interrupted experiment.
-Prints progress (run i of n, its result, the ETA), then writes DIR/report.md,
+Presets small, gpu, tiny: memory against dense bases, phase by phase (plan.py): DIR/report.md,
 DIR/results.json, DIR/facts_vs_flops.png and DIR/bits_vs_params.png.
+Presets table1, scaling (and their _gpu and _tiny variants): the layer families at equal
+training FLOPs, and recall against memory size, over seeds (families.py): DIR/report.md,
+DIR/results.json, DIR/table1.png or DIR/scaling.png.
+
+Each run trains in its own train.py process; a run already done is read back, so rerunning
+the command continues an interrupted experiment. Prints progress (run i of n, its result,
+the ETA).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.knowledge import plan
+from experiments.knowledge import families, plan
+from experiments.knowledge.compare import run_comparison
 from experiments.knowledge.presets import PRESETS
 from experiments.knowledge.report import headline, plots, write_report
 from experiments.knowledge.run import RunFailed, train_run
@@ -31,10 +37,12 @@ def n_runs(p) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.knowledge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="small", choices=sorted({*PRESETS, *families.COMPARISONS}))
     ap.add_argument("--out", default=None, help="default: dumps/knowledge/<preset>")
-    ap.add_argument("--dry-run", action="store_true", help="list the runs of phase 1 and the plan")
+    ap.add_argument("--dry-run", action="store_true", help="list the runs (small, gpu, tiny: of phase 1)")
     a = ap.parse_args(argv)
+    if a.preset in families.COMPARISONS:
+        return compare(families.COMPARISONS[a.preset], a.out, a.dry_run)
     p = PRESETS[a.preset]
     out = Path(a.out or f"dumps/knowledge/{p.name}")
     base = plan.common(p)
@@ -81,6 +89,24 @@ def main(argv: list[str]) -> int:
             print(f"{h['size']}: memory / dense {key} at {h['flops']:.3g} FLOPs = {h['ratio']:.3g} "
                   f"({h['memory']} {h['memory_em']:.3f} vs {h['dense']} {h['dense_em']:.3f})")
     print(f"wrote {report}, {out / 'results.json'}, {', '.join(map(str, pictures))}")
+    return 0
+
+
+def compare(c: families.Comparison, out: str | None, dry_run: bool) -> int:
+    try:
+        runs = families.runs(c)
+        if dry_run:
+            tokens = c.batch_size * c.seq_len
+            print(f"preset {c.name}: {len(runs)} runs ({len(c.seeds)} seeds) of {tokens} tokens a step on "
+                  f"{c.people} people's facts, base {c.base.name} x {c.base.n_layers}; expected "
+                  f"{c.expected_minutes:g} min on {c.machine}")
+            for run in runs:
+                print(f"  {run.name}: {' '.join(run.overrides)}")
+            return 0
+        written = run_comparison(c, Path(out or f"dumps/knowledge/{c.name}"))
+    except (RunFailed, ConfigError) as exc:
+        return fail(exc)
+    print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
