@@ -54,3 +54,77 @@ def test_equal_flops_reads_the_curves_between_evaluations():
     # compared at the smaller budget, 15: the dense run had 0.4 there
     assert rows == [{"size": "s", "dense": "d", "memory": "m", "flops": 15.0, "dense_em": pytest.approx(0.4),
                      "memory_em": 0.6, "ratio": pytest.approx(1.5)}]
+
+
+# --- the family comparisons (table1, scaling) ----------------------------------------------
+
+
+def test_table1_tiny_runs_end_to_end_and_reports_over_seeds(tmp_path):
+    pytest.importorskip("matplotlib")
+    cmd = [sys.executable, "-m", "experiments.knowledge", "--preset", "table1_tiny", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[2/2] memory+_seed0: recall EM " in proc.stdout and "ETA" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["dense_seed0", "memory+_seed0"]
+    assert [g["group"] for g in results["groups"]] == ["dense", "memory+"]
+    dense, memory = results["runs"]
+    # equal training FLOPs: the cheaper memory model trains on more steps, to within one step
+    assert memory["flops_per_token"] < dense["flops_per_token"] and memory["steps"] > dense["steps"]
+    assert abs(memory["train_flops"] - dense["train_flops"]) <= memory["train_flops"] / memory["steps"]
+    assert "| memory+ | 1 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+COUNTS = [("table1", 18), ("scaling", 24), ("table1_gpu", 18), ("scaling_gpu", 27)]
+
+
+@pytest.mark.parametrize("preset,n", COUNTS)
+def test_the_comparisons_dry_run_lists_their_runs_at_equal_flops(preset, n):
+    from experiments.knowledge.families import COMPARISONS, common, flops_per_token, runs
+
+    c = COMPARISONS[preset]
+    plan = runs(c)
+    assert len(plan) == n and len({r.name for r in plan}) == n
+    assert {r.name.rsplit("_seed", 1)[1] for r in plan} == {"0", "1", "2"}
+    budget = flops_per_token(c, plan[0].overrides) * c.dense_steps  # the dense base's
+    for r in plan:
+        steps = int(dict(o.split("=", 1) for o in r.overrides)["steps"])
+        fpt = flops_per_token(c, r.overrides)
+        if r.size.startswith("dense_"):  # scaling's references: the base's tokens, more FLOPs
+            assert steps == c.dense_steps and fpt > 1.8 * budget / c.dense_steps
+        else:
+            assert abs(steps * fpt - budget) <= fpt / 2
+    if c.kind == "scaling":  # at least 5 memory sizes, log-spaced
+        sizes = sorted({r.n_keys**2 for r in plan if r.kind == "memory"})
+        ratios = {b / a for a, b in zip(sizes, sizes[1:], strict=False)}
+        assert len(sizes) >= 5 and len(ratios) == 1
+    else:
+        assert {r.size for r in plan} == {"dense", "moe", "peer", "memory", "memory+", "ultramem"}
+    proc = subprocess.run([sys.executable, "-m", "experiments.knowledge", "--preset", preset, "--dry-run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == n + 1
+    assert f"expected {c.expected_minutes:g} min on {c.machine}" in proc.stdout
+    assert all(k in " ".join(common(c)) for k in ("memory.k_dim=null", "eval.tasks=val,facts_qa"))
+
+
+def test_the_scaling_report_takes_means_and_standard_errors(tmp_path):
+    pytest.importorskip("matplotlib")
+    from experiments.knowledge.compare import mean_se, plot, summarise
+    from experiments.knowledge.families import COMPARISONS
+
+    def result(group, kind, n_keys, recall, fpt):
+        return {"size": group, "kind": kind, "n_keys": n_keys, "value_params": n_keys**2 * 64,
+                "total_params": 1000, "dense_params": 900, "flops_per_token": fpt, "steps": 10,
+                "train_flops": 10 * fpt, "seconds": 1.0, "recall_em": recall, "qa_em": 0.0, "val_loss": 1.0,
+                "recall_bits": 100 * recall}
+
+    results = [result("dense", "dense", 0, x, 100) for x in (0.1, 0.2, 0.3)]
+    results += [result(f"mem{k * k}", "memory", k, x, 90) for k in (64, 128) for x in (0.3, 0.4)]
+    results += [result("dense_d96", "dense", 0, 0.5, 200)]
+    rows = summarise(results)
+    assert [r["group"] for r in rows] == ["dense", "mem4096", "mem16384", "dense_d96"]
+    assert rows[0]["recall_em"] == pytest.approx(0.2)
+    assert rows[0]["recall_em_se"] == pytest.approx(0.1 / 3**0.5)
+    assert mean_se([0.5]) == (0.5, 0.0)
+    assert plot(COMPARISONS["scaling"], rows, tmp_path).read_bytes()[:4] == b"\x89PNG"
