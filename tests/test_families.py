@@ -52,6 +52,21 @@ FAMILIES = {
 # --- against a plain computation ------------------------------------------------------------
 
 
+def assert_same_forward_and_backward(layer, reference, params) -> None:
+    """layer() and reference() give the same output, and the same gradients of `params` from
+    the loss sum(out**2)."""
+    got = layer()
+    got.square().sum().backward()
+    got_grads = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
+    want = reference()
+    want.square().sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for g, t in zip(got_grads, params, strict=True):
+        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6)
+
+
 def moe_reference(layer: MoEFeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token by token: softmax router, top-k, gates, each chosen expert's SwiGLU; and the
     balancing loss E * sum_e f_e P_e, counted by hand."""
@@ -116,17 +131,9 @@ def test_peer_forward_and_backward_equal_a_search_over_every_expert():
     layer.init_weights(init, out_std=0.1)
     table.init_weights(init)
     x = torch.randn(7, 16, requires_grad=True)
-    got = layer(x, table)
-    got.square().sum().backward()
     params = (x, table.weight, layer.down, layer.keys, layer.query.weight, layer.query.bias)
-    got_grads = [t.grad.clone() for t in params]
-    for t in params:
-        t.grad = None
-    want = peer_reference(layer, table.weight, x)
-    want.square().sum().backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for g, t in zip(got_grads, params, strict=True):
-        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6)
+    assert_same_forward_and_backward(lambda: layer(x, table), lambda: peer_reference(layer, table.weight, x),
+                                     params)
     assert layer.down.grad.count_nonzero() > 0 and layer.gate is None and layer.out is None
 
 
@@ -160,17 +167,9 @@ def test_ultramem_forward_and_backward_equal_a_search_over_every_slot(rank, expa
     layer.init_weights(init, out_std=0.1)
     table.init_weights(init)
     x = torch.randn(7, 16, requires_grad=True)
-    got = layer(x, table)
-    got.square().sum().backward()
     params = (x, table.weight, layer.core, layer.projectors, layer.keys, layer.query.weight)
-    got_grads = [t.grad.clone() for t in params]
-    for t in params:
-        t.grad = None
-    want = ultramem_reference(layer, table.weight, x)
-    want.square().sum().backward()
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for g, t in zip(got_grads, params, strict=True):
-        torch.testing.assert_close(g, t.grad, rtol=1e-4, atol=1e-6)
+    reference = lambda: ultramem_reference(layer, table.weight, x)  # noqa: E731
+    assert_same_forward_and_backward(lambda: layer(x, table), reference, params)
 
 
 def test_ultramem_at_rank_2_reads_slots_by_their_exact_tucker_scores():

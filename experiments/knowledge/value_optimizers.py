@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from experiments.knowledge import plan
+from experiments.knowledge.compare import mean_se
 from experiments.knowledge.presets import PRESETS
 from experiments.knowledge.run import RunFailed, train_run
 from lingua_mem.cli import fail
@@ -35,11 +36,8 @@ def _floats(text: str) -> list[float]:
 
 def _mean_se(xs: list[float]) -> str:
     """mean +- standard error (the mean alone for one value)."""
-    mean = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return f"{mean:.3f}"
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-    return f"{mean:.3f} +- {(var / len(xs)) ** 0.5:.3f}"
+    mean, se = mean_se(xs)
+    return f"{mean:.3f}" if len(xs) < 2 else f"{mean:.3f} +- {se:.3f}"
 
 
 def main(argv: list[str]) -> int:
