@@ -35,6 +35,7 @@ from lingua_mem.model.llama import build_model
 from lingua_mem.model.moe import AuxLosses, MoEFeedForward
 from lingua_mem.optim import build_optimizer
 from lingua_mem.parallel import init_distributed, parallelize
+from lingua_mem.parallel.parallelize import COMPILES_CHECKPOINTED_READS
 from lingua_mem.param_init import ParamInit
 from lingua_mem.stats import config_stats
 
@@ -240,8 +241,13 @@ def family_worker(rank, world, port, family, layout, results):
     ("peer", {"dp_shard": 2, "memory_parallel_size": 2}),
     ("peer", {"dp_replicate": 2, "dp_shard": 1}),
     ("ultramem", {"dp_shard": 2, "memory_parallel_size": 2}),
-], ids=["moe-fsdp2", "peer-fsdp2-mp2", "peer-replicated", "ultramem-fsdp2-mp2"])
+    ("moe", {"dp_shard": 2, "activation_checkpointing": "full"}),
+    ("ultramem", {"memory_parallel_size": 2, "compile": True}),
+], ids=["moe-fsdp2", "peer-fsdp2-mp2", "peer-replicated", "ultramem-fsdp2-mp2", "moe-full-checkpointing",
+        "ultramem-mp2-compiled"])
 def test_two_processes_train_as_one(family, layout):
+    if layout.get("compile") and layout.get("activation_checkpointing") and not COMPILES_CHECKPOINTED_READS:
+        pytest.skip(f"torch {torch.__version__} cannot compile checkpointed blocks")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     mp.start_processes(family_worker, args=(2, free_port(), family, layout, results), nprocs=2,
@@ -249,7 +255,7 @@ def test_two_processes_train_as_one(family, layout):
     ref_losses, losses, err, same_names = results.get(timeout=5)
     assert same_names and ref_losses[-1] < ref_losses[0]
     assert losses == pytest.approx(ref_losses, rel=1e-5)
-    assert err < 1e-5
+    assert err < (5e-5 if layout.get("compile") else 1e-5)  # compiled kernels round differently
 
 
 # --- accounting -------------------------------------------------------------------------------
