@@ -57,7 +57,7 @@ def model_stats(model: Transformer, seq_len: int) -> dict:
     # projectors, and the output head (the tied embedding when there is no separate head)
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     memories = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
-    matmul += sum(m.keys.numel() * getattr(m, "rank", 1) for m in memories)
+    matmul += sum(m.keys.numel() * (m.rank if isinstance(m, UltraMem) else 1) for m in memories)
     matmul += sum(m.projectors.numel() for m in memories if isinstance(m, UltraMem))
     if model.output is None:
         matmul += model.tok_embeddings.weight.numel()

@@ -323,6 +323,17 @@ def test_resume_from_a_checkpoint_is_bit_exact(tmp_path, family):
     assert math.isfinite(got[-1]["loss"]) and got[-1]["loss"] < got[0]["loss"]
 
 
+def test_export_hf_refuses_the_families_it_has_no_model_for(tmp_path):
+    pytest.importorskip("transformers")
+    from lingua_mem.checkpoint.hf_export import export_hf
+
+    run_inproc(tmp_path / "run", "steps=1", "checkpoint.every=1", *TINY["moe"])
+    out = tmp_path / "export"
+    with pytest.raises(ValueError, match="export-hf has no transformers model for moe layers"):
+        export_hf(tmp_path / "run" / "checkpoints" / "0000000001", out)
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("overrides,key", [
     (["moe.layers=[1]"], "moe.layers"),  # SMALL's memory layer is 1
     (["memory.layers=[]", "moe.layers=[0]", "moe.top_k=9"], "moe.top_k"),

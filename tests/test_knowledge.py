@@ -14,11 +14,17 @@ from experiments.knowledge.report import at_flops, headline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path):
+def run_preset(preset: str, out: Path) -> subprocess.CompletedProcess:
+    """`python -m experiments.knowledge --preset PRESET --out OUT`, which must succeed."""
     pytest.importorskip("matplotlib")
-    cmd = [sys.executable, "-m", "experiments.knowledge", "--preset", "tiny", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "experiments.knowledge", "--preset", preset, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path):
+    proc = run_preset("tiny", tmp_path)
     assert "[2/2] d32_mem8_vlr0.01: recall EM " in proc.stdout and "ETA" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in results] == ["d32_dense_lr0.003", "d32_mem8_vlr0.01"]
@@ -38,8 +44,8 @@ def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path):
     for png in ("facts_vs_flops.png", "bits_vs_params.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     # a rerun trains nothing: the finished runs are read back
-    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and json.loads((tmp_path / "results.json").read_text()) == results
+    run_preset("tiny", tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == results
     assert (tmp_path / "runs" / "d32_dense_lr0.003" / "train.log").read_text().count("model:") == 1
 
 
@@ -60,10 +66,7 @@ def test_equal_flops_reads_the_curves_between_evaluations():
 
 
 def test_table1_tiny_runs_end_to_end_and_reports_over_seeds(tmp_path):
-    pytest.importorskip("matplotlib")
-    cmd = [sys.executable, "-m", "experiments.knowledge", "--preset", "table1_tiny", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_preset("table1_tiny", tmp_path)
     assert "[2/2] memory+_seed0: recall EM " in proc.stdout and "ETA" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in results["runs"]] == ["dense_seed0", "memory+_seed0"]

@@ -89,8 +89,10 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "fp3
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     args, run_config = checkpoint_model_args(path)
-    family = ("moe" if args.moe.layers else None) or (args.memory.kind if args.memory.kind != "pkm" else None)
-    if family is not None:
+    families = (["moe"] if args.moe.layers else []) + \
+        ([args.memory.kind] if args.memory.layers and args.memory.kind != "pkm" else [])
+    if families:
+        family = " and ".join(families)
         raise ValueError(f"{path}: export-hf has no transformers model for {family} layers (only dense and "
                          "product-key memory); `python -m lingua_mem.checkpoint consolidate` exports it")
     tok_cfg = run_tokenizer(run_config)

@@ -35,11 +35,11 @@ class AuxLosses:
         return torch.stack(self.terms).sum() if self.terms else None
 
 
-def balancing_loss(probs: torch.Tensor, experts: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Switch's load-balancing loss: probs (N, E) the router's probabilities, experts (N, k)
-    the chosen ones -> E * sum_e f_e * P_e (fp32 scalar; 1 when routing is uniform)."""
-    share = torch.bincount(experts.flatten(), minlength=n_experts).float() / experts.numel()  # f_e
-    return n_experts * (share * probs.float().mean(0)).sum()
+def balancing_loss(probs: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
+    """Switch's load-balancing loss: probs (N, E) the router's probabilities, load (E,) the
+    assignments each expert got -> E * sum_e f_e * P_e (fp32 scalar; 1 when routing is uniform)."""
+    share = load.float() / load.sum()  # f_e
+    return probs.shape[-1] * (share * probs.float().mean(0)).sum()
 
 
 class MoEFeedForward(nn.Module):
@@ -77,13 +77,13 @@ class MoEFeedForward(nn.Module):
         flat = experts.flatten()  # (N*k,) assignment j: token j // k
         order = flat.argsort(stable=True)  # assignments grouped by expert
         token = order // self.top_k  # (N*k,) each grouped assignment's token
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()  # a host sync
+        load = torch.bincount(flat, minlength=self.n_experts)  # (E,) assignments an expert
         xs = x[token]  # (N*k, dim)
         outs = []
-        for e, xe in enumerate(xs.split(counts)):  # xe: (n_e, dim)
+        for e, xe in enumerate(xs.split(load.tolist())):  # xe: (n_e, dim); tolist: a host sync
             outs.append(F.linear(F.silu(F.linear(xe, self.w1[e])) * F.linear(xe, self.w3[e]), self.w2[e]))
         ys = torch.cat(outs) * gates.flatten()[order, None].to(x.dtype)  # (N*k, dim)
         out = torch.zeros_like(x).index_add_(0, token, ys)  # (N, dim)
         if aux is not None and self.aux_loss_weight > 0:
-            aux.terms.append(self.aux_loss_weight * balancing_loss(probs, experts, self.n_experts))
+            aux.terms.append(self.aux_loss_weight * balancing_loss(probs, load))
         return out.view(shape)
