@@ -144,11 +144,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> MemoryAdamW:
     return build_memory_adamw(groups, cfg)
 
 
-def build_memory_adamw(groups: list[dict], cfg: OptimConfig) -> MemoryAdamW:
+def build_memory_adamw(groups: list[dict], cfg: OptimConfig, fused: bool | None = None) -> MemoryAdamW:
+    """`fused` (None: on CUDA): torch's fused AdamW kernel for the groups updated over every row,
+    one pass over each parameter, its gradient and moments, where the default (foreach) makes
+    about ten; the row-sparse groups' updates are MemoryAdamW's own either way."""
     groups = [g for g in groups if g["params"]]
     for g in groups:
         g["peak_lr"] = g["lr"]
-    return MemoryAdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if fused is None:
+        fused = bool(groups) and _local(groups[0]["params"][0]).device.type == "cuda"
+    return MemoryAdamW(groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def hand_over_value_grads(model: nn.Module, optimizer: MemoryAdamW) -> None:

@@ -256,3 +256,47 @@ embedding_bag_triton.register_autograd(_backward, setup_context=_setup_context)
 
 # the outputs selective activation checkpointing keeps
 SAVED_OPS = frozenset({torch.ops.lingua_mem.embedding_bag_triton.default})
+
+
+# -- what each op moves through device memory (lingua_mem.plan.traffic counts it) -----------
+# A program's own re-reads of a row count once; nothing is assumed cached across programs.
+
+def _n(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _forward_traffic(args, kwargs, out):
+    indices, weights, table = args[0], args[1], args[2]
+    offsets = args[3] if len(args) > 3 else kwargs.get("offsets")
+    k, row = indices.numel(), table.shape[1] * table.element_size()
+    return k * row + _n(indices) + _n(weights) + _n(offsets), _n(out)
+
+
+def _backward_traffic(args, kwargs, out):
+    grad_out, indices, weights, table = args[0], args[1], args[2], args[3]
+    table_grad = args[4] if len(args) > 4 else kwargs.get("table_grad", "auto")
+    k, (rows, d) = indices.numel(), table.shape
+    grad_w, grad_table = out
+    read = written = 0
+    written += k * 4 + rows * d * 4  # grad_w and the fp32 table gradient, zeroed
+    # the weights' gradient: each read's row and its bag's gradient (once a bag)
+    read += k * d * table.element_size() + _n(grad_out) + 2 * _n(indices) + _n(weights)
+    written += k * 4
+    if table_grad_variant(d, table_grad) == "atomic":  # fp32 atomics: each read's row updated
+        read += _n(grad_out) + _n(indices) + _n(weights) + k * d * 4
+        written += k * d * 4
+    else:  # the sort (8 radix passes of int64 keys and positions), the reverse index, gathers
+        read += 8 * k * 16 + 12 * k * 8
+        written += 8 * k * 16 + 10 * k * 8
+        # the kernel: a program per read and D block; each first read's program sums its
+        # reads' bag gradients and writes its row once
+        read += k * d * grad_out.element_size() + k * 29 * -(-d // BLOCK_D)
+        written += min(k, rows) * d * 4
+    if table.dtype != torch.float32:  # the fp32 gradient cast to the table's dtype
+        read += rows * d * 4
+        written += _n(grad_table)
+    return read, written
+
+
+TRAFFIC = {torch.ops.lingua_mem.embedding_bag_triton.default: _forward_traffic,
+           torch.ops.lingua_mem.embedding_bag_triton_backward.default: _backward_traffic}
