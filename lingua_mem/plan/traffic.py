@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.tensor import DTensor
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -285,7 +284,7 @@ SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten._unique
             aten.repeat_interleave.Tensor, aten.equal.default, aten.bincount.default,
             aten.is_nonzero.default}
 # tensor methods that copy to the host (on a GPU tensor: a wait)
-_HOST_METHODS = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
+_HOST_METHODS = ("tolist", "numpy", "cpu")
 
 
 def _where(frames) -> str:
@@ -310,43 +309,65 @@ class _SyncDispatch(TorchDispatchMode):
             sized = func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is not None
             host = args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in owner.on_host
             if not sized and not host:
-                owner.calls.append((func.__name__, _where(traceback.extract_stack())))
+                owner.record(func.__name__)
         return out
 
 
-class HostSyncs(TorchFunctionMode):
+class HostSyncs:
     """The calls inside it that would make the host wait for a GPU (see the module's
     docstring), each with the innermost lingua_mem frame that made it: `calls`, a list of
     (op, "file:function"). `host_tensors`: tensors kept on the host on every device (an
-    optimizer's step count): reading them is no wait."""
+    optimizer's step count): reading them is no wait. The copies to the host are seen by
+    wrapping Tensor.tolist, .numpy and .cpu while it is entered (torch function modes are off
+    inside a dispatch mode's handler, where a custom op's Python runs under RunReadsInline)."""
 
     def __init__(self, host_tensors=()):
-        super().__init__()
         self.calls: list[tuple[str, str]] = []
+        self.phases: list[str] = []  # each call's phase
+        self.phase = ""  # set by the caller: what the calls made now belong to
         self.on_host = {t.data_ptr() for t in host_tensors}
         self.inside_method = False
         self._dispatch = _SyncDispatch(self)
+        self._saved: dict[str, object] = {}
 
-    def __enter__(self):
-        self._dispatch.__enter__()
-        return super().__enter__()
+    def _wrap(self, name: str):
+        method = getattr(torch.Tensor, name)
 
-    def __exit__(self, *exc):
-        super().__exit__(*exc)
-        return self._dispatch.__exit__(*exc)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _HOST_METHODS and args and isinstance(args[0], torch.Tensor):
-            t = args[0]
+        def wrapped(t, *args, **kwargs):
             if t.data_ptr() not in self.on_host and not self.inside_method:
-                self.calls.append((func.__name__, _where(traceback.extract_stack())))
+                self.record(name)
             self.inside_method, before = True, self.inside_method
             try:
-                return func(*args, **kwargs)
+                return method(t, *args, **kwargs)
             finally:
                 self.inside_method = before
-        return func(*args, **kwargs)
+
+        return method, wrapped
+
+    def __enter__(self):
+        for name in _HOST_METHODS:
+            self._saved[name], wrapped = self._wrap(name)
+            setattr(torch.Tensor, name, wrapped)
+        self._dispatch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            return self._dispatch.__exit__(*exc)
+        finally:
+            for name, method in self._saved.items():
+                setattr(torch.Tensor, name, method)
+            self._saved.clear()
+
+    def record(self, op: str) -> None:
+        self.calls.append((op, _where(traceback.extract_stack())))
+        self.phases.append(self.phase)
+
+    def by_phase(self) -> dict[str, list[tuple[str, str]]]:
+        out: dict[str, list] = {}
+        for phase, call in zip(self.phases, self.calls, strict=True):
+            out.setdefault(phase, []).append(call)
+        return out
 
     def by_place(self) -> dict[str, int]:
         out: dict[str, int] = defaultdict(int)
@@ -477,73 +498,171 @@ def declared_traffic() -> dict:
     return TRAFFIC
 
 
+class MemoryStep:
+    """A config's memory layers and value tables, parallelized as training does (the tables
+    sharded and read by routing over `meshes`), the layers' parameters in the compute dtype
+    (FSDP2's), and the value tables' optimizer; `run(phase)` trains them one step on
+    inputs of the config's shape, calling `phase(name)` as it enters forward, backward and
+    optimizer. Built on the meta device; `materialise(device)` gives it storage (under
+    FakeTensorMode: none)."""
+
+    def __init__(self, cfg, meshes, kernel: str):
+        from lingua_mem.config import model_args
+        from lingua_mem.model.llama import build_model
+        from lingua_mem.parallel.memory_parallel import ShardedValueTable
+
+        self.cfg = cfg
+        model = build_model(model_args(cfg.model, cfg.memory, cfg.moe), "meta", kernel=kernel)
+        dtype = lambda name: torch.bfloat16 if name == "bf16" else torch.float32  # noqa: E731
+        self.dtype = dtype(cfg.distributed.compute_dtype)
+        self.tables = {key: ShardedValueTable(table, meshes.memory, dtype(cfg.memory.value_compute_dtype),
+                                              dtype(cfg.distributed.value_reduce_dtype))
+                       for key, table in model.values.items()}
+        self.layers = [(model.layers[i].feed_forward, self.tables[model.value_key[i]]) for i in cfg.memory.layers]
+        for layer, _ in self.layers:  # FSDP2's parameters in compute dtype (a query BatchNorm's fp32)
+            layer.to(self.dtype)
+            if layer.query_bn is not None:
+                layer.query_bn.float()
+
+    def materialise(self, device: str = "cpu", seed: int = 0, fused: bool | None = None) -> None:
+        from lingua_mem.optim import build_memory_adamw
+        from lingua_mem.param_init import ParamInit
+
+        cfg = self.cfg
+        init = ParamInit(seed)
+        for layer, _ in self.layers:
+            layer.to_empty(device=device)
+        for table in self.tables.values():
+            table.to_empty(device=device)
+        if device != "meta" and not _fake():
+            for layer, _ in self.layers:
+                layer.init_weights(init, 0.02)
+            for table in self.tables.values():
+                table.init_weights(init)
+        row_update = None if cfg.optim.value_optimizer == "adamw" else cfg.optim.value_optimizer
+        self.values = [t.weight for t in self.tables.values()]
+        self.optimizer = build_memory_adamw([{"name": "values", "params": self.values, "lr": cfg.optim.value_lr,
+                                              "weight_decay": cfg.optim.value_weight_decay,
+                                              "row_update": row_update}], cfg.optim, fused=fused)
+        tokens = cfg.data.batch_size * cfg.data.seq_len
+        generator = torch.Generator().manual_seed(seed + 1)
+        self.x = [torch.randn(tokens, self.cfg.model.dim, generator=None if _fake() else generator).to(
+            device=device, dtype=self.dtype).requires_grad_() for _ in self.layers]
+
+    def run(self, phase=lambda name: None) -> None:
+        from lingua_mem.optim import clip_grads
+
+        phase("forward")
+        outs = [layer(xi, table) for (layer, table), xi in zip(self.layers, self.x, strict=True)]
+        phase("backward")
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        phase("optimizer")
+        for table in self.tables.values():
+            self.optimizer.set_row_grad(table.weight, table.take_row_grad())
+        clip_grads(self.values, self.cfg.optim.value_clip, self.optimizer)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for xi in self.x:
+            xi.grad = None
+        for layer, _ in self.layers:
+            layer.zero_grad(set_to_none=True)
+
+
+def _fake() -> bool:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return any(isinstance(m, FakeTensorMode) for m in _get_current_dispatch_mode_stack())
+
+
 def measure_memory_traffic(cfg, gpus: int = 1, kernel: str = "triton", name: str = "") -> StepTraffic:
     """One training step of `cfg`'s memory layers (forward, backward, the value tables'
     clipping and optimizer step) as rank 0 of `gpus` ranks, at its real shapes, on fake
-    tensors and a fake process group (started and destroyed here), op by op."""
+    tensors and a fake process group (started and destroyed here), op by op. The CUDA path:
+    the `kernel` (triton: its ops' declared traffic) and torch's fused AdamW."""
     import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from lingua_mem.config import model_args
-    from lingua_mem.model.llama import build_model
-    from lingua_mem.optim import build_memory_adamw, clip_grads
     from lingua_mem.parallel import resolve_dims
-    from lingua_mem.parallel.memory_parallel import ShardedValueTable
     from lingua_mem.parallel.mesh import build_meshes
     from lingua_mem.plan.fake_step import RunReadsInline
 
     shape = shape_of(cfg, gpus)
     dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=gpus)
     try:
-        meshes = build_meshes(resolve_dims(cfg.distributed, gpus), "cpu")
-        model = build_model(model_args(cfg.model, cfg.memory, cfg.moe), "meta", kernel=kernel)
-        dtype = lambda name: torch.bfloat16 if name == "bf16" else torch.float32  # noqa: E731
-        tables = {key: ShardedValueTable(table, meshes.memory, dtype(cfg.memory.value_compute_dtype),
-                                         dtype(cfg.distributed.value_reduce_dtype))
-                  for key, table in model.values.items()}
-        layers = [(model.layers[i].feed_forward, tables[model.value_key[i]]) for i in cfg.memory.layers]
-        for layer, _ in layers:  # FSDP2's parameters in compute dtype (a query BatchNorm's fp32)
-            layer.to(dtype(cfg.distributed.compute_dtype))
-            if layer.query_bn is not None:
-                layer.query_bn.float()
+        step = MemoryStep(cfg, build_meshes(resolve_dims(cfg.distributed, gpus), "cpu"), kernel)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            for layer, _ in layers:
-                layer.to_empty(device="cpu")
-            for table in tables.values():
-                table.to_empty(device="cpu")
-            row_update = None if cfg.optim.value_optimizer == "adamw" else cfg.optim.value_optimizer
-            values = [t.weight for t in tables.values()]
-            optimizer = build_memory_adamw([{"name": "values", "params": values, "lr": cfg.optim.value_lr,
-                                             "weight_decay": cfg.optim.value_weight_decay,
-                                             "row_update": row_update}], cfg.optim, fused=True)
-            x = [torch.empty(shape.tokens, shape.dim, dtype=dtype(cfg.distributed.compute_dtype),
-                             requires_grad=True) for _ in layers]
-
-            def step(counter: OpTraffic | None):
-                def phase(name):
-                    if counter is not None:
-                        counter.phase = name
-
-                phase("forward")
-                outs = [layer(xi, table) for (layer, table), xi in zip(layers, x, strict=True)]
-                phase("backward")
-                torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
-                phase("optimizer")
-                for table in tables.values():
-                    optimizer.set_row_grad(table.weight, table.take_row_grad())
-                clip_grads(values, cfg.optim.value_clip, optimizer)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                for xi in x:
-                    xi.grad = None
-                for layer, _ in layers:
-                    layer.zero_grad(set_to_none=True)
-
+            step.materialise("cpu", fused=True)
             with RunReadsInline():
-                step(None)  # the first makes the optimizer's state and fills DTensor's caches
+                step.run()  # the first makes the optimizer's state and fills DTensor's caches
             counter = OpTraffic(declared_traffic())
             with counter, RunReadsInline():
-                step(counter)
+                step.run(lambda name: setattr(counter, "phase", name))
     finally:
         dist.destroy_process_group()
     return StepTraffic(name, gpus, kernel, shape, {p: counter.phases[p] for p in PHASES}, minimum_bytes(shape))
+
+
+# the memory layers at a tiny shape, for counting host syncs (their number does not depend
+# on the sizes): the config's layers, tables, value optimizer and dtypes kept
+TINY = {"model.dim": 32, "model.n_heads": 4, "model.n_kv_heads": 2, "memory.n_keys": 16, "memory.k_dim": 16,
+        "memory.v_dim": None, "memory.heads": 2, "memory.knn": 4, "data.batch_size": 2, "data.seq_len": 8}
+
+
+def tiny(cfg, world: int):
+    """`cfg` at TINY's sizes for `world` ranks (mp kept where it divides the world, else 1)."""
+    from dataclasses import replace
+
+    layers = len(cfg.memory.layers)
+    model = replace(cfg.model, dim=32, n_heads=4, n_kv_heads=2, n_layers=layers, vocab_size=64, max_seq_len=16)
+    memory = replace(cfg.memory, layers=list(range(layers)), n_keys=16, k_dim=16, v_dim=None, heads=2, knn=4,
+                     kernel="torch")
+    mp = cfg.distributed.memory_parallel_size
+    dist_cfg = replace(cfg.distributed, memory_parallel_size=mp if world % mp == 0 else 1, dp_shard=-1,
+                       dp_replicate=1, device="cpu", compute_dtype="fp32")
+    return replace(cfg, model=model, memory=memory, distributed=dist_cfg,
+                   data=replace(cfg.data, batch_size=2, seq_len=8))
+
+
+def _syncs_worker(rank: int, world: int, port: int, cfg, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from lingua_mem.parallel import resolve_dims
+    from lingua_mem.parallel.mesh import build_meshes
+    from lingua_mem.plan.fake_step import RunReadsInline
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)
+        step = MemoryStep(cfg, build_meshes(resolve_dims(cfg.distributed, world, rank, rank), "cpu"), "torch")
+        step.materialise("cpu")
+        step.run()  # the first makes the optimizer's state
+        host = [s["step"] for s in step.optimizer.state.values() if "step" in s]
+        syncs = HostSyncs(host)
+        with syncs, RunReadsInline():
+            step.run(lambda name: setattr(syncs, "phase", name))
+        if rank == 0:
+            queue.put(syncs.by_phase())
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_host_syncs(cfg, world: int = 1) -> dict[str, list[tuple[str, str]]]:
+    """The host syncs of one training step of `cfg`'s memory layers (TINY sizes) on rank 0 of
+    `world` real gloo processes, by phase: {phase: [(op, where), ...]}."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    small = tiny(cfg, world)
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    mp.start_processes(_syncs_worker, args=(world, port, small, queue), nprocs=world, join=True,
+                       start_method="spawn")
+    return queue.get()
