@@ -1,6 +1,7 @@
 """The Triton embedding-bag kernels (run on the CPU by Triton's interpreter, TRITON_INTERPRET=1
-from conftest) against the PyTorch path: forward, both table-gradient variants, the weight
-gradient, duplicate indices, bf16 tables, ragged tails; as custom ops (opcheck, torch.compile
+from conftest) against the PyTorch path: forward (in the table's dtype or another), a plain
+table's gradients, a routed table's row backward (a program per segment of one row's reads,
+hot rows cut into several), the weight gradient, duplicate indices, bf16 tables, ragged tails; as custom ops (opcheck, torch.compile
 without graph breaks); and training the debug model to the torch path's losses, on one
 process and with memory parallelism."""
 
@@ -17,7 +18,7 @@ from test_parallel import free_port
 
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.kernels import embedding_bag, resolve_kernel
-from lingua_mem.kernels.embedding_bag import embedding_bag_backward
+from lingua_mem.kernels.embedding_bag import SEGMENT_READS, bag_rows_backward, embedding_bag_backward
 from lingua_mem.kernels.triton_bag import (
     BLOCK_D,
     BLOCK_M,
@@ -25,11 +26,12 @@ from lingua_mem.kernels.triton_bag import (
     embedding_bag_triton_backward,
 )
 from lingua_mem.memory import ProductKeyMemory, ValueTable
+from lingua_mem.parallel.memory_parallel import RowGrads, TableReader
 from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-# (N, M, R, D): tails on every axis (blocks of BLOCK_M indices, BLOCK_D columns), D above
-# and below the sorted variant's threshold, rows read many times
+# (N, M, R, D): tails on every axis (blocks of BLOCK_M indices, BLOCK_D columns), rows read
+# many times (more than a segment's reads)
 SHAPES = [(3, 5, 7, 9), (9, BLOCK_M + 3, 40, BLOCK_D + 5), (4, 2 * BLOCK_M, 6, 200), (1, 1, 1, 1)]
 
 
@@ -53,17 +55,52 @@ def reference(indices, weights, table, grad_out):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_forward_and_both_backward_variants_equal_pytorch(shape, index_dtype):
+def test_forward_and_backward_equal_pytorch(shape, index_dtype):
     indices, weights, table = case(*shape, index_dtype=index_dtype)
     grad_out = torch.randn(shape[0], shape[3], generator=torch.Generator().manual_seed(1))
     out, gw, gt = reference(indices, weights, table, grad_out)
     got = embedding_bag_triton(indices, weights, table)
     torch.testing.assert_close(got.double(), out, rtol=1e-5, atol=1e-5)
-    for variant in ("atomic", "sorted"):
-        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant)
-        assert grad_w.dtype == weights.dtype and grad_table.dtype == table.dtype
-        torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table)
+    assert grad_w.dtype == weights.dtype and grad_table.dtype == table.dtype
+    torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+    for kernel in ("torch", "triton"):  # a routed table's owner: rows added at their slots, scaled
+        got_w, got_rows = rows_backward(grad_out, indices, weights, table, kernel, scale=0.5)
+        torch.testing.assert_close(got_w.double(), gw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_rows.double(), 0.5 * gt, rtol=1e-5, atol=1e-5)
+
+
+def rows_backward(grad_out, reads, weights, table, kernel, scale=1.0, offsets=None):
+    """kernels.bag_rows_backward as a routed table's owner calls it, the rows' slots in reverse
+    row order, a gradient buffer holding 1.0 already: -> (grad_w, the table's gradient by row)."""
+    reader = TableReader.__new__(TableReader)  # its distinct() alone: the reads sorted, cut in segments
+    reader.kernel, reader.rows_per_rank = kernel, table.shape[0]
+    reader.grads = RowGrads(table.shape[0], table.shape[1])
+    rows, slots, by_row, segments = reader.distinct(reads.long(), track=False)
+    slot_of_row = (table.shape[0] - 1 - torch.arange(table.shape[0])).to(torch.int32)
+    grad_rows = torch.ones(table.shape)
+    grad_w = bag_rows_backward(grad_out, reads.long(), weights, table, rows, slots, by_row, segments,
+                               slot_of_row, grad_rows, scale, kernel, offsets)
+    assert grad_w.shape == weights.shape and grad_w.dtype == torch.float32
+    return grad_w, (grad_rows - 1)[slot_of_row.long()]
+
+
+def test_a_hot_row_is_cut_into_segments_that_add_up():
+    # one row read by every bag, 3 segments' worth, and a row read once
+    n, m, d = 5, 2 * SEGMENT_READS // 3, 70
+    indices = torch.zeros(n, m, dtype=torch.int64)
+    indices[0, 0] = 1
+    g = torch.Generator().manual_seed(3)
+    weights, table, grad_out = torch.rand(n, m, generator=g), torch.randn(2, d, generator=g), torch.randn(n, d)
+    reader = TableReader.__new__(TableReader)
+    reader.kernel, reader.rows_per_rank, reader.grads = "triton", 2, RowGrads(2, d)
+    rows, _, _, segments = reader.distinct(indices, track=False)
+    assert rows.tolist() == [0, 1] and segments.numel() - 1 == 1 + -(-(n * m - 1) // SEGMENT_READS)
+    _, gw, gt = reference(indices, weights, table, grad_out)
+    got_w, got_rows = rows_backward(grad_out, indices, weights, table, "triton")
+    torch.testing.assert_close(got_w.double(), gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_rows.double(), gt, rtol=1e-5, atol=1e-5)
 
 
 def test_ragged_bags_with_offsets_equal_pytorch():
@@ -82,11 +119,13 @@ def test_ragged_bags_with_offsets_equal_pytorch():
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(embedding_bag_triton(indices, weights, table, offsets).double(), out,
                                rtol=1e-5, atol=1e-5)
-    for variant in ("atomic", "sorted"):
-        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant,
-                                                           offsets)
-        torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, offsets)
+    torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_table.double(), gt, rtol=1e-5, atol=1e-5)
+    for kernel in ("torch", "triton"):
+        got_w, got_rows = rows_backward(grad_out, indices, weights, table, kernel, offsets=offsets)
+        torch.testing.assert_close(got_w.double(), gw, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_rows.double(), gt, rtol=1e-5, atol=1e-5)
     for kernel in ("torch", "triton"):  # the backward without autograd (a routed table's owner)
         for offs, shape in ((offsets, (k,)), (None, (4, 5))):
             idx, w = (indices, weights) if offs is not None else (indices[:20].view(4, 5),
@@ -107,10 +146,20 @@ def test_bf16_tables_accumulate_in_fp32():
     got = embedding_bag_triton(indices, weights, table)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), out, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the sum
-    for variant in ("atomic", "sorted"):
-        grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, variant)
-        torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-4)  # fp32 from bf16 rows
-        torch.testing.assert_close(grad_table.double(), gt, rtol=1e-2, atol=1e-2)
+    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table)
+    torch.testing.assert_close(grad_w.double(), gw, rtol=1e-5, atol=1e-4)  # fp32 from bf16 rows
+    torch.testing.assert_close(grad_table.double(), gt, rtol=1e-2, atol=1e-2)
+
+
+def test_an_fp32_table_is_read_into_bf16_in_the_kernel():
+    indices, weights, table = case(6, 40, 8, 70)
+    out = embedding_bag_triton(indices, weights, table, None, torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    exact = embedding_bag_triton(indices, weights, table)  # fp32 accumulation either way
+    # one rounding, at the end (Triton's interpreter rounds toward zero, a GPU to nearest)
+    torch.testing.assert_close(out, exact.to(torch.bfloat16), rtol=2**-7, atol=0)
+    assert torch.equal(embedding_bag(indices, weights, table, "torch", dtype=torch.bfloat16),
+                       embedding_bag(indices, weights, table, "torch").to(torch.bfloat16))
 
 
 def test_autograd_through_the_custom_op_equals_the_torch_path():
@@ -240,8 +289,10 @@ def test_the_kernels_autotune_on_a_gpu_over_blocks_that_fit_d():
     assert widths(1024) == [64, 128, 256]
     # interpreted (these tests), the default config alone: a trial there would time nothing
     for kernel in (triton_bag._bag_forward, triton_bag._bag_weight_grad, triton_bag._bag_table_grad_atomic,
-                   triton_bag._bag_table_grad_sorted):
+                   triton_bag._bag_rows_backward):
         assert kernel.keys == ["D"]
         assert [(c.kwargs["BLOCK_D"], c.kwargs["BLOCK_M"]) for c in kernel.configs] == [(128, 16)]
-    # trials add into the atomic gradient: it starts from zero at each
+    # trials add into the atomic gradient: it starts from zero at each; the rows' backward adds
+    # into the step's gradient, which every trial gets back as it was
     assert triton_bag._bag_table_grad_atomic.reset_to_zero == ["grad_table_ptr"]
+    assert triton_bag._bag_rows_backward.restore_value == ["grad_rows_ptr"]

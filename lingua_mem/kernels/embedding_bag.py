@@ -24,31 +24,36 @@ import torch.nn.functional as F
 from lingua_mem.errors import ConfigError
 
 KERNELS = ("auto", "torch", "triton")
+# a routed table's backward runs a program per segment of at most this many reads of one row
+# (a row read more often is cut into several segments, added together by atomics)
+SEGMENT_READS = 16
 
 # the ops of this kernel whose outputs selective activation checkpointing keeps
 SAVED_OPS = frozenset({torch.ops.aten._embedding_bag.default})
 
 
 def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                        offsets: torch.Tensor | None = None) -> torch.Tensor:
+                        offsets: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """PyTorch path, any device.
 
     Built on F.embedding_bag(mode="sum", per_sample_weights=...): its backward
     accumulates the table gradient row by row (index_add style) and computes the
     weight gradients as per-row dot products, so no (N, M, D) tensor is ever
     materialised, unlike `(weights[..., None] * table[indices]).sum(1)`.
-    The bag is computed in the table's dtype; the result is returned in it.
+    The bag is computed in the table's dtype; the result is returned in `dtype` (None: the table's).
     """
     if offsets is not None:
         if indices.dim() != 1 or weights.shape != indices.shape:
             raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
                              f"{tuple(weights.shape)} must both be (K,) with offsets")
-        return F.embedding_bag(indices, table, offsets, per_sample_weights=weights.to(table.dtype),
-                               mode="sum", include_last_offset=True)
-    if indices.dim() != 2 or weights.shape != indices.shape:
-        raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
-                         f"{tuple(weights.shape)} must both be (N, M)")
-    return F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+        out = F.embedding_bag(indices, table, offsets, per_sample_weights=weights.to(table.dtype),
+                              mode="sum", include_last_offset=True)
+    else:
+        if indices.dim() != 2 or weights.shape != indices.shape:
+            raise ValueError(f"embedding_bag: indices {tuple(indices.shape)} and weights "
+                             f"{tuple(weights.shape)} must both be (N, M)")
+        out = F.embedding_bag(indices, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+    return out if dtype is None else out.to(dtype)
 
 
 def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -62,7 +67,7 @@ def embedding_bag_backward(grad_out: torch.Tensor, indices: torch.Tensor, weight
     if _runs_triton(kernel, table):
         from lingua_mem.kernels.triton_bag import embedding_bag_triton_backward
 
-        return embedding_bag_triton_backward(grad_out, indices, weights, table, "auto", offsets)
+        return embedding_bag_triton_backward(grad_out, indices, weights, table, offsets)
     flat, w = indices.flatten(), weights.flatten().to(table.dtype)
     if offsets is None:
         n, m = indices.shape
@@ -106,11 +111,52 @@ def _runs_triton(kernel: str, table: torch.Tensor) -> bool:
 
 
 def embedding_bag(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                  kernel: str = "torch", offsets: torch.Tensor | None = None) -> torch.Tensor:
+                  kernel: str = "torch", offsets: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Weighted sum of table rows per bag: (N, M), (N, M), (R, D) -> (N, D); with offsets
-    (S + 1,): (K,), (K,), (R, D) -> (S, D)."""
+    (S + 1,): (K,), (K,), (R, D) -> (S, D). In `dtype` (None: the table's); the rows are read
+    as the table stores them (Triton casts them in the kernel)."""
     if _runs_triton(kernel, table):
         from lingua_mem.kernels.triton_bag import embedding_bag_triton
 
-        return embedding_bag_triton(indices, weights, table, offsets)
-    return embedding_bag_torch(indices, weights, table, offsets)
+        return embedding_bag_triton(indices, weights, table, offsets, dtype)
+    return embedding_bag_torch(indices, weights, table, offsets, dtype)
+
+
+def bag_rows_backward(grad_out: torch.Tensor, reads: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
+                      rows: torch.Tensor, slots: torch.Tensor, order: torch.Tensor | None,
+                      segments: torch.Tensor | None, slot_of_row: torch.Tensor, grad_rows: torch.Tensor,
+                      scale: float = 1.0, kernel: str = "torch",
+                      offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """The backward of a routed table's bags at the rows' owner, where `table` is its shard as
+    stored (never copied): the weights' gradient, returned (weights' shape, fp32), and the rows'
+    gradient, scale * sum over a row's reads of weight x bag gradient, added in fp32 into
+    `grad_rows` (C, D) at slot_of_row[row].
+
+    reads, weights: (N, M) bags or flat (K,) with offsets, reads being shard rows; rows (U,) the
+    distinct rows read and slots (reads' shape) each read's place among them; order (K,) the
+    reads sorted by row and segments (G + 1,) their cut into runs of at most SEGMENT_READS
+    reads of one row (the Triton kernel's programs; the torch path needs neither)."""
+    flat, w = reads.flatten(), weights.flatten()
+    if offsets is None:
+        n, m = reads.shape
+        bag = torch.arange(flat.numel(), device=flat.device) // m  # (K,) each read's bag
+        starts = torch.arange(0, n * m, m, device=flat.device)
+        sizes = torch.full((n,), m, device=flat.device)
+    else:
+        starts, sizes = offsets[:-1], offsets.diff()
+        bag = torch.repeat_interleave(torch.arange(sizes.numel(), device=flat.device), sizes,
+                                      output_size=flat.numel())
+    if _runs_triton(kernel, table):
+        from lingua_mem.kernels.triton_bag import bag_rows_backward_triton
+
+        grad_w = bag_rows_backward_triton(grad_out, flat, w, bag, order, segments, table, slot_of_row,
+                                          grad_rows, scale)
+        return grad_w.view(weights.shape)
+    grad = grad_out.to(table.dtype).contiguous()
+    grad_w = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad, table, flat, starts, bag, 0, -1)
+    # the distinct rows' gradients (U, D): the reads as indices into them
+    grad_u = torch.ops.aten._embedding_bag_dense_backward(
+        grad, slots.flatten(), bag, sizes, flat.new_empty(0), rows.numel(), False, 0, w.to(table.dtype), -1)
+    grad_rows.index_add_(0, slot_of_row[rows].long(), grad_u.float(), alpha=scale)
+    return grad_w.view(weights.shape).float()

@@ -7,28 +7,31 @@ reading positions offsets[s] .. offsets[s + 1] (what a value table's owner bags 
 returns partial bags, parallel/memory_parallel.py). (N, M) bags run as offsets 0, M, 2M, ...;
 positions are int64.
 
-forward   one program per (bag, block of D columns): BLOCK_M rows gathered at a time,
-          weighted and summed in fp32; the result in the table's dtype
-backward  grad_weights[j] = grad_out[s] . table[indices[j]]: one program per bag, BLOCK_M
-          reads at a time, the dot products over D in fp32
-          grad_table, two variants (`table_grad`):
-            atomic   one program per (bag, D block) adds weights * grad_out[s] into the
-                     rows it read (fp32 atomics, relaxed: no ordering to keep)
-            sorted   the "reverse index": the reads sorted by row; the program of a row's
-                     first read (and D block) sums its reads and writes once, no atomics,
-                     no host sync (a grid of all reads, the others idle)
-                     (the paper finds it faster for D > 128 with balanced usage)
-          auto picks sorted for D > 128, else atomic (the paper's finding: not yet
-          measured on a GPU here, see docs/performance.md)
+forward   one program per (bag, block of D columns): BLOCK_M rows gathered at a time from the
+          table as stored (an fp32 shard), weighted and summed in fp32, the result written in
+          the dtype asked (the compute dtype: the cast happens in the kernel, no copy of the
+          rows is made)
+backward of a plain table (autograd of the forward op, a table that is not routed):
+          grad_weights[j] = grad_out[s] . table[indices[j]], one program per bag; the table's
+          gradient by fp32 atomics, one program per (bag, D block) adding into the rows read
+backward of a routed table's rows (bag_rows_backward_triton, the owner's backward): one
+          program per SEGMENT of at most SEGMENT_READS reads of ONE distinct row (the reads
+          sorted by row, a row's reads cut into segments: memory_parallel.TableReader.distinct
+          plans them): the row is read once (fp32, a D block at a time), each read's weight
+          gradient is its bag's gradient . the row, and the row's gradient, sum of weight x bag
+          gradient, is added in fp32 into the table's step gradient at the row's slot (atomics:
+          a hot row's segments run in parallel); no grid over reads, no row copy
+          ("reverse indices" backward, fused with the weight gradient)
 
 Block sizes and warps are autotuned on a GPU (AUTOTUNE_CONFIGS, keyed on D and the tensors'
-dtypes, pruned to blocks that fit D; the atomic table gradient is zeroed between trials); the
+dtypes, pruned to blocks that fit D; an atomic gradient is zeroed between trials); the
 interpreter runs the default config alone (a trial there measures nothing).
 
-Registered with torch.library (lingua_mem::embedding_bag_triton and its backward), so
+Registered with torch.library (lingua_mem::embedding_bag_triton and its backwards), so
 torch.compile traces through them and selective activation checkpointing can keep their
 outputs (SAVED_OPS). On CUDA they run compiled; on the CPU only under
 TRITON_INTERPRET=1 (set before triton is imported), which is how the tests check them.
+Each op declares the bytes it moves (TRAFFIC, read by lingua_mem.plan.traffic).
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lingua_mem.kernels.embedding_bag import SEGMENT_READS
+
 BLOCK_D = 128  # columns per program (the default config)
 BLOCK_M = 16  # indices gathered at a time (the default config)
-SORTED_ABOVE_D = 128  # table_grad=auto: the sorted variant for D above this
 # (BLOCK_D, BLOCK_M, num_warps) tried on a GPU, the default first
 AUTOTUNE_CONFIGS = ((BLOCK_D, BLOCK_M, 4), (64, 16, 2), (64, 32, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at import, like this
@@ -59,8 +63,8 @@ def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
     return [c for c in configs if c.kwargs["BLOCK_D"] <= widest] or configs[:1]
 
 
-def _autotuned(reset_to_zero: list[str] | None = None):
-    return triton.autotune(configs=_configs(), key=["D"], reset_to_zero=reset_to_zero,
+def _autotuned(reset_to_zero: list[str] | None = None, restore_value: list[str] | None = None):
+    return triton.autotune(configs=_configs(), key=["D"], reset_to_zero=reset_to_zero, restore_value=restore_value,
                            prune_configs_by={"early_config_prune": fitting_configs})
 
 
@@ -132,26 +136,31 @@ def _bag_table_grad_atomic(idx_ptr, w_ptr, off_ptr, grad_out_ptr, grad_table_ptr
                       mask=j_ok[:, None] & col_ok[None, :], sem="relaxed")
 
 
-@_autotuned()
+@_autotuned(restore_value=["grad_rows_ptr"])  # a trial adds into the step's gradient: put back
 @triton.jit
-def _bag_table_grad_sorted(sorted_rows_ptr, is_first_ptr, ends_ptr, bags_ptr, w_ptr, grad_out_ptr,
-                           grad_table_ptr, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    j = tl.program_id(0).to(tl.int64)  # one read of the sorted reads; the first of its row sums them all
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    first = tl.load(is_first_ptr + j).to(tl.int32)  # 1: the first read of its row
-    col_ok = cols < D
-    row = tl.load(sorted_rows_ptr + j).to(tl.int64)
-    end = tl.where(first != 0, tl.load(ends_ptr + j), j)  # its reads: sorted[j:end]; none if not first
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for j0 in range(j, end, BLOCK_M):
-        js = j0 + tl.arange(0, BLOCK_M)
-        j_ok = js < end
-        bags = tl.load(bags_ptr + js, mask=j_ok, other=0).to(tl.int64)
-        w = tl.load(w_ptr + js, mask=j_ok, other=0.0).to(tl.float32)
+def _bag_rows_backward(order_ptr, seg_ptr, reads_ptr, bags_ptr, w_ptr, grad_out_ptr, table_ptr, slot_ptr,
+                       grad_rows_ptr, grad_w_ptr, scale, D, SEGMENT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+    seg = tl.program_id(0).to(tl.int64)  # one segment: up to SEGMENT reads of one row
+    start, end = _segment(seg_ptr, seg)
+    js = start + tl.arange(0, SEGMENT)
+    j_ok = js < end
+    pos = tl.load(order_ptr + js, mask=j_ok, other=0).to(tl.int64)  # (SEGMENT,) the reads, as read
+    bags = tl.load(bags_ptr + pos, mask=j_ok, other=0).to(tl.int64)
+    w = tl.load(w_ptr + pos, mask=j_ok, other=0.0).to(tl.float32)
+    row = tl.load(reads_ptr + tl.load(order_ptr + start)).to(tl.int64)  # the segment's row
+    slot = tl.load(slot_ptr + row).to(tl.int64)  # its place in the step's row gradient
+    dots = tl.zeros((SEGMENT,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        r = tl.load(table_ptr + row * D + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_D,)
         g = tl.load(grad_out_ptr + bags[:, None] * D + cols[None, :], mask=j_ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += tl.sum(w[:, None] * g, axis=0)
-    tl.store(grad_table_ptr + row * D + cols, acc, mask=col_ok & (cols * 0 + first != 0))
+                    other=0.0).to(tl.float32)  # (SEGMENT, BLOCK_D)
+        dots += tl.sum(g * r[None, :], axis=1)
+        tl.atomic_add(grad_rows_ptr + slot * D + cols, tl.sum(w[:, None] * g, axis=0) * scale, mask=col_ok,
+                      sem="relaxed")
+    tl.store(grad_w_ptr + pos, dots, mask=j_ok)
 
 
 def _by_bags_and_columns(n: int, d: int):
@@ -182,32 +191,29 @@ def _flat(indices: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | 
 
 @torch.library.custom_op("lingua_mem::embedding_bag_triton", mutates_args=())
 def embedding_bag_triton(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                         offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """The weighted bag (S, D) in the table's dtype (fp32 accumulation)."""
+                         offsets: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weighted bag (S, D) in `dtype` (None: the table's), accumulated in fp32."""
     _check(indices, weights, table, offsets)
     idx, w, off = _flat(indices, weights, offsets)
     s, d = off.numel() - 1, table.shape[1]
-    out = table.new_empty((s, d))
+    out = table.new_empty((s, d), dtype=dtype or table.dtype)
     if s and d:
         _bag_forward[_by_bags_and_columns(s, d)](idx, w, off, table.contiguous(), out, d)
     return out
 
 
 @embedding_bag_triton.register_fake
-def _(indices, weights, table, offsets=None):
+def _(indices, weights, table, offsets=None, dtype=None):
     bags = indices.shape[0] if offsets is None else offsets.shape[0] - 1
-    return table.new_empty((bags, table.shape[1]))
-
-
-def table_grad_variant(d: int, table_grad: str = "auto") -> str:
-    return table_grad if table_grad != "auto" else ("sorted" if d > SORTED_ABOVE_D else "atomic")
+    return table.new_empty((bags, table.shape[1]), dtype=dtype or table.dtype)
 
 
 @torch.library.custom_op("lingua_mem::embedding_bag_triton_backward", mutates_args=())
 def embedding_bag_triton_backward(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
-                                  table: torch.Tensor, table_grad: str = "auto",
-                                  offsets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_weights in the weights' dtype and shape, grad_table in the table's dtype)."""
+                                  table: torch.Tensor, offsets: torch.Tensor | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A plain table's gradients: (grad_weights in the weights' dtype and shape, grad_table in
+    the table's dtype: the parameter's .grad)."""
     idx, w, off = _flat(indices, weights, offsets)
     s, (rows, d) = off.numel() - 1, table.shape
     grad_out, table = grad_out.contiguous(), table.contiguous()
@@ -215,41 +221,49 @@ def embedding_bag_triton_backward(grad_out: torch.Tensor, indices: torch.Tensor,
     grad_table = torch.zeros((rows, d), dtype=torch.float32, device=table.device)
     if s and idx.numel() and d:
         _bag_weight_grad[(s,)](idx, w, off, table, grad_out, grad_w, d)
-        if table_grad_variant(d, table_grad) == "atomic":
-            _bag_table_grad_atomic[_by_bags_and_columns(s, d)](idx, w, off, grad_out, grad_table, d)
-        else:  # the reverse index: reads sorted by row, each distinct row summed by one program
-            k = idx.numel()
-            sorted_rows, order = torch.sort(idx, stable=True)
-            is_first = torch.ones(k, dtype=torch.int8, device=idx.device)  # 1: a row's first read
-            is_first[1:] = sorted_rows[1:] != sorted_rows[:-1]
-            # where each read's row ends: the next first read after it (K at the end), by a
-            # reversed running minimum; sizes known on the host, so no sync (no unique's count)
-            at = torch.where(is_first.bool(), torch.arange(k, device=idx.device), k)
-            after = torch.cat([at[1:], at.new_full((1,), k)])
-            ends = torch.flip(torch.cummin(torch.flip(after, (0,)), 0).values, (0,))
-            bag_of_read = torch.repeat_interleave(torch.arange(s, device=idx.device), off.diff(),
-                                                  output_size=k)
-            bags = bag_of_read[order].contiguous()
-            w_sorted = w[order].contiguous()
-            _bag_table_grad_sorted[_by_bags_and_columns(k, d)](
-                sorted_rows, is_first, ends, bags, w_sorted, grad_out, grad_table, d)
+        _bag_table_grad_atomic[_by_bags_and_columns(s, d)](idx, w, off, grad_out, grad_table, d)
     return grad_w.view(weights.shape).to(weights.dtype), grad_table.to(table.dtype)
 
 
 @embedding_bag_triton_backward.register_fake
-def _(grad_out, indices, weights, table, table_grad="auto", offsets=None):
+def _(grad_out, indices, weights, table, offsets=None):
     return weights.new_empty(weights.shape), table.new_empty(table.shape)
 
 
+@torch.library.custom_op("lingua_mem::bag_rows_backward_triton", mutates_args=("grad_rows",))
+def bag_rows_backward_triton(grad_out: torch.Tensor, reads: torch.Tensor, weights: torch.Tensor,
+                             bags: torch.Tensor, order: torch.Tensor, segments: torch.Tensor,
+                             table: torch.Tensor, slot_of_row: torch.Tensor, grad_rows: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """A routed table's bags' backward, one program per segment of one row's reads.
+
+    grad_out (S, D) the bags' gradients; reads, weights, bags (K,): each read's shard row,
+    weight and bag; order (K,) the reads sorted by row; segments (G + 1,) where each segment of
+    `order` starts (a segment: at most SEGMENT_READS reads of one row); table (R, D) the shard
+    as stored; slot_of_row (R,) each row's place in grad_rows (C, D) fp32, to which
+    scale * sum(weight x bag gradient) is added. Returns the weights' gradient (K,) fp32."""
+    grad_w = torch.empty(reads.shape, dtype=torch.float32, device=reads.device)
+    g, d = segments.numel() - 1, table.shape[1]
+    if g > 0 and d:
+        _bag_rows_backward[(g,)](order, segments, reads, bags, weights, grad_out.contiguous(), table.contiguous(),
+                                 slot_of_row, grad_rows, grad_w, scale, d, SEGMENT=SEGMENT_READS)
+    return grad_w
+
+
+@bag_rows_backward_triton.register_fake
+def _(grad_out, reads, weights, bags, order, segments, table, slot_of_row, grad_rows, scale):
+    return reads.new_empty(reads.shape, dtype=torch.float32)
+
+
 def _setup_context(ctx, inputs, output):
-    indices, weights, table, offsets = inputs
+    indices, weights, table, offsets, _ = inputs
     ctx.save_for_backward(indices, weights, table, offsets)
 
 
 def _backward(ctx, grad_out):
     indices, weights, table, offsets = ctx.saved_tensors
-    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, "auto", offsets)
-    return None, grad_w, grad_table, None
+    grad_w, grad_table = embedding_bag_triton_backward(grad_out, indices, weights, table, offsets)
+    return None, grad_w, grad_table, None, None
 
 
 embedding_bag_triton.register_autograd(_backward, setup_context=_setup_context)
@@ -274,29 +288,33 @@ def _forward_traffic(args, kwargs, out):
 
 def _backward_traffic(args, kwargs, out):
     grad_out, indices, weights, table = args[0], args[1], args[2], args[3]
-    table_grad = args[4] if len(args) > 4 else kwargs.get("table_grad", "auto")
     k, (rows, d) = indices.numel(), table.shape
     grad_w, grad_table = out
-    read = written = 0
-    written += k * 4 + rows * d * 4  # grad_w and the fp32 table gradient, zeroed
+    read = written = k * 4 + rows * d * 4  # grad_w and the fp32 table gradient, zeroed
     # the weights' gradient: each read's row and its bag's gradient (once a bag)
     read += k * d * table.element_size() + _n(grad_out) + 2 * _n(indices) + _n(weights)
     written += k * 4
-    if table_grad_variant(d, table_grad) == "atomic":  # fp32 atomics: each read's row updated
-        read += _n(grad_out) + _n(indices) + _n(weights) + k * d * 4
-        written += k * d * 4
-    else:  # the sort (8 radix passes of int64 keys and positions), the reverse index, gathers
-        read += 8 * k * 16 + 12 * k * 8
-        written += 8 * k * 16 + 10 * k * 8
-        # the kernel: a program per read and D block; each first read's program sums its
-        # reads' bag gradients and writes its row once
-        read += k * d * grad_out.element_size() + k * 29 * -(-d // BLOCK_D)
-        written += min(k, rows) * d * 4
+    # fp32 atomics: each read's row of the gradient updated
+    read += _n(grad_out) + _n(indices) + _n(weights) + k * d * 4
+    written += k * d * 4
     if table.dtype != torch.float32:  # the fp32 gradient cast to the table's dtype
         read += rows * d * 4
         written += _n(grad_table)
     return read, written
 
 
+def _rows_backward_traffic(args, kwargs, out):
+    grad_out, reads, weights, bags, order, segments, table = args[:7]
+    k, d, g = reads.numel(), table.shape[1], segments.numel() - 1
+    # a segment: its reads' positions, bags and weights; its row (the segment's first read)
+    # and slot; each read's bag gradient; the row once; its gradient added (atomics: read and
+    # written) once a segment; each read's weight gradient written
+    read = _n(order) + _n(segments) + k * (bags.element_size() + weights.element_size())
+    read += g * (reads.element_size() + 4 + d * table.element_size() + d * 4) + k * d * grad_out.element_size()
+    written = g * d * 4 + k * 4
+    return read, written
+
+
 TRAFFIC = {torch.ops.lingua_mem.embedding_bag_triton.default: _forward_traffic,
-           torch.ops.lingua_mem.embedding_bag_triton_backward.default: _backward_traffic}
+           torch.ops.lingua_mem.embedding_bag_triton_backward.default: _backward_traffic,
+           torch.ops.lingua_mem.bag_rows_backward_triton.default: _rows_backward_traffic}

@@ -51,15 +51,13 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from lingua_mem.kernels.embedding_bag import embedding_bag, embedding_bag_backward
+from lingua_mem.kernels.embedding_bag import SEGMENT_READS, bag_rows_backward, embedding_bag, resolve_kernel
 from lingua_mem.memory.layer import Bag, ValueTable
 
 # newer torch releases renamed the flat-tensor collectives; older ones only have the old names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
-
-_CAST_ROWS = 1 << 16  # rows cast at a time when a shard answers in another dtype
 
 
 def _all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
@@ -89,21 +87,29 @@ class Route:
     """One read's routing (row-group ranks in rank order).
 
     The asking side, this rank's T tokens of M reads:
-      order      (T*M,) the flat reads sorted by owner, by token within an owner; None when
+      by_owner   (T*M,) the flat reads sorted by owner, by token within an owner; None when
                  the row group is one rank (every read is this rank's own)
       sent[q]    reads sent to owner q;  bags_sent[q]: bags sent to q (its tokens with a read there)
       bag_token  (sum bags_sent,) each bag's token, in the order sent
     The owning side, the reads received:
       got[q]     reads received from rank q;  bags_got[q]: bags received from q
-      rows       (U,) the distinct rows of this rank's shard asked, sorted (shard indices)
-      slots      each read's place in `rows`: (K,), or (T, M) when the row group is one rank
-      offsets    (S + 1,) the bags' reads in `slots`; None for (T, M) bags
+      reads      the shard rows asked of this rank, in their bags' order: (K,), or (T, M) when
+                 the row group is one rank
+      offsets    (S + 1,) the bags' reads in `reads`; None for (T, M) bags
+      rows       (U,) the distinct rows of `reads`, sorted; slots (reads' shape) each read's
+                 place among them
+      by_row     (K,) the reads sorted by row; segments (G + 1,) by_row cut into runs of at
+                 most SEGMENT_READS reads of one row (the Triton backward's programs; None for
+                 the torch kernel)
     """
 
+    reads: torch.Tensor
     rows: torch.Tensor
     slots: torch.Tensor
+    by_row: torch.Tensor
+    segments: torch.Tensor | None = None
     offsets: torch.Tensor | None = None
-    order: torch.Tensor | None = None
+    by_owner: torch.Tensor | None = None
     bag_token: torch.Tensor | None = None
     sent: list[int] | None = None
     got: list[int] | None = None
@@ -111,14 +117,88 @@ class Route:
     bags_got: list[int] | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        """As tensors, for the read's op to hand its backward: (rows, slots flat, offsets,
-        order, bag_token, splits (4, R) int64 on the host: sent, got, bags_sent, bags_got);
-        empty where the row group is one rank."""
-        if self.order is None:
-            empty = [self.rows.new_empty(0) for _ in range(3)]  # offsets, order, bag_token
-            return self.rows, self.slots.flatten(), *empty, torch.empty((4, 0), dtype=torch.int64)
-        splits = torch.tensor([self.sent, self.got, self.bags_sent, self.bags_got], dtype=torch.int64)
-        return self.rows, self.slots, self.offsets, self.order, self.bag_token, splits
+        """As tensors, for the read's op to hand its backward: (reads, rows, slots, by_row,
+        segments, offsets, by_owner, bag_token, splits (4, R) int64 on the host: sent, got,
+        bags_sent, bags_got); empty where absent."""
+        maybe = lambda t: self.rows.new_empty(0) if t is None else t  # noqa: E731 (outputs never alias)
+        splits = (torch.empty((4, 0), dtype=torch.int64) if self.by_owner is None else
+                  torch.tensor([self.sent, self.got, self.bags_sent, self.bags_got], dtype=torch.int64))
+        return (self.reads.flatten(), self.rows, self.slots.flatten(), self.by_row, maybe(self.segments),
+                maybe(self.offsets), maybe(self.by_owner), maybe(self.bag_token), splits)
+
+
+class RowGrads:
+    """One table shard's gradient over a step, row-sparse: a slot for each distinct row the
+    step's reads asked of this rank (given as the reads are made, in the order first read),
+    and the rows' fp32 gradients at their slots, summed over every read of every memory layer
+    as their backwards run (one accumulation a table a step: a read's backward adds its rows'
+    gradients at their slots; nothing is concatenated, deduplicated or re-added later).
+
+    Memory: the slots' gradients (the step's distinct rows x columns, fp32, kept from step to
+    step and grown when a step reads more rows) and an int32 a shard row."""
+
+    def __init__(self, shard_rows: int, cols: int):
+        self.shard_rows, self.cols = shard_rows, cols
+        self.slot_of_row: torch.Tensor | None = None  # (shard_rows,) int32; -1: not read this step
+        self.row_of_slot: torch.Tensor | None = None  # (capacity,) int64
+        self.grad: torch.Tensor | None = None  # (capacity, cols) fp32
+        self.count = 0  # slots given this step (known on the host: no wait)
+        self.zeroed = 0  # slots of `grad` zeroed this step
+
+    def slots_of(self, device: torch.device) -> torch.Tensor:
+        if self.slot_of_row is None:
+            self.slot_of_row = torch.full((self.shard_rows,), -1, dtype=torch.int32, device=device)
+        return self.slot_of_row
+
+    def new_among(self, sorted_reads: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """How many distinct rows of a read (sorted, `first` marking each row's first read)
+        have no slot yet, as a device scalar (read back with the read's sizes)."""
+        return (first & (self.slots_of(sorted_reads.device)[sorted_reads.long()] < 0)).sum()
+
+    def give_slots(self, rows: torch.Tensor, new: int) -> None:
+        """Slots for a read's distinct rows (U,), `new` of which have none yet (host int)."""
+        slot_of_row = self.slots_of(rows.device)
+        slots = slot_of_row[rows].long()
+        fresh = slots < 0
+        slots = torch.where(fresh, self.count + fresh.cumsum(0) - 1, slots)
+        slot_of_row[rows] = slots.to(torch.int32)
+        self.count += new
+        self.row_of_slot = _grown(self.row_of_slot, self.count, (), torch.int64, rows.device)
+        self.row_of_slot.scatter_(0, slots, rows)  # a row that had a slot writes itself again
+
+    def buffer(self, device: torch.device) -> torch.Tensor:
+        """The step's gradient at its slots, (capacity >= count, cols) fp32, zero where no read
+        has added yet: what a read's backward adds into."""
+        self.grad = _grown(self.grad, self.count, (self.cols,), torch.float32, device, keep=self.zeroed)
+        if self.zeroed < self.count:
+            self.grad[self.zeroed:self.count].zero_()
+            self.zeroed = self.count
+        return self.grad
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the step's distinct rows (C,), their summed gradients (C, cols) fp32); None when the
+        step read nothing. Views of the buffers, valid until the next step's first read. Clears
+        the step."""
+        if self.count == 0:
+            return None
+        n, self.count, self.zeroed = self.count, 0, 0
+        rows = self.row_of_slot[:n]
+        grads = self.buffer(rows.device)[:n] if self.grad is None or self.grad.shape[0] < n else self.grad[:n]
+        self.slot_of_row[rows] = -1
+        return rows, grads
+
+
+def _grown(buffer: torch.Tensor | None, size: int, tail: tuple, dtype, device, keep: int | None = None):
+    """`buffer`, or a larger one holding its first `keep` entries (all: None) when it has fewer
+    than `size` (at least 1.5x its size: a step that reads a few more rows grows it once)."""
+    if buffer is not None and buffer.shape[0] >= size:
+        return buffer
+    old = 0 if buffer is None else buffer.shape[0]
+    grown = torch.empty((max(size, old + old // 2), *tail), dtype=dtype, device=device)
+    kept = old if keep is None else min(keep, old)
+    if kept:
+        grown[:kept] = buffer[:kept]
+    return grown
 
 
 class TableReader(OpaqueBase):
@@ -142,85 +222,130 @@ class TableReader(OpaqueBase):
         self.rows_per_rank = -(-n_values // self.row_ranks)  # Shard(0): chunks of ceil(n/R) rows
         self.compute_dtype = compute_dtype
         self.reduce_dtype = reduce_dtype if self.row_ranks > 1 else torch.float32
-        self.row_grad: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (local rows, grads)
+        self.grads = RowGrads(self.rows_per_rank, self.cols)  # this step's row gradient
 
     # -- routing --------------------------------------------------------------------------
 
-    def distinct(self, reads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The distinct shard rows read, sorted (U,), and each read's place among them (reads'
-        shape). Fake tensors (the scale plan, lingua_mem.plan) have no values: there, every
-        read is taken to be distinct (U = min(reads, shard rows), the most a read can hold)."""
-        if is_fake(reads):
-            return reads.new_empty(min(reads.numel(), self.rows_per_rank)), reads
-        return torch.unique(reads, sorted=True, return_inverse=True)
+    def _segmented(self, device_type: str) -> bool:
+        """Whether the backward's kernel takes the reads cut into segments (Triton's does)."""
+        return self.kernel == "triton" or (self.kernel == "auto" and resolve_kernel("auto", device_type) == "triton")
 
-    def route(self, indices: torch.Tensor) -> Route:
-        """The read's routing: indices (T, M) global rows."""
+    def distinct(self, reads: torch.Tensor, track: bool) -> tuple[torch.Tensor, ...]:
+        """A read's distinct rows: (rows (U,) sorted, slots (reads' shape) each read's place among
+        them, by_row (K,) the reads sorted by row, segments (G + 1,) or None). One host sync, a
+        single read-back of the sizes (U, G, and with `track` the rows not yet given a slot this
+        step, which are given theirs: RowGrads). Keys are int32 where the shard's rows allow.
+        Fake tensors (the scale plan) have no values: there every read is taken to be distinct
+        (U = min(reads, shard rows), the most a read can hold)."""
+        flat, k = reads.flatten(), reads.numel()
+        segmented = self._segmented(reads.device.type)
+        if is_fake(reads):
+            u = min(k, self.rows_per_rank)
+            if track:
+                new = min(u, self.rows_per_rank - self.grads.count)
+                self.grads.count += new
+                self.grads.row_of_slot = _grown(self.grads.row_of_slot, self.grads.count, (), torch.int64,
+                                                reads.device)
+                self.grads.slots_of(reads.device)
+            segments = flat.new_empty(u + 1) if segmented else None
+            return flat.new_empty(u), reads, flat.new_empty(k), segments
+        if k == 0:
+            segments = flat.new_zeros(1) if segmented else None
+            return flat.new_empty(0), reads, flat.new_empty(0), segments
+        keys = flat.to(torch.int32) if self.rows_per_rank < 2**31 else flat
+        sorted_keys, by_row = torch.sort(keys, stable=True)
+        first = torch.ones(k, dtype=torch.bool, device=flat.device)  # a row's first read
+        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        run = first.cumsum(0) - 1  # (K,) each sorted read's distinct row
+        sizes = [run[-1] + 1]
+        if segmented:  # a segment starts at a row's first read and every SEGMENT_READS reads after
+            at = torch.arange(k, device=flat.device)
+            row_start = torch.cummax(torch.where(first, at, 0), 0).values
+            cut = first | ((at - row_start) % SEGMENT_READS == 0)
+            sizes.append(cut.sum())
+        if track:
+            sizes.append(self.grads.new_among(sorted_keys, first))
+        counts = torch.stack(sizes).tolist()  # the one wait of a read for its sizes
+        rows = flat.new_empty(counts[0]).scatter_(0, run, sorted_keys.long())  # the same value per run
+        slots = torch.empty_like(run).scatter_(0, by_row, run).view(reads.shape)
+        segments = None
+        if segmented:
+            segments = torch.cat([torch.nonzero_static(cut, size=counts[1]).flatten(), run.new_full((1,), k)])
+        if track:
+            self.grads.give_slots(rows, counts[-1])
+        return rows, slots, by_row, segments
+
+    def route(self, indices: torch.Tensor, track: bool) -> Route:
+        """The read's routing: indices (T, M) global rows. `track`: the read will be
+        differentiated (its rows get slots in this step's row gradient)."""
         if self.row_ranks == 1:
-            return Route(*self.distinct(indices))
+            reads = indices if self.mp > 1 else indices.clone()  # an op's outputs never alias its inputs
+            return Route(reads, *self.distinct(reads, track))
         t, m = indices.shape
         flat = indices.flatten()  # (T*M,) token-major
         owner = torch.div(flat, self.rows_per_rank, rounding_mode="floor")
         token = torch.arange(t * m, device=flat.device) // m
-        key, order = torch.sort(owner * t + token, stable=True)  # (owner, token) order: bags contiguous
-        local = (flat - owner * self.rows_per_rank)[order]  # (T*M,) shard rows at their owners
+        key = owner * t + token
+        if self.row_ranks * t < 2**31:
+            key = key.to(torch.int32)
+        key, by_owner = torch.sort(key, stable=True)  # (owner, token) order: bags contiguous
+        local = (flat - owner * self.rows_per_rank)[by_owner]  # (T*M,) shard rows at their owners
         fake = is_fake(indices)  # the plan: reads spread evenly over the owners, every token reading each
         if fake:
             counts = owner.new_empty((self.row_ranks, 2))
-            bag_token = lengths = None
         else:
-            bag_key, lengths = torch.unique_consecutive(key, return_counts=True)
-            bag_token = bag_key % t
-            counts = torch.stack([torch.bincount(owner, minlength=self.row_ranks),
-                                  torch.bincount(bag_key // t, minlength=self.row_ranks)], dim=1)  # (R, 2)
+            first = torch.ones_like(key, dtype=torch.bool)  # a bag's first read
+            first[1:] = key[1:] != key[:-1]
+            key_owner = torch.div(key, t, rounding_mode="floor").long()
+            counts = torch.zeros((2, self.row_ranks), dtype=torch.int64, device=flat.device)
+            counts[0].index_add_(0, key_owner, torch.ones_like(key_owner))
+            counts[1].index_add_(0, key_owner, first.long())
+            counts = counts.T.contiguous()  # (R, 2): reads and bags for each owner
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.row_group)
         if fake:
             sent, bags_sent = got, bags_got = _planned_splits(t * m, t, self.row_ranks)
             bag_token, lengths = flat.new_empty(sum(bags_sent)), flat.new_empty(sum(bags_sent))
-        else:  # the split sizes (a host sync)
-            (sent, bags_sent), (got, bags_got) = counts.T.tolist(), received.T.tolist()
+        else:  # the split sizes, both ways, in one read-back (a host sync)
+            sent, bags_sent, got, bags_got = torch.cat([counts, received], dim=1).T.tolist()
+            starts = torch.nonzero_static(first, size=sum(bags_sent)).flatten()  # each bag's first read
+            bag_token = (key[starts] % t).long()
+            lengths = torch.diff(starts, append=starts.new_full((1,), t * m))
         reads = _exchange(local, sent, got, self.row_group)  # (K,) shard rows asked of this rank
         lengths = _exchange(lengths, bags_sent, bags_got, self.row_group)  # (S,) reads per bag
         offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
-        rows, slots = self.distinct(reads)
-        return Route(rows, slots, offsets, order, bag_token, sent, got, bags_sent, bags_got)
+        return Route(reads, *self.distinct(reads, track), offsets, by_owner, bag_token, sent, got, bags_sent,
+                     bags_got)
 
-    def unpack(self, tokens: int, m: int, rows, slots, offsets, order, bag_token, splits) -> Route:
+    def unpack(self, tokens: int, m: int, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token,
+               splits) -> Route:
         """The Route of `Route.tensors()` again, for `tokens` tokens of `m` reads."""
+        segments = segments if segments.numel() else None
         if self.row_ranks == 1:
-            return Route(rows, slots.view(tokens, m))
+            return Route(reads.view(tokens, m), rows, slots.view(tokens, m), by_row, segments)
         if is_fake(splits):  # the plan's routing has no values to read back
             sent, bags_sent = got, bags_got = _planned_splits(tokens * m, tokens, self.row_ranks)
         else:
             sent, got, bags_sent, bags_got = splits.tolist()
-        return Route(rows, slots, offsets, order, bag_token, sent, got, bags_sent, bags_got)
+        return Route(reads, rows, slots, by_row, segments, offsets, by_owner, bag_token, sent, got, bags_sent,
+                     bags_got)
 
     # -- the bags -------------------------------------------------------------------------
 
     def send_weights(self, weights: torch.Tensor, route: Route) -> torch.Tensor:
         """The reads' weights, at the rows' owners: (T, M) -> (K,) ((T, M) on one row rank)."""
-        if route.order is None:
+        if route.by_owner is None:
             return weights
-        return _exchange(weights.flatten()[route.order], route.sent, route.got, self.row_group)
-
-    def fetch(self, shard: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Rows of this rank's shard, (U, cols) in compute dtype."""
-        if shard.dtype == self.compute_dtype:
-            return shard.index_select(0, rows)
-        # cast while copying, a block of rows at a time: no fp32 copy of all the rows asked
-        slab = shard.new_empty((rows.numel(), self.cols), dtype=self.compute_dtype)
-        for start in range(0, rows.numel(), _CAST_ROWS):
-            slab[start:start + _CAST_ROWS] = shard.index_select(0, rows[start:start + _CAST_ROWS])
-        return slab
+        return _exchange(weights.flatten()[route.by_owner], route.sent, route.got, self.row_group)
 
     def bag_rows(self, shard: torch.Tensor, route: Route, w: torch.Tensor) -> torch.Tensor:
-        """The bags this rank owns, on its own rows: (S, cols) in compute dtype."""
-        return embedding_bag(route.slots, w, self.fetch(shard, route.rows), self.kernel, route.offsets)
+        """The bags this rank owns, read straight from its shard (no copy of the rows): (S, cols)
+        in compute dtype."""
+        return embedding_bag(route.reads, w, shard, self.kernel, route.offsets, self.compute_dtype)
 
     def sum_bags(self, bags: torch.Tensor, route: Route, tokens: int) -> torch.Tensor:
         """The partial bags back at their tokens' rank, summed per token: (T, cols)."""
-        if route.order is None:
+        if route.by_owner is None:
             return bags
         bags = _exchange(bags, route.bags_got, route.bags_sent, self.row_group)  # (S_sent, cols)
         out = torch.zeros((tokens, self.cols), dtype=torch.float32, device=bags.device)
@@ -229,42 +354,23 @@ class TableReader(OpaqueBase):
     def bags_backward(self, shard: torch.Tensor, route: Route, w: torch.Tensor, grad: torch.Tensor,
                       shape: tuple[int, int], keep: bool) -> torch.Tensor:
         """Backward of the bags: grad (T, cols) -> the weights' gradient (T, M); the rows'
-        gradients are kept (`keep`: the table trains; a frozen one keeps nothing)."""
-        if route.order is not None:  # each bag's gradient, at its owner
+        gradients, scaled by 1/world (the data-parallel mean), added to this step's
+        (`keep`: the table trains; a frozen one keeps nothing)."""
+        if route.by_owner is not None:  # each bag's gradient, at its owner
             grad = _exchange(grad[route.bag_token].to(self.reduce_dtype), route.bags_sent, route.bags_got,
                              self.row_group)  # (S, cols)
-        slab = self.fetch(shard, route.rows)  # the rows again: nothing was kept
-        grad_w, grad_rows = embedding_bag_backward(grad, route.slots, w, slab, self.kernel, route.offsets)
-        del slab, grad  # (U, cols) and (S, cols): gone before the rows' gradients are summed
         if keep:
-            self.keep_row_grad(route.rows, grad_rows)
-        if route.order is None:
-            return grad_w
-        back = _exchange(grad_w, route.got, route.sent, self.row_group)  # (T*M,) in the order sent
-        return torch.empty_like(back).index_copy_(0, route.order, back).view(shape)
-
-    # -- the rows' gradient ---------------------------------------------------------------
-
-    def keep_row_grad(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
-        """The gradient of the shard rows one read used, (U, cols), distinct: added to what
-        this rank holds for this step (never more rows than the shard's, however many reads
-        and memory layers)."""
-        grad = grad.float()  # a fresh tensor from the bag's backward: scaled in place
-        if self.world > 1:
-            grad.mul_(1.0 / self.world)
-        if self.row_grad is None:
-            self.row_grad = (rows, grad)
-        else:
-            self.row_grad = self._coalesce([self.row_grad, (rows, grad)])
-
-    def _coalesce(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows, gradients) pairs -> (distinct rows sorted, their summed gradients in fp32)."""
-        rows = torch.cat([r for r, _ in pairs])
-        distinct, slot = self.distinct(rows)
-        summed = torch.zeros((distinct.numel(), self.cols), dtype=torch.float32, device=rows.device)
-        for (_, g), part in zip(pairs, torch.split(slot, [r.numel() for r, _ in pairs]), strict=True):
-            summed.index_add_(0, part, g)
-        return distinct, summed
+            slot_of_row, grad_rows = self.grads.slots_of(shard.device), self.grads.buffer(shard.device)
+        else:  # the weights' gradient only: the rows' is added into a scratch row
+            slot_of_row = torch.zeros(shard.shape[0], dtype=torch.int32, device=shard.device)
+            grad_rows = torch.zeros((1, self.cols), dtype=torch.float32, device=shard.device)
+        grad_w = bag_rows_backward(grad, route.reads, w, shard, route.rows, route.slots, route.by_row,
+                                   route.segments, slot_of_row, grad_rows, 1.0 / self.world, self.kernel,
+                                   route.offsets)
+        if route.by_owner is None:
+            return grad_w.to(w.dtype)
+        back = _exchange(grad_w.to(w.dtype), route.got, route.sent, self.row_group)  # (T*M,) in the order sent
+        return torch.empty_like(back).index_copy_(0, route.by_owner, back).view(shape)
 
 
 register_opaque_type(TableReader, typ="reference")
@@ -272,19 +378,20 @@ register_opaque_type(TableReader, typ="reference")
 
 # -- the read as two custom ops -------------------------------------------------------------
 
-_Tensors8 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_Tensors11 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                   torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _routed_read(reader: TableReader, indices: torch.Tensor, weights: torch.Tensor, shard: torch.Tensor,
-                 v_dim: int, dtype: torch.dtype) -> _Tensors8:
+                 v_dim: int, dtype: torch.dtype, track: bool) -> _Tensors11:
     """This rank's N tokens' bags, (N, v_dim) in `dtype` (the compute dtype), and what the
-    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors)."""
+    backward needs: the weights at the owners (flat) and the route's tensors (Route.tensors).
+    `track`: the read will be differentiated (its rows get slots in the step's row gradient)."""
     n, given = indices.shape[0], weights
     if reader.mp > 1:
         indices = _all_gather_rows(indices, reader.mp_group)  # (T, M) = (mp*N, M)
         weights = _all_gather_rows(weights, reader.mp_group)  # (T, M)
-    route = reader.route(indices)
+    route = reader.route(indices, track)
     w = reader.send_weights(weights, route)  # (K,) or (T, M)
     part = reader.sum_bags(reader.bag_rows(shard, route, w), route, indices.shape[0])  # (T, cols)
     if reader.mp > 1:  # rank p gets its own tokens' columns: block c of `mine` = columns of rank c
@@ -295,18 +402,18 @@ def _routed_read(reader: TableReader, indices: torch.Tensor, weights: torch.Tens
     return part, w, *route.tensors()
 
 
-def _routed_read_backward(reader: TableReader, grad: torch.Tensor, w: torch.Tensor, rows: torch.Tensor,
-                          slots: torch.Tensor, offsets: torch.Tensor, order: torch.Tensor,
-                          bag_token: torch.Tensor, splits: torch.Tensor, shard: torch.Tensor, m: int,
-                          keep: bool) -> torch.Tensor:
+def _routed_read_backward(reader: TableReader, grad: torch.Tensor, w: torch.Tensor, reads: torch.Tensor,
+                          rows: torch.Tensor, slots: torch.Tensor, by_row: torch.Tensor, segments: torch.Tensor,
+                          offsets: torch.Tensor, by_owner: torch.Tensor, bag_token: torch.Tensor,
+                          splits: torch.Tensor, shard: torch.Tensor, m: int, keep: bool) -> torch.Tensor:
     """grad (N, v_dim) -> the weights' gradient (N, M); the rows' gradients kept (`keep`)."""
     n, tokens = grad.shape[0], grad.shape[0] * reader.mp
     if reader.mp > 1:  # the mirror of the forward's all-to-all: block q of the columns to rank q
         blocks = grad.view(n, reader.mp, reader.cols).transpose(0, 1).reshape(tokens, reader.cols)
         grad = torch.empty_like(blocks)
         dist.all_to_all_single(grad, blocks, group=reader.mp_group)  # (T, cols): every token, my columns
-    route = reader.unpack(tokens, m, rows, slots, offsets, order, bag_token, splits)
-    if route.order is None:
+    route = reader.unpack(tokens, m, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token, splits)
+    if route.by_owner is None:
         w = w.view(tokens, m)
     grad_w = reader.bags_backward(shard, route, w, grad, (tokens, m), keep)  # (T, M)
     if reader.mp == 1:
@@ -325,21 +432,21 @@ ROUTED_READ_IMPLS = {routed_read._opoverload: _routed_read,
 
 
 @routed_read.register_fake
-def _(reader, indices, weights, shard, v_dim, dtype):
+def _(reader, indices, weights, shard, v_dim, dtype, track):
     ctx = torch.library.get_ctx()
-    sized = [indices.new_empty(ctx.new_dynamic_size()) for _ in range(5)]  # rows .. bag_token
+    sized = [indices.new_empty(ctx.new_dynamic_size()) for _ in range(8)]  # reads .. bag_token
     out = weights.new_empty((indices.shape[0], v_dim), dtype=dtype)
     return out, weights.new_empty(ctx.new_dynamic_size()), *sized, torch.empty((4, ctx.new_dynamic_size()),
                                                                                dtype=torch.int64)
 
 
 @routed_read_backward.register_fake
-def _(reader, grad, w, rows, slots, offsets, order, bag_token, splits, shard, m, keep):
+def _(reader, grad, w, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token, splits, shard, m, keep):
     return w.new_empty((grad.shape[0], m))
 
 
 def _setup_context(ctx, inputs, output):
-    reader, indices, weights, shard, _, _ = inputs
+    reader, indices, weights, shard, _, _, _ = inputs
     ctx.reader, ctx.m = reader, indices.shape[1]
     ctx.save_for_backward(*output[1:], shard)
 
@@ -348,7 +455,7 @@ def _backward(ctx, grad, *_):
     saved = ctx.saved_tensors
     keep = ctx.needs_input_grad[3]  # the shard: a frozen table keeps no row gradient
     grad_w = routed_read_backward(ctx.reader, grad.contiguous(), *saved, ctx.m, keep)
-    return None, None, grad_w, None, None, None
+    return None, None, grad_w, None, None, None, None
 
 
 routed_read.register_autograd(_backward, setup_context=_setup_context)
@@ -398,12 +505,13 @@ class ShardedValueTable(ValueTable):
 
     def forward(self, bag: Bag) -> torch.Tensor:
         """bag (N, M) of this rank's tokens -> (N, v_dim) in compute dtype."""
+        track = torch.is_grad_enabled() and self.weight.requires_grad  # its rows will get gradients
         return routed_read(self.reader, bag.indices, bag.weights, _LocalShard.apply(self.weight), self.v_dim,
-                           self.compute_dtype)[0]
+                           self.compute_dtype, track)[0]
 
     def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step's gradient of this rank's shard, row-sparse: (local rows (K,), distinct,
-        their gradients (K, cols) fp32), summed over every read since the last call; None when
-        nothing was read. Never table-sized."""
-        row_grad, self.reader.row_grad = self.reader.row_grad, None
-        return row_grad
+        """This step's gradient of this rank's shard, row-sparse: (local rows (C,), distinct, in
+        the order first read, their gradients (C, cols) fp32), summed over every read since the
+        last call; None when nothing was read. Views of the reader's buffers (RowGrads), valid
+        until the next step's first read; never table-sized but for a step that reads every row."""
+        return self.reader.grads.take()

@@ -603,20 +603,16 @@ def measure_memory_traffic(cfg, gpus: int = 1, kernel: str = "triton", name: str
     return StepTraffic(name, gpus, kernel, shape, {p: counter.phases[p] for p in PHASES}, minimum_bytes(shape))
 
 
-# the memory layers at a tiny shape, for counting host syncs (their number does not depend
-# on the sizes): the config's layers, tables, value optimizer and dtypes kept
-TINY = {"model.dim": 32, "model.n_heads": 4, "model.n_kv_heads": 2, "memory.n_keys": 16, "memory.k_dim": 16,
-        "memory.v_dim": None, "memory.heads": 2, "memory.knn": 4, "data.batch_size": 2, "data.seq_len": 8}
-
-
-def tiny(cfg, world: int):
-    """`cfg` at TINY's sizes for `world` ranks (mp kept where it divides the world, else 1)."""
+def tiny(cfg, world: int, kernel: str = "torch"):
+    """`cfg`'s memory layers at a tiny shape for `world` ranks, for counting host syncs (their
+    number does not depend on the sizes): its layers, tables, value optimizer and value dtypes
+    kept, mp where it divides the world (else 1), the bag's `kernel`."""
     from dataclasses import replace
 
     layers = len(cfg.memory.layers)
     model = replace(cfg.model, dim=32, n_heads=4, n_kv_heads=2, n_layers=layers, vocab_size=64, max_seq_len=16)
     memory = replace(cfg.memory, layers=list(range(layers)), n_keys=16, k_dim=16, v_dim=None, heads=2, knn=4,
-                     kernel="torch")
+                     kernel=kernel)
     mp = cfg.distributed.memory_parallel_size
     dist_cfg = replace(cfg.distributed, memory_parallel_size=mp if world % mp == 0 else 1, dp_shard=-1,
                        dp_replicate=1, device="cpu", compute_dtype="fp32")
@@ -637,7 +633,8 @@ def _syncs_worker(rank: int, world: int, port: int, cfg, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(rank)
-        step = MemoryStep(cfg, build_meshes(resolve_dims(cfg.distributed, world, rank, rank), "cpu"), "torch")
+        step = MemoryStep(cfg, build_meshes(resolve_dims(cfg.distributed, world, rank, rank), "cpu"),
+                          cfg.memory.kernel)
         step.materialise("cpu")
         step.run()  # the first makes the optimizer's state
         host = [s["step"] for s in step.optimizer.state.values() if "step" in s]
@@ -650,9 +647,10 @@ def _syncs_worker(rank: int, world: int, port: int, cfg, queue) -> None:
         dist.destroy_process_group()
 
 
-def measure_host_syncs(cfg, world: int = 1) -> dict[str, list[tuple[str, str]]]:
+def measure_host_syncs(cfg, world: int = 1, kernel: str = "torch") -> dict[str, list[tuple[str, str]]]:
     """The host syncs of one training step of `cfg`'s memory layers (TINY sizes) on rank 0 of
-    `world` real gloo processes, by phase: {phase: [(op, where), ...]}."""
+    `world` real gloo processes, by phase: {phase: [(op, where), ...]}. `kernel` triton runs
+    in Triton's interpreter (TRITON_INTERPRET=1 in the environment)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -660,7 +658,7 @@ def measure_host_syncs(cfg, world: int = 1) -> dict[str, list[tuple[str, str]]]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    small = tiny(cfg, world)
+    small = tiny(cfg, world, kernel)
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     mp.start_processes(_syncs_worker, args=(world, port, small, queue), nprocs=world, join=True,
