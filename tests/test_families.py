@@ -255,7 +255,9 @@ def test_two_processes_train_as_one(family, layout):
     ref_losses, losses, err, same_names = results.get(timeout=5)
     assert same_names and ref_losses[-1] < ref_losses[0]
     assert losses == pytest.approx(ref_losses, rel=1e-5)
-    assert err < (5e-5 if layout.get("compile") else 1e-5)  # compiled kernels round differently
+    # compiled kernels round differently; the value clip's norm (active: value_clip 0.05) sums the
+    # rows' squares in the order they were first read, the reference's in row order
+    assert err < (5e-5 if layout.get("compile") or layout.get("dp_replicate") else 1e-5)
 
 
 # --- accounting -------------------------------------------------------------------------------

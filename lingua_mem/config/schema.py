@@ -12,6 +12,7 @@ from lingua_mem.model.args import MemoryArgs, ModelArgs, MoEArgs, llama_ffn_hidd
 
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["fp32", "bf16"]
+ValueDtype = Literal["auto", "fp32", "bf16"]  # memory.value_compute_dtype (auto: the compute dtype)
 Attention = Literal["causal", "doc_causal"]  # doc_causal: within the token's own document only
 # doc_causal's implementation: auto (xformers on CUDA when installed, else flex_attention;
 # sdpa with a bool mask elsewhere) | sdpa | flex | xformers (off CUDA: a slow twin, for tests)
@@ -85,9 +86,11 @@ class MemoryConfig:
     tucker_rank: int = 2  # ultramem: rank of the Tucker core scoring the key grid
     value_expansion: int = 1  # ultramem: virtual values per physical row (n_keys**2 / this rows)
     kernel: Kernel = "auto"
-    # the dtype the rows a batch reads are sent and bagged in: bf16 halves the bytes moved
-    # and read; the tables' shards and optimizer state stay fp32
-    value_compute_dtype: Dtype = "fp32"
+    # the dtype the bags of the rows a batch reads are made, sent and differentiated in
+    # (accumulated in fp32 either way; the rows are read from the fp32 shards): bf16 halves
+    # the bytes of the bags and their gradients; the shards and optimizer state stay fp32.
+    # auto: distributed.compute_dtype's (a bf16 run computes its values in bf16)
+    value_compute_dtype: ValueDtype = "auto"
 
 
 @dataclass

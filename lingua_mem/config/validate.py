@@ -39,6 +39,7 @@ from lingua_mem.config.schema import (
     TokenizerName,
     TrainConfig,
     UsageCommandConfig,
+    ValueDtype,
     ValueOptimizer,
     WandbMode,
     choices,
@@ -145,7 +146,7 @@ def validate_distributed(d: DistributedConfig, memory: MemoryConfig, args: Model
     the model is computed, not of what it is)."""
     validate_devices(d)
     _check_choice(memory.kernel, "memory.kernel", Kernel)
-    _check_choice(memory.value_compute_dtype, "memory.value_compute_dtype", Dtype)
+    _check_choice(memory.value_compute_dtype, "memory.value_compute_dtype", ValueDtype)
     _check_choice(d.activation_checkpointing, "distributed.activation_checkpointing", ACMode)
     _check(not (memory.query_batchnorm and d.activation_checkpointing != "none"),
            "distributed.activation_checkpointing", "cannot be used with memory.query_batchnorm "

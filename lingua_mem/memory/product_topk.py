@@ -40,11 +40,13 @@ def product_topk_halves(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
 def _pairs(v: torch.Tensor, i: torch.Tensor, k: int, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each half's top-k (values, sub-key indices) (..., 2, k) -> the best k of the k*k sums."""
     (v1, v2), (i1, i2) = v.unbind(-2), i.unbind(-2)
-    cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., k, k)
-    scores, best = cand.flatten(-2).topk(k, dim=-1)  # (..., k), sorted descending
-    rows = i1.gather(-1, best // k)  # (..., k) index into the first half
-    cols = i2.gather(-1, best % k)  # (..., k) index into the second half
-    return scores, rows * n_keys + cols
+    with torch.no_grad():  # the choice only: its gradient is the picked pairs' (below)
+        cand = v1.unsqueeze(-1) + v2.unsqueeze(-2)  # (..., k, k)
+        best = cand.flatten(-2).topk(k, dim=-1).indices  # (..., k), best first
+    first, second = best // k, best % k
+    # the same sums, differentiable through the 2k picked halves alone: no (..., k, k) gradient
+    scores = v1.gather(-1, first) + v2.gather(-1, second)  # (..., k), sorted descending
+    return scores, i1.gather(-1, first) * n_keys + i2.gather(-1, second)
 
 
 def product_key_search(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +92,11 @@ class _PickedScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_q = embedding_bag(rows, w, table).view(q.shape)  # sum_j grad_v[j] keys[picked j]
         if ctx.needs_input_grad[1]:  # sum over the (token, j) that picked a sub-key of grad_v * q
-            _, grad_keys = embedding_bag_backward(q.reshape(-1, half), rows, w, table, weights_grad=False)
-            grad_keys = grad_keys.view(keys.shape)
+            if 2 * n_keys < k * half:  # fewer bytes: the picked scores' gradient made dense,
+                # (N, heads, 2, n_keys) written and read once, against each pick reading its q
+                dense = q.new_zeros((n, heads, halves, n_keys)).scatter_(-1, i, grad_v.to(q.dtype))
+                grad_keys = torch.einsum("nhpk,nhpd->hpkd", dense, q)
+            else:
+                _, grad_keys = embedding_bag_backward(q.reshape(-1, half), rows, w, table, weights_grad=False)
+                grad_keys = grad_keys.view(keys.shape)
         return grad_q, grad_keys, None

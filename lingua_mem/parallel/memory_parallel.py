@@ -223,6 +223,8 @@ class TableReader(OpaqueBase):
         self.compute_dtype = compute_dtype
         self.reduce_dtype = reduce_dtype if self.row_ranks > 1 else torch.float32
         self.grads = RowGrads(self.rows_per_rank, self.cols)  # this step's row gradient
+        self.copy: torch.Tensor | None = None  # the shard in compute dtype (readable)
+        self.copy_of: tuple | None = None  # (storage, version) of the shard it was made from
 
     # -- routing --------------------------------------------------------------------------
 
@@ -338,10 +340,27 @@ class TableReader(OpaqueBase):
             return weights
         return _exchange(weights.flatten()[route.by_owner], route.sent, route.got, self.row_group)
 
+    def readable(self, shard: torch.Tensor) -> torch.Tensor:
+        """The shard as the bags read it: itself, or, when the compute dtype is narrower than
+        the shard's (bf16 of fp32), a copy in the compute dtype kept beside it, made again
+        whenever the shard has changed since (its version counter moves with every in-place
+        write: an optimizer step, a checkpoint load). Once a step the shard is read whole and
+        the copy written (6 bytes a value at bf16); every read of a row then moves 2 bytes
+        instead of 4 (the paper's bf16 values, with fp32 master weights and optimizer)."""
+        if shard.element_size() <= self.compute_dtype.itemsize:
+            return shard
+        key = (None if is_fake(shard) else shard.data_ptr(), shard._version)
+        if self.copy is None or self.copy.shape != shard.shape or self.copy_of != key:
+            if self.copy is None or self.copy.shape != shard.shape:
+                self.copy = torch.empty(shard.shape, dtype=self.compute_dtype, device=shard.device)
+            self.copy.copy_(shard)
+            self.copy_of = key
+        return self.copy
+
     def bag_rows(self, shard: torch.Tensor, route: Route, w: torch.Tensor) -> torch.Tensor:
-        """The bags this rank owns, read straight from its shard (no copy of the rows): (S, cols)
-        in compute dtype."""
-        return embedding_bag(route.reads, w, shard, self.kernel, route.offsets, self.compute_dtype)
+        """The bags this rank owns, read straight from its shard (or its readable copy: no copy
+        of the rows asked): (S, cols) in compute dtype."""
+        return embedding_bag(route.reads, w, self.readable(shard), self.kernel, route.offsets, self.compute_dtype)
 
     def sum_bags(self, bags: torch.Tensor, route: Route, tokens: int) -> torch.Tensor:
         """The partial bags back at their tokens' rank, summed per token: (T, cols)."""
@@ -364,7 +383,10 @@ class TableReader(OpaqueBase):
         else:  # the weights' gradient only: the rows' is added into a scratch row
             slot_of_row = torch.zeros(shard.shape[0], dtype=torch.int32, device=shard.device)
             grad_rows = torch.zeros((1, self.cols), dtype=torch.float32, device=shard.device)
-        grad_w = bag_rows_backward(grad, route.reads, w, shard, route.rows, route.slots, route.by_row,
+        # Triton reads the rows from the readable copy (converting in the kernel, the gradients
+        # fp32); the torch path computes in its table's dtype: the fp32 shard
+        table = self.readable(shard) if route.segments is not None else shard
+        grad_w = bag_rows_backward(grad, route.reads, w, table, route.rows, route.slots, route.by_row,
                                    route.segments, slot_of_row, grad_rows, 1.0 / self.world, self.kernel,
                                    route.offsets)
         if route.by_owner is None:
@@ -514,4 +536,5 @@ class ShardedValueTable(ValueTable):
         the order first read, their gradients (C, cols) fp32), summed over every read since the
         last call; None when nothing was read. Views of the reader's buffers (RowGrads), valid
         until the next step's first read; never table-sized but for a step that reads every row."""
+        self.reader.copy_of = None  # the step's update comes next: the readable copy is made again
         return self.reader.grads.take()

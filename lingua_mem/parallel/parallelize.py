@@ -72,7 +72,7 @@ def apply_compile(model: Transformer, device_type: str, activation_checkpointing
 
 
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
-                value_compute_dtype: str = "fp32") -> Transformer:
+                value_compute_dtype: str = "auto") -> Transformer:
     """Activation checkpointing, compile, memory parallelism and FSDP2 / HSDP, applied to
     `model` in place at every world size (one process: FSDP2 at degree 1, so one and N
     processes share one precision mechanism); returns it. A model on the meta device is
@@ -92,6 +92,8 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
     # dense layout (HSDP included); read by routing, not gathered, and not FSDP2's
     # (parallel/memory_parallel.py). Rows travel in memory.value_compute_dtype, their
     # gradients in distributed.value_reduce_dtype; the shards stay fp32.
+    if value_compute_dtype == "auto":  # memory.value_compute_dtype: the dense compute dtype's
+        value_compute_dtype = cfg.compute_dtype
     compute = torch.bfloat16 if value_compute_dtype == "bf16" else torch.float32
     reduce = torch.bfloat16 if cfg.value_reduce_dtype == "bf16" else torch.float32
     for key, table in list(model.values.items()):

@@ -184,6 +184,9 @@ INDEXING = {
     aten.index.Tensor: _index_tensor,
     aten.gather.default: _gather,
     aten.scatter_add_.default: _scatter,
+    aten.scatter_.src: _scatter,
+    aten.scatter_.value: _scatter,
+    aten.scatter.src: _scatter,
     aten.scatter_add.default: _scatter,
     aten.sort.default: _sort,
     aten.sort.stable: _sort,
@@ -192,6 +195,9 @@ INDEXING = {
 }
 # ops that only write what they mutate (their destination's old values are not read)
 _WRITE_ONLY = {"copy_", "fill_", "zero_", "normal_", "uniform_", "random_", "index_fill_"}
+# ops that write their output without reading their tensor arguments (only their shape)
+_SHAPE_ONLY = {"zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full",
+               "rand_like", "randn_like"}
 # ops that allocate, alias or move nothing
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "resize_", "set_",
          "lift_fresh", "alias", "detach", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel"}
@@ -202,6 +208,8 @@ def default_traffic(func, args, kwargs, out) -> tuple[int, int]:
     name = func.overloadpacket.__name__
     if func.is_view or name in _FREE:
         return 0, 0
+    if name in _SHAPE_ONLY:
+        return 0, sum(nbytes(t) for t in _tensors(out))
     mutated, read = [], 0
     schema = func._schema
     values = list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args):]]
@@ -414,6 +422,12 @@ class Shape:
         return min(self.bagged * self.reads * self.layers // self.tables, self.shard_rows)
 
 
+def value_dtype(cfg) -> str:
+    """memory.value_compute_dtype, auto resolved as parallelize() does."""
+    chosen = cfg.memory.value_compute_dtype
+    return cfg.distributed.compute_dtype if chosen == "auto" else chosen
+
+
 def shape_of(cfg, gpus: int) -> Shape:
     from lingua_mem.config import model_args
 
@@ -425,7 +439,7 @@ def shape_of(cfg, gpus: int) -> Shape:
         reads=mem.heads * mem.knn, heads=mem.heads, knn=mem.knn, n_keys=mem.n_keys, k_dim=mem.k_dim,
         dim=args.dim, v_dim=mem.v_dim, cols=mem.v_dim // mp, shard_rows=-(-mem.n_values // (gpus // mp)),
         dense_bytes=2 if cfg.distributed.compute_dtype == "bf16" else 4,
-        value_bytes=2 if cfg.memory.value_compute_dtype == "bf16" else 4,
+        value_bytes=2 if value_dtype(cfg) == "bf16" else 4,
         value_optimizer=cfg.optim.value_optimizer)
 
 
@@ -455,7 +469,8 @@ def minimum_bytes(s: Shape) -> dict[str, int]:
     subkeys = h * 2 * s.n_keys * half * 4
     picked = n * h * 2 * k * half * 4  # the picked sub-keys, gathered (once when they fit in L2)
     search_bwd = (3 * n * m * 4 + n * h * 2 * k * 12  # the softmax's and the picked scores' gradients
-                  + 2 * (min(picked, subkeys) if subkeys <= L2_BYTES else picked)  # q's and the keys'
+                  + 2 * n * h * 2 * s.n_keys * 4  # the sub-key scores' gradient, written and read
+                  + (min(picked, subkeys) if subkeys <= L2_BYTES else picked)  # q's: the picked sub-keys
                   + n * h * s.k_dim * (4 + 4 + c))  # q read, its gradient written (fp32, then cast)
     dense_bwd = 2 * dense + weights  # each tensor's gradient written and read; weight gradients
     backward = table_bwd + search_bwd + dense_bwd
@@ -515,7 +530,7 @@ class MemoryStep:
         model = build_model(model_args(cfg.model, cfg.memory, cfg.moe), "meta", kernel=kernel)
         dtype = lambda name: torch.bfloat16 if name == "bf16" else torch.float32  # noqa: E731
         self.dtype = dtype(cfg.distributed.compute_dtype)
-        self.tables = {key: ShardedValueTable(table, meshes.memory, dtype(cfg.memory.value_compute_dtype),
+        self.tables = {key: ShardedValueTable(table, meshes.memory, dtype(value_dtype(cfg)),
                                               dtype(cfg.distributed.value_reduce_dtype))
                        for key, table in model.values.items()}
         self.layers = [(model.layers[i].feed_forward, self.tables[model.value_key[i]]) for i in cfg.memory.layers]
