@@ -44,8 +44,10 @@ class MemoryAdamW(torch.optim.AdamW):
     def updates_rows(self, param: torch.Tensor) -> bool:
         return any(g.get("row_update") and any(p is param for p in g["params"]) for g in self.param_groups)
 
-    def set_row_grad(self, param: torch.Tensor, row_grad: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        """The step's gradient of `param`'s local shard: (local rows (K,), gradients (K, cols))."""
+    def set_row_grad(self, param: torch.Tensor,
+                     row_grad: tuple[torch.Tensor | None, torch.Tensor] | None) -> None:
+        """The step's gradient of `param`'s local shard: (local rows (K,), gradients (K, cols)),
+        or (None, the shard's gradient) for a group updated over every row."""
         self.row_grads[id(param)] = row_grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -108,9 +110,16 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _dense(p: torch.Tensor, row_grad: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """A row gradient of `p`'s local shard as a dense gradient like `p` (one buffer of the
-    shard's size, made in the optimizer's step: not one per memory layer)."""
+def _dense(p: torch.Tensor, row_grad: tuple[torch.Tensor | None, torch.Tensor] | None) -> torch.Tensor:
+    """A row gradient of `p`'s local shard as a dense gradient like `p`: a shard-shaped one
+    (rows None) as it is, rows scattered into zeros (one buffer of the shard's size, made in
+    the optimizer's step: not one per memory layer)."""
+    if row_grad is not None and row_grad[0] is None:
+        local = row_grad[1].to(_local(p).dtype)
+        if not isinstance(p, DTensor):
+            return local
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
     grad = torch.zeros_like(p)
     if row_grad is not None:
         _local(grad)[row_grad[0]] = row_grad[1].to(grad.dtype)
@@ -165,7 +174,8 @@ def hand_over_value_grads(model: nn.Module, optimizer: MemoryAdamW) -> None:
     for table in model.value_tables():
         p = table.weight
         if hasattr(table, "take_row_grad") and p.requires_grad:
-            optimizer.set_row_grad(p, table.take_row_grad())
+            # AdamW over every row takes a shard-shaped gradient (no scatter into one)
+            optimizer.set_row_grad(p, table.take_row_grad(dense=not optimizer.updates_rows(p)))
         elif p.grad is not None and optimizer.updates_rows(p):
             rows = p.grad.abs().sum(dim=1).nonzero().flatten()  # a plain table: the rows with a gradient
             optimizer.set_row_grad(p, (rows, p.grad[rows]))

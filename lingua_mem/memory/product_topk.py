@@ -92,7 +92,7 @@ class _PickedScores(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_q = embedding_bag(rows, w, table).view(q.shape)  # sum_j grad_v[j] keys[picked j]
         if ctx.needs_input_grad[1]:  # sum over the (token, j) that picked a sub-key of grad_v * q
-            if 2 * n_keys < k * half:  # fewer bytes: the picked scores' gradient made dense,
+            if n_keys <= k * half:  # no more bytes: the picked scores' gradient made dense,
                 # (N, heads, 2, n_keys) written and read once, against each pick reading its q
                 dense = q.new_zeros((n, heads, halves, n_keys)).scatter_(-1, i, grad_v.to(q.dtype))
                 grad_keys = torch.einsum("nhpk,nhpd->hpkd", dense, q)

@@ -128,17 +128,24 @@ class Route:
 
 
 class RowGrads:
-    """One table shard's gradient over a step, row-sparse: a slot for each distinct row the
-    step's reads asked of this rank (given as the reads are made, in the order first read),
-    and the rows' fp32 gradients at their slots, summed over every read of every memory layer
-    as their backwards run (one accumulation a table a step: a read's backward adds its rows'
-    gradients at their slots; nothing is concatenated, deduplicated or re-added later).
+    """One table shard's gradient over a step: the rows' fp32 gradients summed over every read
+    of every memory layer as their backwards run (one accumulation a table a step: a read's
+    backward adds its rows' gradients at their slots; nothing is concatenated, deduplicated or
+    re-added later). Two layouts:
 
-    Memory: the slots' gradients (the step's distinct rows x columns, fp32, kept from step to
-    step and grown when a step reads more rows) and an int32 a shard row."""
+      sparse  a slot for each distinct row the step's reads asked of this rank, given as the
+              reads are made, in the order first read: the slots' gradients (the step's
+              distinct rows x columns) and an int32 a shard row; for a row-sparse optimizer
+      dense   the slot of a row is the row: a shard-shaped gradient, zeroed once a step, that
+              the optimizer takes as the parameter's gradient (no scatter into one); for
+              AdamW over every row, which needs one that size anyway
+
+    The layout follows what the last step's taker asked for (`take(dense)`), so a run settles
+    into its optimizer's from its second step. Buffers are kept from step to step."""
 
     def __init__(self, shard_rows: int, cols: int):
         self.shard_rows, self.cols = shard_rows, cols
+        self.dense = False
         self.slot_of_row: torch.Tensor | None = None  # (shard_rows,) int32; -1: not read this step
         self.row_of_slot: torch.Tensor | None = None  # (capacity,) int64
         self.grad: torch.Tensor | None = None  # (capacity, cols) fp32
@@ -147,16 +154,22 @@ class RowGrads:
 
     def slots_of(self, device: torch.device) -> torch.Tensor:
         if self.slot_of_row is None:
-            self.slot_of_row = torch.full((self.shard_rows,), -1, dtype=torch.int32, device=device)
+            self.slot_of_row = (torch.arange(self.shard_rows, dtype=torch.int32, device=device) if self.dense else
+                                torch.full((self.shard_rows,), -1, dtype=torch.int32, device=device))
         return self.slot_of_row
 
     def new_among(self, sorted_reads: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
         """How many distinct rows of a read (sorted, `first` marking each row's first read)
         have no slot yet, as a device scalar (read back with the read's sizes)."""
+        if self.dense:
+            return first.new_zeros((), dtype=torch.int64)
         return (first & (self.slots_of(sorted_reads.device)[sorted_reads.long()] < 0)).sum()
 
     def give_slots(self, rows: torch.Tensor, new: int) -> None:
         """Slots for a read's distinct rows (U,), `new` of which have none yet (host int)."""
+        if self.dense:
+            self.count = self.shard_rows
+            return
         slot_of_row = self.slots_of(rows.device)
         slots = slot_of_row[rows].long()
         fresh = slots < 0
@@ -175,17 +188,33 @@ class RowGrads:
             self.zeroed = self.count
         return self.grad
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(the step's distinct rows (C,), their summed gradients (C, cols) fp32); None when the
-        step read nothing. Views of the buffers, valid until the next step's first read. Clears
-        the step."""
+    def take(self, dense: bool = False) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """The step's gradient, then cleared; None when the step read nothing. Sparse: (the
+        distinct rows (C,), their gradients (C, cols) fp32); `dense`: (None, the shard's
+        gradient (shard rows, cols) fp32). Views of the buffers, valid until the next step's
+        first read. The next steps accumulate in the layout asked for."""
         if self.count == 0:
+            if dense != self.dense:
+                self.dense, self.slot_of_row, self.row_of_slot, self.grad = dense, None, None, None
             return None
         n, self.count, self.zeroed = self.count, 0, 0
-        rows = self.row_of_slot[:n]
-        grads = self.buffer(rows.device)[:n] if self.grad is None or self.grad.shape[0] < n else self.grad[:n]
-        self.slot_of_row[rows] = -1
-        return rows, grads
+        if self.dense:
+            taken = (None, self.grad[:n])
+        else:
+            rows = self.row_of_slot[:n]
+            taken = (rows, self.grad[:n])
+            self.slot_of_row[rows] = -1
+        if dense != self.dense:  # the other layout from the next step on
+            self.dense, self.slot_of_row, self.row_of_slot, self.grad = dense, None, None, None
+            if dense:  # this step's rows into a shard-shaped gradient, once
+                rows, grads = taken
+                full = torch.zeros((self.shard_rows, self.cols), dtype=torch.float32, device=grads.device)
+                taken = (None, full.index_copy_(0, rows, grads))
+            else:
+                full = taken[1]
+                rows = full.abs().sum(dim=1).nonzero().flatten()
+                taken = (rows, full[rows])
+        return taken
 
 
 def _grown(buffer: torch.Tensor | None, size: int, tail: tuple, dtype, device, keep: int | None = None):
@@ -243,7 +272,9 @@ class TableReader(OpaqueBase):
         segmented = self._segmented(reads.device.type)
         if is_fake(reads):
             u = min(k, self.rows_per_rank)
-            if track:
+            if track and self.grads.dense:
+                self.grads.count = self.rows_per_rank
+            elif track:
                 new = min(u, self.rows_per_rank - self.grads.count)
                 self.grads.count += new
                 self.grads.row_of_slot = _grown(self.grads.row_of_slot, self.grads.count, (), torch.int64,
@@ -531,10 +562,11 @@ class ShardedValueTable(ValueTable):
         return routed_read(self.reader, bag.indices, bag.weights, _LocalShard.apply(self.weight), self.v_dim,
                            self.compute_dtype, track)[0]
 
-    def take_row_grad(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """This step's gradient of this rank's shard, row-sparse: (local rows (C,), distinct, in
-        the order first read, their gradients (C, cols) fp32), summed over every read since the
-        last call; None when nothing was read. Views of the reader's buffers (RowGrads), valid
-        until the next step's first read; never table-sized but for a step that reads every row."""
+    def take_row_grad(self, dense: bool = False) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """This step's gradient of this rank's shard, summed over every read since the last
+        call; None when nothing was read. Row-sparse: (local rows (C,), distinct, in the order
+        first read, their gradients (C, cols) fp32), never table-sized but for a step that reads
+        every row; `dense` (an optimizer that updates every row): (None, the shard's gradient,
+        fp32). Views of the reader's buffers (RowGrads), valid until the next step's first read."""
         self.reader.copy_of = None  # the step's update comes next: the readable copy is made again
-        return self.reader.grads.take()
+        return self.reader.grads.take(dense)

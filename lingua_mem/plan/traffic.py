@@ -573,7 +573,8 @@ class MemoryStep:
         torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         phase("optimizer")
         for table in self.tables.values():
-            self.optimizer.set_row_grad(table.weight, table.take_row_grad())
+            dense = not self.optimizer.updates_rows(table.weight)
+            self.optimizer.set_row_grad(table.weight, table.take_row_grad(dense=dense))
         clip_grads(self.values, self.cfg.optim.value_clip, self.optimizer)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
