@@ -7,11 +7,13 @@ as a fraction of the device-to-device copy bandwidth measured in the same run.
 Shapes (rows x D of the value table): 134m 1M x 768, 373m 1M x 1024, 1.3b 1M x 2048 (the
 configs' tables), 16m 16M x 1024 (64 GB in fp32, as much again for its gradient: an
 H200, or --dtype bf16). Each bag reads --bag rows (heads x knn = 128 in the
-configs) drawn uniformly; --tokens bags (8 x 4096 by default). Timed: forward, backward
-(table gradient: atomic and sorted variants, and the weight gradient), forward + backward.
-GB/s counts the bytes the operation must move at least: forward reads tokens x bag rows of
-D and writes tokens x D; backward reads the output gradient and the rows again (weight
-gradient) and writes the table gradient's touched rows. Targets on an H100 (issue 14):
+configs) drawn uniformly; --tokens bags (8 x 4096 by default). Timed: forward, backward of a
+plain table (the table gradient by atomics, and the weight gradient), backward of a routed
+table's rows (a program per segment of one row's reads, fused with the weight gradient, into
+an fp32 row gradient; its reads sorted and cut by memory_parallel.distinct_rows, timed too),
+forward + backward. GB/s counts the bytes the operation must move at least: forward reads
+tokens x bag rows of D and writes tokens x D; backward reads the output gradient and the rows
+again (weight gradient) and writes the table gradient's touched rows. Targets on an H100 (issue 14):
 forward >= 0.90 of copy bandwidth; forward + backward >= 8x the PyTorch path.
 
 On the CPU the Triton kernels run only in Triton's interpreter (TRITON_INTERPRET=1): use
@@ -60,7 +62,9 @@ def copy_bandwidth(device: str, nbytes: int, repeats: int) -> float:
 
 def measure(name: str, rows: int, d: int, a, dtype, copy_gbs: float) -> dict:
     """One shape's timings and bandwidths."""
+    from lingua_mem.kernels.embedding_bag import bag_rows_backward
     from lingua_mem.kernels.triton_bag import embedding_bag_triton, embedding_bag_triton_backward
+    from lingua_mem.parallel.memory_parallel import distinct_rows
 
     elem = torch.finfo(dtype).bits // 8
     g = torch.Generator(device=a.device).manual_seed(0)
@@ -83,17 +87,22 @@ def measure(name: str, rows: int, d: int, a, dtype, copy_gbs: float) -> dict:
         "torch fwd+bwd": timed(torch_fwd_bwd, a.device, a.repeats),
         "triton fwd": timed(lambda: embedding_bag_triton(indices, weights, table), a.device, a.repeats),
     }
-    for variant in ("atomic", "sorted"):
-        ms[f"triton bwd {variant}"] = timed(
-            lambda v=variant: embedding_bag_triton_backward(grad_out, indices, weights, table, v),
-            a.device, a.repeats)
-    ms["triton fwd+bwd"] = ms["triton fwd"] + min(ms["triton bwd atomic"], ms["triton bwd sorted"])
+    ms["triton bwd atomic"] = timed(lambda: embedding_bag_triton_backward(grad_out, indices, weights, table),
+                                    a.device, a.repeats)
+    plan = distinct_rows(indices, rows, segmented=True)
+    slot_of_row = torch.arange(rows, dtype=torch.int32, device=a.device)
+    grad_rows = torch.zeros(rows, d, device=a.device)
+    ms["triton rows plan"] = timed(lambda: distinct_rows(indices, rows, segmented=True), a.device, a.repeats)
+    ms["triton bwd rows"] = timed(lambda: bag_rows_backward(grad_out, indices, weights, table, *plan, slot_of_row,
+                                                            grad_rows, 1.0, "triton"), a.device, a.repeats)
+    ms["triton fwd+bwd"] = ms["triton fwd"] + min(ms["triton bwd atomic"],
+                                                  ms["triton bwd rows"] + ms["triton rows plan"])
     return {"shape": name, "rows": rows, "d": d, "device": a.device, "dtype": a.dtype, "tokens": a.tokens,
             "bag": a.bag, "copy_gbs": copy_gbs, "ms": {k: v * 1e3 for k, v in ms.items()},
             "fwd_gbs": {k: fwd_bytes / ms[f"{k} fwd"] / 1e9 for k in ("torch", "triton")},
             "fwd_of_copy": fwd_bytes / ms["triton fwd"] / 1e9 / copy_gbs,
             "fwd_bwd_speedup": ms["torch fwd+bwd"] / ms["triton fwd+bwd"],
-            "bwd_gbs": {v: bwd_bytes / ms[f"triton bwd {v}"] / 1e9 for v in ("atomic", "sorted")}}
+            "bwd_gbs": {v: bwd_bytes / ms[f"triton bwd {v}"] / 1e9 for v in ("atomic", "rows")}}
 
 
 def main() -> None:
@@ -119,7 +128,8 @@ def main() -> None:
         rows_out.append(row)
         print(f"{name:>5} {row['rows']:>9,} x {d:<5} fwd torch {row['fwd_gbs']['torch']:8.1f} GB/s, triton "
               f"{row['fwd_gbs']['triton']:8.1f} GB/s ({row['fwd_of_copy']:.2f} of copy); bwd atomic "
-              f"{row['ms']['triton bwd atomic']:.2f} ms, sorted {row['ms']['triton bwd sorted']:.2f} ms; "
+              f"{row['ms']['triton bwd atomic']:.2f} ms, rows {row['ms']['triton bwd rows']:.2f} ms "
+              f"(+ plan {row['ms']['triton rows plan']:.2f} ms); "
               f"fwd+bwd {row['fwd_bwd_speedup']:.1f}x torch", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(rows_out, indent=2))

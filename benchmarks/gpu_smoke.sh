@@ -13,8 +13,16 @@
 # 6. benchmarks/generate.py on CUDA: generation tokens/s with and without the KV cache
 # 7. benchmarks/embedding_bag.py on CUDA: the torch path against the Triton kernels (GB/s)
 # 8. benchmarks/plan_vs_measured.py: the scale plan's peak memory against max_memory_allocated
-# 9. benchmarks/memory_scaling.py: the debug base at 65k, 1M and 16M value rows, dense AdamW
-#    and row-wise Adagrad on the tables: tokens/s and peak memory against the smallest
+# 9. benchmarks/memory_scaling.py: the debug base at 65k, 1M and the largest table the card holds
+#    with dense AdamW (4M on an 80 GB H100, 16M from 130 GB), dense AdamW and row-wise Adagrad on
+#    the tables: tokens/s and peak memory against the smallest
+# 0. first of all, benchmarks/gpu_checks.py: the fixes only a GPU shows (the Triton probe, the
+#    matmul precision API, the key search in IEEE fp32 under TF32, per-device RNG state, the
+#    routed row backward against the torch path, an async save after an update)
+# Before the parts: whether a C compiler and Python.h are here (Triton builds its launchers
+# with them). Triton's and Inductor's caches, autotuning included, live in $SMOKE_CACHE (kept
+# between runs), so only the first process compiles and tunes; each part's limit allows a cold
+# one.
 # then one summary table, also written to $SMOKE_OUT/figures.txt. Exit 0 when every part ran
 # (and the debug losses fell), 1 otherwise. Without CUDA it says so and exits 0. Each part has
 # its own time limit, and the limits together fit SMOKE_BUDGET: a part that would start past it
@@ -26,6 +34,7 @@
 #   SMOKE_DEVICE    cuda (default) | cpu: a rehearsal of the same commands on CPU with tiny
 #                   shapes, to check the script itself on a machine without a GPU
 #   SMOKE_BUDGET    seconds for the whole script (default 600)
+#   SMOKE_CACHE     Triton's and Inductor's cache folder (default dumps/gpu_smoke_cache, kept)
 #   SMOKE_WHEELS    a folder of wheels installed (--no-index --no-deps) when a package the
 #                   trainer needs is missing, e.g. on a GPU machine without a registry. A GPU
 #                   image with torch, numpy, PyYAML, safetensors and sentencepiece lacks only
@@ -39,6 +48,10 @@ DEVICE=${SMOKE_DEVICE:-cuda}
 BUDGET=${SMOKE_BUDGET:-600}
 DEADLINE=$((SECONDS + BUDGET - 15))  # the summary's seconds kept back
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+CACHE=${SMOKE_CACHE:-dumps/gpu_smoke_cache}
+mkdir -p "$CACHE"
+export TRITON_CACHE_DIR="$PWD/$CACHE/triton" TORCHINDUCTOR_CACHE_DIR="$PWD/$CACHE/inductor"
+export TRITON_CACHE_AUTOTUNING=1  # the kernels' autotuning done once, not in every process
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "gpu_smoke: $PY cannot import torch; set PYTHON to the interpreter that has it" >&2
@@ -61,8 +74,14 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 FIGURES="$OUT/figures.txt"  # the header, each part's outcome and time, the summary table
 echo "gpu_smoke: $(date -u +%Y-%m-%dT%H:%MZ), output in $OUT, budget $BUDGET s" | tee "$FIGURES"
 "$PY" - <<'PY' | tee -a "$FIGURES"
+import os, shutil, sysconfig
+from pathlib import Path
 import torch
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+print(f"C compiler: {cc or 'none (Triton cannot build its launchers)'}; Python.h: "
+      f"{'yes' if header.exists() else 'no, ' + str(header) + ' is missing (Triton cannot build its launchers)'}")
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print(f"GPU {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
@@ -76,7 +95,10 @@ if [ "$DEVICE" = cuda ]; then
   GEN=(--device cuda --batch 16 --new 128)
   BAG=(--device cuda --shapes 134m,373m,1.3b)
   PLAN=(--device cuda)
-  SCALING=(--rows 65k,1m,16m --value-optimizers adamw,adagrad --steps 10 --set distributed.device=cuda
+  # the largest table whose dense AdamW (weights, gradient, two moments: 16 bytes a value at
+  # v_dim 256) fits the card with room: 16M rows from 130 GB (an H200), 4M below
+  LARGEST=$("$PY" -c "import torch; print('16m' if torch.cuda.get_device_properties(0).total_memory > 130 * 2**30 else '4m')")
+  SCALING=(--rows "65k,1m,$LARGEST" --value-optimizers adamw,adagrad --steps 10 --set distributed.device=cuda
            distributed.compute_dtype=bf16)
 else  # rehearsal: the same commands, shapes small enough for a CPU
   DEBUG=(steps=20 log_every=5 checkpoint.every=10 data.batch_size=4 data.seq_len=64)
@@ -116,21 +138,23 @@ run() {  # name, timeout in seconds, command...
   fi
 }
 
-run debug 75 "$PY" train.py config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug"
-run debug_torchrun 60 "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 train.py \
-  config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug_torchrun"
-run memory_134m 90 "$PY" train.py config=configs/memory_134m.yaml "${COMMON[@]}" "${M134[@]}" \
+run gpu_checks 90 "$PY" benchmarks/gpu_checks.py --device "$DEVICE"
+run debug 120 "$PY" train.py config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug"
+# --local-addr: --standalone's rendezvous otherwise binds the hostname, which may not resolve
+run debug_torchrun 75 "$PY" -m torch.distributed.run --standalone --local-addr 127.0.0.1 --nproc-per-node 1 \
+  train.py config=configs/debug.yaml "${COMMON[@]}" "${DEBUG[@]}" dump_dir="$OUT/debug_torchrun"
+run memory_134m 120 "$PY" train.py config=configs/memory_134m.yaml "${COMMON[@]}" "${M134[@]}" \
   data.tokenizer.name=bytes dump_dir="$OUT/memory_134m"
-run memory_layer 60 "$PY" benchmarks/memory_layer.py "${BENCH[@]}" --json "$OUT/memory_layer.json"
+run memory_layer 90 "$PY" benchmarks/memory_layer.py "${BENCH[@]}" --json "$OUT/memory_layer.json"
 run eval 60 "$PY" eval.py ckpt="$OUT/debug/checkpoints/0000000020" distributed.device="$DEVICE" "${EVAL[@]}"
 run generate 45 "$PY" benchmarks/generate.py "${GEN[@]}" --json "$OUT/generate.json"
 if "$PY" -c "import triton" 2>/dev/null; then
-  run embedding_bag 60 "$PY" benchmarks/embedding_bag.py "${BAG[@]}" --json "$OUT/embedding_bag.json"
+  run embedding_bag 90 "$PY" benchmarks/embedding_bag.py "${BAG[@]}" --json "$OUT/embedding_bag.json"
 else
   echo "== embedding_bag: skipped (triton is not installed)"
 fi
 run plan_vs_measured 60 "$PY" benchmarks/plan_vs_measured.py "${PLAN[@]}" --out "$OUT/plan_vs_measured.json"
-run memory_scaling 90 "$PY" benchmarks/memory_scaling.py "${SCALING[@]}" --out "$OUT/memory_scaling" \
+run memory_scaling 120 "$PY" benchmarks/memory_scaling.py "${SCALING[@]}" --out "$OUT/memory_scaling" \
   --json "$OUT/memory_scaling.json"
 
 "$PY" - "$OUT" <<'PY' | tee -a "$FIGURES" || failed+=(summary)
@@ -139,6 +163,9 @@ from pathlib import Path
 
 out = Path(sys.argv[1])
 bad = False
+checks = out / "gpu_checks.log"
+if checks.exists():
+    print(checks.read_text().strip())
 print(f"\n{'run':<16} {'steps':>5} {'loss first -> last':>20} {'tok/s':>10} {'mfu':>6} {'peak GiB':>9}")
 for name in ("debug", "debug_torchrun", "memory_134m"):
     path = out / name / "metrics.jsonl"
@@ -175,7 +202,7 @@ if bag.exists():
     for r in json.loads(bag.read_text()):
         print(f"embedding_bag {r['shape']}: fwd torch {r['fwd_gbs']['torch']:,.0f} GB/s, triton "
               f"{r['fwd_gbs']['triton']:,.0f} GB/s ({r['fwd_of_copy']:.2f} of copy {r['copy_gbs']:,.0f}); "
-              f"fwd+bwd {r['fwd_bwd_speedup']:.1f}x torch")
+              f"bwd rows {r['bwd_gbs']['rows']:,.0f} GB/s; fwd+bwd {r['fwd_bwd_speedup']:.1f}x torch")
 plan = out / "plan_vs_measured.json"
 if plan.exists():
     for r in json.loads(plan.read_text()):

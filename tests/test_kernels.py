@@ -26,7 +26,7 @@ from lingua_mem.kernels.triton_bag import (
     embedding_bag_triton_backward,
 )
 from lingua_mem.memory import ProductKeyMemory, ValueTable
-from lingua_mem.parallel.memory_parallel import RowGrads, TableReader
+from lingua_mem.parallel.memory_parallel import distinct_rows
 from lingua_mem.train.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +74,7 @@ def test_forward_and_backward_equal_pytorch(shape, index_dtype):
 def rows_backward(grad_out, reads, weights, table, kernel, scale=1.0, offsets=None):
     """kernels.bag_rows_backward as a routed table's owner calls it, the rows' slots in reverse
     row order, a gradient buffer holding 1.0 already: -> (grad_w, the table's gradient by row)."""
-    reader = TableReader.__new__(TableReader)  # its distinct() alone: the reads sorted, cut in segments
-    reader.kernel, reader.rows_per_rank = kernel, table.shape[0]
-    reader.grads = RowGrads(table.shape[0], table.shape[1])
-    rows, slots, by_row, segments = reader.distinct(reads.long(), track=False)
+    rows, slots, by_row, segments = distinct_rows(reads.long(), table.shape[0], segmented=kernel == "triton")
     slot_of_row = (table.shape[0] - 1 - torch.arange(table.shape[0])).to(torch.int32)
     grad_rows = torch.ones(table.shape)
     grad_w = bag_rows_backward(grad_out, reads.long(), weights, table, rows, slots, by_row, segments,
@@ -93,9 +90,7 @@ def test_a_hot_row_is_cut_into_segments_that_add_up():
     indices[0, 0] = 1
     g = torch.Generator().manual_seed(3)
     weights, table, grad_out = torch.rand(n, m, generator=g), torch.randn(2, d, generator=g), torch.randn(n, d)
-    reader = TableReader.__new__(TableReader)
-    reader.kernel, reader.rows_per_rank, reader.grads = "triton", 2, RowGrads(2, d)
-    rows, _, _, segments = reader.distinct(indices, track=False)
+    rows, _, _, segments = distinct_rows(indices, 2, segmented=True)
     assert rows.tolist() == [0, 1] and segments.numel() - 1 == 1 + -(-(n * m - 1) // SEGMENT_READS)
     _, gw, gt = reference(indices, weights, table, grad_out)
     got_w, got_rows = rows_backward(grad_out, indices, weights, table, "triton")

@@ -229,22 +229,25 @@ def test_the_default_group_serves_both_devices_on_a_gpu():
 def test_a_cuda_training_process_gets_expandable_segments_and_tf32_unless_told_otherwise():
     from lingua_mem.parallel.runtime import prepare_cuda
 
-    before = torch.backends.cuda.matmul.fp32_precision
+    before = torch.get_float32_matmul_precision()
     try:
         env = {}
         prepare_cuda("cpu", True, env)  # nothing off CUDA
-        assert env == {} and torch.backends.cuda.matmul.fp32_precision == before
+        assert env == {} and torch.get_float32_matmul_precision() == before
         prepare_cuda("cuda", True, env)
         assert env == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        # set through the API libraries read: both of its readings answer (with the newer
+        # fp32_precision setter each of these raised "mix of the legacy and new APIs")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
         users = ({"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"},
                  {"PYTORCH_ALLOC_CONF": "backend:native"})
         for mine in users:
             env = dict(mine)
             prepare_cuda("cuda", False, env)  # the user's allocator settings are theirs
-            assert env == mine and torch.backends.cuda.matmul.fp32_precision == "ieee"
+            assert env == mine and torch.get_float32_matmul_precision() == "highest"
+            assert not torch.backends.cuda.matmul.allow_tf32
     finally:
-        torch.backends.cuda.matmul.fp32_precision = before
+        torch.set_float32_matmul_precision(before)
 
 
 def test_mesh_that_does_not_fit_names_the_key():

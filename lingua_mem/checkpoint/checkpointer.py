@@ -116,18 +116,40 @@ def _untrusted_checkpoint(dump_dir: Path, complete: list[Path]) -> str | None:
 
 
 def _rng_state() -> dict:
+    """This rank's generators. On CUDA the state of its own device alone (`cuda_device`): a
+    rank uses one GPU, and a resume may run on a node with fewer GPUs than the saver's."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
+
+
+def wait_for_device(model) -> None:
+    """Wait until the work queued on the model's CUDA device (its current stream) is done."""
+    device = next((p.device for p in model.parameters() if p.device.type == "cuda"), None)
+    if device is not None:
+        torch.cuda.current_stream(device).synchronize()
+
+
+def device_rng_state(state: dict, device_index: int) -> torch.Tensor | None:
+    """The saved CUDA generator state for this rank's device: `cuda_device`, or from a state of
+    every device an older checkpoint saved (`cuda`, a list), its device's entry where it has one
+    (None: nothing to restore)."""
+    if "cuda_device" in state:
+        return state["cuda_device"]
+    every = state.get("cuda") or []
+    return every[device_index] if device_index < len(every) else None
 
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.cuda.is_available():
+        device = torch.cuda.current_device()
+        saved = device_rng_state(state, device)
+        if saved is not None:
+            torch.cuda.set_rng_state(saved, device)
 
 
 
@@ -191,6 +213,11 @@ class Checkpointer:
         self._or_abandon(step, lambda: self._write_train_state(step, tmp))
         state = self._state()
         if self.cfg.async_save and not block:
+            # the stager copies on a stream and thread of its own, which do not wait for the
+            # compute stream: the step's queued kernels must have written the weights first
+            # (one wait a checkpoint)
+            wait_for_device(self.model)
+
             def start():
                 with quiet_single_process():
                     return dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.async_group,

@@ -4,6 +4,7 @@ from lingua_mem.kernels.embedding_bag import (
     embedding_bag_torch,
     resolve_kernel,
     triton_available,
+    triton_problem,
 )
 from lingua_mem.kernels.embedding_bag import SAVED_OPS as _EMBEDDING_BAG_OPS
 
@@ -16,4 +17,4 @@ if triton_available():
     SAVED_OPS = SAVED_OPS | _TRITON_OPS
 
 __all__ = ["KERNELS", "SAVED_OPS", "embedding_bag", "embedding_bag_torch", "resolve_kernel",
-           "triton_available"]
+           "triton_available", "triton_problem"]

@@ -15,8 +15,13 @@ when triton is installed, else torch).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import shutil
+import sysconfig
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -93,17 +98,64 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def resolve_kernel(kernel: str, device_type: str) -> str:
-    """torch or triton for memory.kernel on a device; ConfigError when triton cannot run there."""
+def triton_problem(device: torch.device | str) -> str | None:
+    """Why Triton's kernels cannot run on `device`, in one line; None when they can. Not
+    installed, or a one-launch probe (a tiny bag: compiled, its launcher built, launched)
+    fails there: Triton builds each kernel's launcher with a C compiler against Python.h, and
+    an image without them fails at the first launch, which would be a training run's step 1."""
+    if not triton_available():
+        return "triton is not installed (pip install triton, or the gpu extra)"
+    try:
+        from lingua_mem.kernels.triton_bag import embedding_bag_triton
+
+        indices = torch.zeros(1, 1, dtype=torch.int64, device=device)
+        out = embedding_bag_triton(indices, torch.ones(1, 1, device=device), torch.ones(2, 8, device=device))
+        out.sum().item()  # the launch done
+    except Exception as exc:  # noqa: BLE001 - whatever stops the kernel: no compiler, no driver, ...
+        compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+        header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        missing = [m for m, ok in (("a C compiler", compiler), (f"{header}", header.exists())) if not ok]
+        why = f" ({' and '.join(missing)} missing)" if missing else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        return f"triton cannot run on {torch.device(device).type}{why}: {first[:200]}"
+    return None
+
+
+@functools.cache
+def triton_problem_on(device_type: str) -> str | None:
+    """triton_problem, probed once a process (CUDA: its current device)."""
+    return triton_problem(device_type)
+
+
+def choose_kernel(kernel: str, device_type: str, problem: str | None) -> str:
+    """torch or triton for memory.kernel on a device, given what stops Triton there (`problem`,
+    None if nothing): auto is triton on CUDA when it runs (else torch, with one warning line
+    when triton is installed but cannot run); an explicit triton that cannot run is one
+    ConfigError line."""
     if kernel == "auto":
-        return "triton" if device_type == "cuda" and triton_available() else "torch"
-    if kernel == "triton":
-        if not triton_available():
-            raise ConfigError("memory.kernel: triton is not installed (pip install triton, or the gpu extra)")
-        if device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device_type != "cuda" or not triton_available():
+            return "torch"
+        if problem is not None:  # shown once a process (the default warning filter)
+            warnings.warn(f"memory.kernel=auto: {problem}; using the torch kernel", stacklevel=2)
+            return "torch"
+        return "triton"
+    if kernel == "triton" and problem is not None:
+        raise ConfigError(f"memory.kernel: {problem}")
+    return kernel
+
+
+def resolve_kernel(kernel: str, device_type: str) -> str:
+    """torch or triton for memory.kernel on a device (choose_kernel; Triton probed once, on
+    CUDA); off CUDA triton runs only in Triton's interpreter (TRITON_INTERPRET=1: tests)."""
+    if kernel == "triton" and not triton_available():
+        raise ConfigError("memory.kernel: triton is not installed (pip install triton, or the gpu extra)")
+    if kernel == "triton" and device_type != "cuda":
+        if os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"memory.kernel: triton on {device_type} runs only in Triton's interpreter: "
                               "set TRITON_INTERPRET=1 (slow: for tests), or use memory.kernel=torch")
-    return kernel
+        return "triton"
+    probe = device_type == "cuda" and kernel in ("auto", "triton") and triton_available()
+    return choose_kernel(kernel, device_type, triton_problem_on(device_type) if probe else None)
 
 
 def _runs_triton(kernel: str, table: torch.Tensor) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from lingua_mem.kernels import embedding_bag
@@ -66,13 +69,39 @@ def product_key_search(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[tor
     return _pairs(v, i, k, n_keys)
 
 
+@contextmanager
+def ieee_fp32() -> Iterator[None]:
+    """fp32 matmuls in full fp32 (no TF32) inside, whatever the process set; restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@torch.library.custom_op("lingua_mem::key_scores", mutates_args=())
+def key_scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """q (N, heads, 2, half) against the sub-keys (heads, 2, n_keys, half): the scores (N, heads,
+    2, n_keys), in IEEE fp32 whatever distributed.tf32 says (TF32 keeps 10 mantissa bits of the
+    inputs: close scores tie or swap and other slots are picked). An op of its own, so the
+    precision is set around this matmul alone, outside any compiled graph."""
+    with ieee_fp32():  # a batched matmul (heads, 2, N, n_keys), seen as (N, heads, 2, n_keys)
+        return torch.matmul(q.permute(1, 2, 0, 3), keys.transpose(-1, -2)).permute(2, 0, 1, 3)
+
+
+@key_scores.register_fake
+def _(q, keys):
+    return q.new_empty((q.shape[1], q.shape[2], q.shape[0], keys.shape[2])).permute(2, 0, 1, 3)
+
+
 class _PickedScores(torch.autograd.Function):
     """(q, keys, k) -> each half's top-k scores and sub-keys (N, heads, 2, k); see product_key_search."""
 
     @staticmethod
     def forward(ctx, q, keys, k):
         with torch.no_grad():
-            s = torch.einsum("nhpd,hpkd->nhpk", q, keys)  # (N, heads, 2, n_keys)
+            s = key_scores(q, keys)  # (N, heads, 2, n_keys), IEEE fp32
             v, i = s.topk(k, dim=-1)
         ctx.mark_non_differentiable(i)
         ctx.save_for_backward(q, keys, i)

@@ -18,6 +18,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lingua_mem.cli import one_line
 from lingua_mem.errors import ConfigError
+from lingua_mem.kernels.embedding_bag import triton_problem_on
 from lingua_mem.memory import ProductKeyMemory, ValueTable
 from lingua_mem.memory import layer as memory_layer
 from lingua_mem.memory.peer import PEER
@@ -95,10 +96,10 @@ def xformers_problem(device: torch.device | str) -> str | None:
     fmha = xformers_fmha()
     if fmha is None:
         return "xformers is not installed (pip install xformers, or the gpu extra)"
-    q = torch.zeros(1, 4, 1, 8, device=device, dtype=torch.bfloat16 if torch.device(device).type == "cuda"
-                    else torch.float32)  # (1, B*T, H, hd): two documents of 2 tokens
-    two_documents = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens([2, 2])
     try:
+        q = torch.zeros(1, 4, 1, 8, device=device, dtype=torch.bfloat16 if torch.device(device).type == "cuda"
+                        else torch.float32)  # (1, B*T, H, hd): two documents of 2 tokens
+        two_documents = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens([2, 2])
         fmha.memory_efficient_attention(q, q, q, attn_bias=two_documents)
     except Exception as exc:  # noqa: BLE001 - whatever stops the kernel: NotImplementedError, RuntimeError
         return f"xformers cannot run on {torch.device(device).type}: " + one_line(exc)[:200]
@@ -133,9 +134,20 @@ def choose_attention(impl: str, device_type: str, problem: str | None) -> str:
 
 def resolve_attention(impl: str, device_type: str) -> str:
     """doc_causal's implementation on this process's device (choose_attention, xformers probed
-    once). xformers off CUDA runs its CPU twin (the bias materialised, for tests)."""
+    once). xformers off CUDA runs its CPU twin (the bias materialised, for tests). flex on CUDA
+    runs compiled, which needs Triton: where Triton cannot run (kernels.triton_problem, probed
+    once), auto falls back to SDPA with one warning line and an explicit flex is one
+    ConfigError line."""
     needs_probe = impl == "xformers" or (impl == "auto" and device_type == "cuda")
-    return choose_attention(impl, device_type, _xformers_problem_on(device_type) if needs_probe else None)
+    chosen = choose_attention(impl, device_type, _xformers_problem_on(device_type) if needs_probe else None)
+    if chosen == "flex" and device_type == "cuda":
+        problem = triton_problem_on(device_type)
+        if problem is not None and impl == "auto":
+            warnings.warn(f"model.attention_impl=auto: {problem}; using scaled_dot_product_attention", stacklevel=2)
+            return "sdpa"
+        if problem is not None:
+            raise ConfigError(f"model.attention_impl: flex runs compiled on cuda, and {problem}")
+    return chosen
 
 
 @dataclass(frozen=True)

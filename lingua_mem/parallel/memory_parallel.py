@@ -230,6 +230,51 @@ def _grown(buffer: torch.Tensor | None, size: int, tail: tuple, dtype, device, k
     return grown
 
 
+def distinct_rows(reads: torch.Tensor, shard_rows: int, segmented: bool,
+                  grads: RowGrads | None = None) -> tuple[torch.Tensor, ...]:
+    """A read's distinct rows: (rows (U,) sorted, slots (reads' shape) each read's place among
+    them, by_row (K,) the reads sorted by row, segments (G + 1,): by_row cut into runs of at
+    most SEGMENT_READS reads of one row, or None when not `segmented`). One host sync: a
+    single read-back of the sizes (U, G, and with `grads` the rows not yet given a slot this
+    step, which are given theirs). Keys are int32 where the shard's rows allow. Fake tensors
+    (the scale plan) have no values: there every read is taken to be distinct (U = min(reads,
+    shard rows), the most a read can hold)."""
+    flat, k = reads.flatten(), reads.numel()
+    if is_fake(reads):
+        u = min(k, shard_rows)
+        if grads is not None and grads.dense:
+            grads.count = shard_rows
+        elif grads is not None:
+            grads.count += min(u, shard_rows - grads.count)
+            grads.row_of_slot = _grown(grads.row_of_slot, grads.count, (), torch.int64, reads.device)
+            grads.slots_of(reads.device)
+        return flat.new_empty(u), reads, flat.new_empty(k), flat.new_empty(u + 1) if segmented else None
+    if k == 0:
+        return flat.new_empty(0), reads, flat.new_empty(0), flat.new_zeros(1) if segmented else None
+    keys = flat.to(torch.int32) if shard_rows < 2**31 else flat
+    sorted_keys, by_row = torch.sort(keys, stable=True)
+    first = torch.ones(k, dtype=torch.bool, device=flat.device)  # a row's first read
+    first[1:] = sorted_keys[1:] != sorted_keys[:-1]
+    run = first.cumsum(0) - 1  # (K,) each sorted read's distinct row
+    sizes = [run[-1] + 1]
+    if segmented:  # a segment starts at a row's first read and every SEGMENT_READS reads after
+        at = torch.arange(k, device=flat.device)
+        row_start = torch.cummax(torch.where(first, at, 0), 0).values
+        cut = first | ((at - row_start) % SEGMENT_READS == 0)
+        sizes.append(cut.sum())
+    if grads is not None:
+        sizes.append(grads.new_among(sorted_keys, first))
+    counts = torch.stack(sizes).tolist()  # the one wait of a read for its sizes
+    rows = flat.new_empty(counts[0]).scatter_(0, run, sorted_keys.long())  # the same value per run
+    slots = torch.empty_like(run).scatter_(0, by_row, run).view(reads.shape)
+    segments = None
+    if segmented:
+        segments = torch.cat([torch.nonzero_static(cut, size=counts[1]).flatten(), run.new_full((1,), k)])
+    if grads is not None:
+        grads.give_slots(rows, counts[-1])
+    return rows, slots, by_row, segments
+
+
 class TableReader(OpaqueBase):
     """What one sharded table's read needs when it runs: the process groups and sizes, the
     dtypes rows and gradients travel in, the bag's kernel, and this step's row gradient.
@@ -262,51 +307,10 @@ class TableReader(OpaqueBase):
         return self.kernel == "triton" or (self.kernel == "auto" and resolve_kernel("auto", device_type) == "triton")
 
     def distinct(self, reads: torch.Tensor, track: bool) -> tuple[torch.Tensor, ...]:
-        """A read's distinct rows: (rows (U,) sorted, slots (reads' shape) each read's place among
-        them, by_row (K,) the reads sorted by row, segments (G + 1,) or None). One host sync, a
-        single read-back of the sizes (U, G, and with `track` the rows not yet given a slot this
-        step, which are given theirs: RowGrads). Keys are int32 where the shard's rows allow.
-        Fake tensors (the scale plan) have no values: there every read is taken to be distinct
-        (U = min(reads, shard rows), the most a read can hold)."""
-        flat, k = reads.flatten(), reads.numel()
-        segmented = self._segmented(reads.device.type)
-        if is_fake(reads):
-            u = min(k, self.rows_per_rank)
-            if track and self.grads.dense:
-                self.grads.count = self.rows_per_rank
-            elif track:
-                new = min(u, self.rows_per_rank - self.grads.count)
-                self.grads.count += new
-                self.grads.row_of_slot = _grown(self.grads.row_of_slot, self.grads.count, (), torch.int64,
-                                                reads.device)
-                self.grads.slots_of(reads.device)
-            segments = flat.new_empty(u + 1) if segmented else None
-            return flat.new_empty(u), reads, flat.new_empty(k), segments
-        if k == 0:
-            segments = flat.new_zeros(1) if segmented else None
-            return flat.new_empty(0), reads, flat.new_empty(0), segments
-        keys = flat.to(torch.int32) if self.rows_per_rank < 2**31 else flat
-        sorted_keys, by_row = torch.sort(keys, stable=True)
-        first = torch.ones(k, dtype=torch.bool, device=flat.device)  # a row's first read
-        first[1:] = sorted_keys[1:] != sorted_keys[:-1]
-        run = first.cumsum(0) - 1  # (K,) each sorted read's distinct row
-        sizes = [run[-1] + 1]
-        if segmented:  # a segment starts at a row's first read and every SEGMENT_READS reads after
-            at = torch.arange(k, device=flat.device)
-            row_start = torch.cummax(torch.where(first, at, 0), 0).values
-            cut = first | ((at - row_start) % SEGMENT_READS == 0)
-            sizes.append(cut.sum())
-        if track:
-            sizes.append(self.grads.new_among(sorted_keys, first))
-        counts = torch.stack(sizes).tolist()  # the one wait of a read for its sizes
-        rows = flat.new_empty(counts[0]).scatter_(0, run, sorted_keys.long())  # the same value per run
-        slots = torch.empty_like(run).scatter_(0, by_row, run).view(reads.shape)
-        segments = None
-        if segmented:
-            segments = torch.cat([torch.nonzero_static(cut, size=counts[1]).flatten(), run.new_full((1,), k)])
-        if track:
-            self.grads.give_slots(rows, counts[-1])
-        return rows, slots, by_row, segments
+        """distinct_rows of a read of this shard; with `track` its rows get slots in this step's
+        row gradient (RowGrads), their count read back with the read's sizes."""
+        return distinct_rows(reads, self.rows_per_rank, self._segmented(reads.device.type),
+                             self.grads if track else None)
 
     def route(self, indices: torch.Tensor, track: bool) -> Route:
         """The read's routing: indices (T, M) global rows. `track`: the read will be

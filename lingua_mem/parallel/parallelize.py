@@ -58,7 +58,8 @@ def apply_compile(model: Transformer, device_type: str, activation_checkpointing
     """torch.compile every block in place, each as one graph (fullgraph: a graph break is an
     error), after activation checkpointing and before FSDP, so FSDP's hooks stay outside the
     compiled code. A value table's read is one opaque op in the graph (routed_read: its
-    routing's data-dependent collectives run inside it, eagerly)."""
+    routing's data-dependent collectives run inside it, eagerly). On CUDA, attention_impl auto
+    becomes flex (resolve_attention still falls back to SDPA where Triton cannot run)."""
     if activation_checkpointing != "none" and not COMPILES_CHECKPOINTED_READS:
         raise ConfigError(
             f"distributed.compile with activation_checkpointing={activation_checkpointing} needs torch>=2.13 "
@@ -67,6 +68,10 @@ def apply_compile(model: Transformer, device_type: str, activation_checkpointing
     if device_type == "cpu" and shutil.which(os.environ.get("CXX", "g++")) is None:
         raise ConfigError("distributed.compile: torch.compile on CPU needs a C++ compiler "
                           f"({os.environ.get('CXX', 'g++')} is not on PATH)")
+    if device_type == "cuda" and model.attention_impl == "auto":
+        # doc_causal under compile: flex_attention, compiled into each block; xformers' mask
+        # holds Python lists of the documents' lengths, a recompile for every new batch
+        model.attention_impl = "flex"
     for block in model.layers:
         block.compile(fullgraph=True)
 

@@ -30,12 +30,15 @@ def prepare_cuda(device_type: str, tf32: bool, environ=os.environ) -> None:
     caching allocator's expandable segments, unless the user configured the allocator
     (PYTORCH_CUDA_ALLOC_CONF or PYTORCH_ALLOC_CONF): a step's buffers change size from step to
     step (the routed reads' rows and bags), which fragments fixed segments; and TF32 for fp32
-    matmuls when `tf32` (distributed.tf32)."""
+    matmuls when `tf32` (distributed.tf32), set through torch.set_float32_matmul_precision."""
     if device_type != "cuda":
         return
     if "PYTORCH_CUDA_ALLOC_CONF" not in environ and "PYTORCH_ALLOC_CONF" not in environ:
         environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    torch.backends.cuda.matmul.fp32_precision = "tf32" if tf32 else "ieee"
+    # the API every library reads (Inductor's autotuning, transformers, lm-eval read
+    # allow_tf32 or get_float32_matmul_precision(): after the newer fp32_precision setter, any
+    # such read raises "mix of the legacy and new APIs")
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
 def seed_everything(seed: int) -> None:
