@@ -185,6 +185,11 @@ class DistributedConfig:
     # fp32 matmuls on CUDA in TF32 (a 10-bit mantissa, 8x the fp32 FLOP/s on an H100; the
     # plan's fp32 peak assumes it); false: full fp32 matmuls
     tf32: bool = True
+    # bit-exact resume on CUDA where torch allows it: torch.use_deterministic_algorithms (an op
+    # without a deterministic kernel stops the run), cuBLAS's fixed workspace, the torch value
+    # bag for memory.kernel=auto (Triton's row backward adds a hot row's segments by atomics);
+    # slower (docs/distributed.md, Determinism)
+    deterministic: bool = False
 
 
 @dataclass

@@ -146,6 +146,9 @@ def validate_distributed(d: DistributedConfig, memory: MemoryConfig, args: Model
     the model is computed, not of what it is)."""
     validate_devices(d)
     _check_choice(memory.kernel, "memory.kernel", Kernel)
+    _check(not (d.deterministic and memory.kernel == "triton"), "distributed.deterministic",
+           "memory.kernel=triton adds a hot row's gradient segments by atomics (not deterministic); "
+           "use memory.kernel=auto or torch")
     _check_choice(memory.value_compute_dtype, "memory.value_compute_dtype", ValueDtype)
     _check_choice(d.activation_checkpointing, "distributed.activation_checkpointing", ACMode)
     _check(not (memory.query_batchnorm and d.activation_checkpointing != "none"),

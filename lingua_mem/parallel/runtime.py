@@ -41,6 +41,13 @@ def prepare_cuda(device_type: str, tf32: bool, environ=os.environ) -> None:
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
 
 
+def make_deterministic(environ=os.environ) -> None:
+    """distributed.deterministic: torch's deterministic kernels (an op without one raises),
+    and cuBLAS's fixed workspace (set before cuBLAS starts: with prepare_cuda)."""
+    environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

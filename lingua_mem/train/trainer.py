@@ -27,7 +27,7 @@ from lingua_mem.metrics import MetricLogger
 from lingua_mem.model.llama import resolve_attention
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, distributed_session, parallelize
-from lingua_mem.parallel.runtime import on_rank_0, prepare_cuda, resolve_device, seed_everything
+from lingua_mem.parallel.runtime import make_deterministic, on_rank_0, prepare_cuda, resolve_device, seed_everything
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
@@ -37,13 +37,20 @@ from lingua_mem.train.report import StepReport, TrainedCounts
 from lingua_mem.train.step import train_step
 
 
+def memory_kernel(cfg: TrainConfig) -> str:
+    """memory.kernel as trained: auto is the torch bag under distributed.deterministic."""
+    return "torch" if cfg.distributed.deterministic and cfg.memory.kernel == "auto" else cfg.memory.kernel
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train for cfg.steps optimizer steps; returns the last logged metrics (rank 0)."""
     # a process group at every world size (one process: world 1, started here); a mesh
     # that does not fit the world fails here, before anything is started
     prepare_cuda(resolve_device(cfg.distributed.device).type, cfg.distributed.tf32)  # before CUDA allocates
+    if cfg.distributed.deterministic:
+        make_deterministic()
     with distributed_session(cfg.distributed) as (meshes, device):
-        resolve_kernel(cfg.memory.kernel, device.type)  # triton where it cannot run: one line, now
+        resolve_kernel(memory_kernel(cfg), device.type)  # triton where it cannot run: one line, now
         resolve_attention(cfg.model.attention_impl, device.type)  # xformers missing: the same
         return _train(cfg, meshes, device, meshes.dims.rank == 0)
 
@@ -99,7 +106,7 @@ def _build(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool
     seed_everything(cfg.seed)
     finetune = build_finetune(cfg.finetune)
     args = model_args(cfg.model, cfg.memory, cfg.moe)
-    model = build_model_as_trained(args, finetune, kernel=cfg.memory.kernel,
+    model = build_model_as_trained(args, finetune, kernel=memory_kernel(cfg),
                                    attention_impl=cfg.model.attention_impl)
     stats = model_stats(model, cfg.data.seq_len)
     model = parallelize(model, meshes, cfg.distributed, cfg.memory.value_compute_dtype)
