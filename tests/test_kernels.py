@@ -18,10 +18,11 @@ from test_parallel import free_port
 
 from lingua_mem.config import ConfigError, load_config
 from lingua_mem.kernels import embedding_bag, resolve_kernel
-from lingua_mem.kernels.embedding_bag import SEGMENT_READS, bag_rows_backward, embedding_bag_backward
+from lingua_mem.kernels.embedding_bag import bag_rows_backward, embedding_bag_backward
 from lingua_mem.kernels.triton_bag import (
     BLOCK_D,
     BLOCK_M,
+    SEGMENT_READS,
     embedding_bag_triton,
     embedding_bag_triton_backward,
 )

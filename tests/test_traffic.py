@@ -271,3 +271,40 @@ def test_deterministic_runs_train_alike_and_refuse_the_atomic_kernel(tmp_path):
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     with pytest.raises(ConfigError, match=r"^distributed.deterministic: memory.kernel=triton adds"):
         load_config(["config=configs/debug.yaml", "distributed.deterministic=true", "memory.kernel=triton"])
+
+
+def test_doc_ids_kept_on_the_host_reach_the_model_past_fsdp2_and_train():
+    # xformers' mask reads the documents' lengths on the host: FSDP2's root pre-forward moves
+    # every tensor argument to the device (on a GPU a .tolist() of them would then wait every
+    # micro-batch); an OnHost it passes as it is
+    pytest.importorskip("xformers.ops.fmha")
+    from test_value_optim import MEMORY, MODEL
+
+    from lingua_mem.config import DistributedConfig, model_args
+    from lingua_mem.data.loader import document_ids
+    from lingua_mem.model.llama import OnHost, build_model
+    from lingua_mem.parallel import init_distributed, parallelize
+    from lingua_mem.plan.traffic import HostSyncs
+    from lingua_mem.train.trainer import to_device
+
+    meshes = init_distributed(DistributedConfig(), "cpu")
+    try:
+        model = parallelize(build_model(model_args(MODEL, MEMORY), "meta", attention_impl="xformers"), meshes,
+                            DistributedConfig())
+        model.to_empty(device="cpu")
+        model.init_weights(seed=3)
+        tokens = torch.randint(2, MODEL.vocab_size, (2, 16))
+        tokens[:, 5] = 1  # a second document in each row (1: the BOS of this test)
+        batch = to_device({"inputs": tokens, "doc_ids": document_ids(tokens, 1)}, torch.device("cpu"),
+                          on_host=("doc_ids",))
+        assert isinstance(batch["doc_ids"], OnHost)
+        seen = []
+        model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["doc_ids"]), with_kwargs=True)
+        with HostSyncs([batch["doc_ids"].tensor]) as syncs:
+            with torch.no_grad():
+                model(batch["inputs"], doc_ids=batch["doc_ids"])
+        assert isinstance(seen[0], OnHost) and seen[0].tensor is batch["doc_ids"].tensor
+        # the reads' own one a read; the document lengths none (read on the host)
+        assert all(where != "model/llama.py:document_lengths" for _, where in syncs.calls)
+    finally:
+        meshes.close()

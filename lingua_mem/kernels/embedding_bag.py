@@ -29,9 +29,6 @@ import torch.nn.functional as F
 from lingua_mem.errors import ConfigError
 
 KERNELS = ("auto", "torch", "triton")
-# a routed table's backward runs a program per segment of at most this many reads of one row
-# (a row read more often is cut into several segments, added together by atomics)
-SEGMENT_READS = 16
 
 # the ops of this kernel whose outputs selective activation checkpointing keeps
 SAVED_OPS = frozenset({torch.ops.aten._embedding_bag.default})
@@ -188,7 +185,8 @@ def bag_rows_backward(grad_out: torch.Tensor, reads: torch.Tensor, weights: torc
     reads, weights: (N, M) bags or flat (K,) with offsets, reads being shard rows; rows (U,) the
     distinct rows read and slots (reads' shape) each read's place among them; order (K,) the
     reads sorted by row and segments (G + 1,) their cut into runs of at most SEGMENT_READS
-    reads of one row (the Triton kernel's programs; the torch path needs neither)."""
+    reads of one row (triton_bag.SEGMENT_READS: the Triton kernel's programs; the torch path
+    needs neither)."""
     flat, w = reads.flatten(), weights.flatten()
     if offsets is None:
         n, m = reads.shape

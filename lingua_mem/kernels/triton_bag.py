@@ -42,10 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lingua_mem.kernels.embedding_bag import SEGMENT_READS
-
 BLOCK_D = 128  # columns per program (the default config)
 BLOCK_M = 16  # indices gathered at a time (the default config)
+# a routed table's row backward runs a program per segment of at most this many reads of one
+# row (a row read more often is cut into several segments, added together by atomics)
+SEGMENT_READS = 16
 # (BLOCK_D, BLOCK_M, num_warps) tried on a GPU, the default first
 AUTOTUNE_CONFIGS = ((BLOCK_D, BLOCK_M, 4), (64, 16, 2), (64, 32, 4), (128, 32, 4), (256, 16, 4), (256, 32, 8))
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it at import, like this

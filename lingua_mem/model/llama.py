@@ -158,6 +158,18 @@ class BlockDiagonalMask:
     bias: object  # xformers.ops.fmha.attn_bias.BlockDiagonalCausalMask
 
 
+class OnHost:
+    """A tensor the model's caller keeps on the host (doc_ids for xformers' document mask,
+    whose lengths are read on the host). FSDP2's root pre-forward moves every tensor argument
+    to the device, looking into tuples, lists, dicts and dataclasses; a plain object it passes
+    as it is (as memory.layer.Bag). Transformer.forward unwraps it."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
 def document_lengths(doc_ids: torch.Tensor) -> list[int]:
     """The length of every document of doc_ids (B, T), row after row (a row's first token
     starts a document)."""
@@ -426,6 +438,8 @@ class Transformer(nn.Module):
         sum, fp32), computed without whole logits (loss.linear_cross_entropy); in training mode
         plus the MoE layers' balancing losses (moe.aux_loss_weight each)."""
         b, t = tokens.shape
+        if isinstance(doc_ids, OnHost):  # kept on the host by the caller (xformers' lengths)
+            doc_ids = doc_ids.tensor
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         mask = None
         if positions is None and valid is None and cache is None:

@@ -51,7 +51,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from lingua_mem.kernels.embedding_bag import SEGMENT_READS, bag_rows_backward, embedding_bag, resolve_kernel
+from lingua_mem.kernels.embedding_bag import bag_rows_backward, embedding_bag, resolve_kernel
 from lingua_mem.memory.layer import Bag, ValueTable
 
 # newer torch releases renamed the flat-tensor collectives; older ones only have the old names
@@ -258,6 +258,8 @@ def distinct_rows(reads: torch.Tensor, shard_rows: int, segmented: bool,
     run = first.cumsum(0) - 1  # (K,) each sorted read's distinct row
     sizes = [run[-1] + 1]
     if segmented:  # a segment starts at a row's first read and every SEGMENT_READS reads after
+        from lingua_mem.kernels.triton_bag import SEGMENT_READS  # segments are the Triton kernel's
+
         at = torch.arange(k, device=flat.device)
         row_start = torch.cummax(torch.where(first, at, 0), 0).values
         cut = first | ((at - row_start) % SEGMENT_READS == 0)

@@ -23,7 +23,8 @@ HostSyncs counts, by construction, the calls that make the host wait for the dev
 input is on one: a scalar read (`.item()`, `bool()`), `.tolist()`, a copy to the host, and every
 op whose output is sized by the data (unique, nonzero, bincount, masked_select, ...). On the CPU
 nothing waits; the count is what a GPU run would wait for. Tensors made on the host from Python
-data (torch.tensor) and those named as host tensors are not waits.
+data (torch.tensor), those named as host tensors and whatever is computed from them alone stay
+on the host: reading them is no wait.
 """
 
 from __future__ import annotations
@@ -311,12 +312,14 @@ class _SyncDispatch(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         owner = self.owner
-        if func is aten.lift_fresh.default or func is aten.lift_fresh_copy.default:
-            owner.on_host.add(out.data_ptr())  # torch.tensor(python data): made on the host
+        inputs = _tensors((args, kwargs))
+        # computed from host tensors alone: on the host too (torch.tensor(python data) is)
+        host = bool(inputs) and all(t.data_ptr() in owner.on_host for t in inputs)
+        if host or func is aten.lift_fresh.default or func is aten.lift_fresh_copy.default:
+            owner.on_host.update(t.data_ptr() for t in _tensors(out))
         elif func in SYNC_OPS and not owner.inside_method:
             sized = func is aten.repeat_interleave.Tensor and kwargs.get("output_size") is not None
-            host = args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in owner.on_host
-            if not sized and not host:
+            if not sized:
                 owner.record(func.__name__)
         return out
 

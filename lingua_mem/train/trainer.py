@@ -24,7 +24,7 @@ from lingua_mem.errors import ConfigError
 from lingua_mem.finetune.modes import FullFinetune, build_finetune, build_model_as_trained
 from lingua_mem.kernels import resolve_kernel
 from lingua_mem.metrics import MetricLogger
-from lingua_mem.model.llama import resolve_attention
+from lingua_mem.model.llama import OnHost, resolve_attention
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, distributed_session, parallelize
 from lingua_mem.parallel.runtime import make_deterministic, on_rank_0, prepare_cuda, resolve_device, seed_everything
@@ -198,12 +198,14 @@ def _loop(run: Run, start: int, preemption: PreemptionFlag) -> dict:
 
 
 def to_device(batch: dict, device: torch.device, on_host: tuple[str, ...] = ()) -> dict:
-    """A loader batch on the training device, but for the keys `on_host`. To a GPU through
-    pinned host memory: a copy from pageable memory waits for the GPU's queued work first (a
-    host-device sync every step); a pinned copy is queued like any kernel."""
+    """A loader batch on the training device, but for the keys `on_host`, kept on the host as
+    model.llama.OnHost (so FSDP2's root pre-forward does not move them either). To a GPU
+    through pinned host memory: a copy from pageable memory waits for the GPU's queued work
+    first (a host-device sync every step); a pinned copy is queued like any kernel."""
     if device.type != "cuda":
-        return {k: v if k in on_host else v.to(device) for k, v in batch.items()}
-    return {k: v if k in on_host else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+        return {k: OnHost(v) if k in on_host else v.to(device) for k, v in batch.items()}
+    return {k: OnHost(v) if k in on_host else v.pin_memory().to(device, non_blocking=True)
+            for k, v in batch.items()}
 
 
 def _step(run: Run, micro_batches: list[dict]):
