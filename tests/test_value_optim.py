@@ -137,7 +137,7 @@ def test_a_row_group_of_two_waits_twice_a_read_and_not_in_backward(kernel):
     cfg = load_config(["config=configs/debug.yaml", "memory.layers=[0,1,2]", "model.n_layers=3",
                        "optim.value_optimizer=lazy_adamw"])
     syncs = measure_host_syncs(cfg, world=2, kernel=kernel)
-    read = [("tolist", "parallel/memory_parallel.py:route"), ("tolist", "parallel/memory_parallel.py:distinct")]
+    read = [("tolist", "parallel/memory_parallel.py:route"), ("tolist", "parallel/memory_parallel.py:distinct_rows")]
     assert syncs == {"forward": read * 3}  # the routing's sizes, then the distinct rows'; nothing else
     assert measure_host_syncs(cfg, world=1, kernel=kernel) == {"forward": read[1:] * 3}
 
@@ -174,7 +174,7 @@ def test_a_steady_state_step_waits_for_the_device_only_for_the_distinct_rows_rea
         # one read-back of its sizes a read (two memory layers, one table, one process: no split
         # sizes to send); none as the backward sums the rows' gradients; nothing else
         reads = len(MEMORY.layers)
-        assert syncs.calls == [("tolist", "parallel/memory_parallel.py:distinct")] * reads
+        assert syncs.calls == [("tolist", "parallel/memory_parallel.py:distinct_rows")] * reads
         assert result.finite.item()
     finally:
         meshes.close()
