@@ -12,24 +12,29 @@ manage it.
 Forward of one read, for this rank's tokens (indices, weights: (N, M) each):
   1. mp > 1: all-gather indices and weights in the mp group         -> T = mp*N tokens, (T, M)
   2. route (row group R > 1): the reads sorted by owner; a "bag" is one token's reads of one
-     owner. All-to-all of the counts (reads, bags) per owner, then of the reads (local row,
-     weight) and the bags' lengths                                   -> at each owner: K reads in S bags
-  3. each owner: the distinct rows asked (U <= min(K, shard rows)) gathered from its shard
-     in compute dtype, and the partial bags on them: embedding_bag with offsets  -> (S, cols)
+     owner. The counts (reads, bags) per owner made on the device, all-to-all, read back at
+     once with the peers' (a host sync); all-to-all of the reads (local row, weight) and the
+     bags' lengths                                                   -> at each owner: K reads in S bags
+  3. each owner: its reads sorted by row (distinct_rows: U <= min(K, shard rows) distinct
+     rows, their sizes read back at once: a host sync), slots given to the rows new to this
+     step's row gradient; the partial bags read straight from its shard (or its readable
+     copy in compute dtype): embedding_bag with offsets             -> (S, cols)
   4. the partial bags back to their tokens' ranks (all-to-all), summed per token -> (T, cols)
   5. mp > 1: all-to-all in the mp group: rank p gets its own tokens' columns   -> (N, v_dim)
-With one rank in the row group, 2-4 are one bag of (T, M) reads on the rows read.
+With one rank in the row group, 2-4 are one bag of (T, M) reads.
 What crosses the row group is a token's partial sum per owner, not each row read: at the
 paper's 128 reads a token over 8 owners, 16x less than the rows.
 
 Backward mirrors it: the mp all-to-all of the output gradients; each bag's gradient sent to
-its owner (in reduce dtype); there the rows are gathered again and the bag's backward run:
-the rows' gradients (U, cols), already at their owner and distinct, scaled by 1/world (the
-data-parallel mean, as every other parameter's gradient) and added per distinct row to what
-the table holds for this step: one row gradient per table, summed over every read of every
-memory layer sharing it, taken once a step by `take_row_grad()`; the weights' gradients
-(K,) go back to their tokens' ranks, and over mp they are reduce-scattered (a sum over the
-column blocks). The table's own `.grad` stays None: the optimizer gets the rows (optim.py).
+its owner (in reduce dtype); there the bag's backward runs on the shard, nothing gathered
+again (kernels.bag_rows_backward: Triton, a program per segment of one distinct row's
+reads): each read's weight gradient, and the rows' gradients, scaled by 1/world (the
+data-parallel mean, as every other parameter's gradient), added in fp32 into the table's
+row gradient for this step (RowGrads: one buffer, summed over every read of every memory
+layer sharing the table in place), taken once a step by `take_row_grad()`; the weights'
+gradients (K,) go back to their tokens' ranks, and over mp they are reduce-scattered (a sum
+over the column blocks). The table's own `.grad` stays None: the optimizer gets the rows
+(optim.py), or for AdamW over every row the shard-shaped gradient.
 
 Compiled. Forward and backward are two custom ops (routed_read, routed_read_backward) on
 the table's TableReader, a torch.compile opaque reference: a compiled block holds each read
