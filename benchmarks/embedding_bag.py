@@ -93,8 +93,9 @@ def measure(name: str, rows: int, d: int, a, dtype, copy_gbs: float) -> dict:
     slot_of_row = torch.arange(rows, dtype=torch.int32, device=a.device)
     grad_rows = torch.zeros(rows, d, device=a.device)
     ms["triton rows plan"] = timed(lambda: distinct_rows(indices, rows, segmented=True), a.device, a.repeats)
-    ms["triton bwd rows"] = timed(lambda: bag_rows_backward(grad_out, indices, weights, table, *plan, slot_of_row,
-                                                            grad_rows, 1.0, "triton"), a.device, a.repeats)
+    rows_bwd = lambda: bag_rows_backward(grad_out, indices, weights, table, *plan, slot_of_row,  # noqa: E731
+                                         grad_rows, 1.0, "triton")
+    ms["triton bwd rows"] = timed(rows_bwd, a.device, a.repeats)
     ms["triton fwd+bwd"] = ms["triton fwd"] + min(ms["triton bwd atomic"],
                                                   ms["triton bwd rows"] + ms["triton rows plan"])
     return {"shape": name, "rows": rows, "d": d, "device": a.device, "dtype": a.dtype, "tokens": a.tokens,

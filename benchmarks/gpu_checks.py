@@ -103,8 +103,9 @@ def rows_backward(device: str) -> str:
     for kernel in ("torch", "triton"):
         plan = distinct_rows(indices, rows, segmented=kernel == "triton")
         grad_rows = torch.zeros(rows, d, device=device)
-        out[kernel] = (bag_rows_backward(grad_out, indices, weights, table, *plan, slot_of_row, grad_rows, 1.0,
-                                         kernel), grad_rows)
+        grad_w = bag_rows_backward(grad_out, indices, weights, table, *plan, slot_of_row, grad_rows, 1.0,
+                                   kernel)
+        out[kernel] = (grad_w, grad_rows)
     for a, b in zip(out["torch"], out["triton"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
     return "Triton equals the torch path (a hot row of 4,096 reads included)"

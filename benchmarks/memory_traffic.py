@@ -7,7 +7,7 @@
 A config may end in @G: the share of one of G GPUs (configs/memory_8b.yaml@64: its table's rows
 over 64 ranks, each rank's own batch). For each config, one training step of its memory
 layers (forward, backward, the value tables' clipping and optimizer step) runs at its real
-shapes on fake tensors as rank 0 (lingua_mem.plan.traffic): every op's bytes read and
+shapes on fake tensors as rank 0 (lingua_mem.plan.memory_step): every op's bytes read and
 written, the minimum a step must move (docs/performance.md states it), their ratio, and both
 in milliseconds at the HBM bandwidth (an H100's 3.35 TB/s by default). The path counted is
 the CUDA one: the `--kernel` value bag (triton: the kernels' declared traffic) and torch's
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from lingua_mem.config import load_config  # noqa: E402
 from lingua_mem.errors import ConfigError  # noqa: E402
-from lingua_mem.plan.traffic import PHASES, measure_host_syncs, measure_memory_traffic  # noqa: E402
+from lingua_mem.plan.memory_step import PHASES, measure_host_syncs, measure_memory_traffic  # noqa: E402
 
 
 def measure(spec: str, a) -> dict:
@@ -83,14 +83,16 @@ def table(results: list[dict], hbm: float) -> str:
                          f"process, {s['row_group_2']} in a row group of 2")
         lines.append(f"{'':<28} U (distinct rows a read) {r['distinct_rows']:,} of {r['reads']:,} reads")
     lines.append("op breakdown (GB read + written): " + "; ".join(
-        f"{r['config']} {p}: " + ", ".join(f"{op} {(x[1] + x[2]) / 1e9:,.1f}" for op, x in r["phases"][p]["ops"].items())
+        f"{r['config']} {p}: "
+        + ", ".join(f"{op} {(x[1] + x[2]) / 1e9:,.1f}" for op, x in r["phases"][p]["ops"].items())
         for r in results for p in PHASES))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="configs/memory_134m.yaml,configs/memory_1.3b.yaml,configs/memory_8b.yaml@64")
+    p.add_argument("--configs",
+                   default="configs/memory_134m.yaml,configs/memory_1.3b.yaml,configs/memory_8b.yaml@64")
     p.add_argument("--kernel", default="triton", choices=("triton", "torch"))
     p.add_argument("--hbm-tb-s", type=float, default=3.35, help="HBM bandwidth for the milliseconds")
     p.add_argument("--ops", type=int, default=6, help="the largest ops of each phase kept in the JSON")

@@ -1,7 +1,8 @@
 """The Triton embedding-bag kernels (run on the CPU by Triton's interpreter, TRITON_INTERPRET=1
 from conftest) against the PyTorch path: forward (in the table's dtype or another), a plain
 table's gradients, a routed table's row backward (a program per segment of one row's reads,
-hot rows cut into several), the weight gradient, duplicate indices, bf16 tables, ragged tails; as custom ops (opcheck, torch.compile
+hot rows cut into several), the weight gradient, duplicate indices, bf16 tables, ragged tails;
+as custom ops (opcheck, torch.compile
 without graph breaks); and training the debug model to the torch path's losses, on one
 process and with memory parallelism."""
 
@@ -90,7 +91,8 @@ def test_a_hot_row_is_cut_into_segments_that_add_up():
     indices = torch.zeros(n, m, dtype=torch.int64)
     indices[0, 0] = 1
     g = torch.Generator().manual_seed(3)
-    weights, table, grad_out = torch.rand(n, m, generator=g), torch.randn(2, d, generator=g), torch.randn(n, d)
+    weights, table = torch.rand(n, m, generator=g), torch.randn(2, d, generator=g)
+    grad_out = torch.randn(n, d)
     rows, _, _, segments = distinct_rows(indices, 2, segmented=True)
     assert rows.tolist() == [0, 1] and segments.numel() - 1 == 1 + -(-(n * m - 1) // SEGMENT_READS)
     _, gw, gt = reference(indices, weights, table, grad_out)

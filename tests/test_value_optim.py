@@ -2,7 +2,6 @@
 read, summed over the memory layers sharing the table, nothing table-sized), and the value
 optimizers (optim.value_optimizer) update exactly the rows read, by their formulas."""
 
-import traceback
 
 import pytest
 import torch
@@ -22,7 +21,8 @@ from lingua_mem.optim import build_memory_adamw
 from lingua_mem.parallel import init_distributed, parallelize
 from lingua_mem.parallel.memory_parallel import TableReader, routed_read
 from lingua_mem.plan.fake_step import RunReadsInline
-from lingua_mem.plan.traffic import HostSyncs, measure_host_syncs
+from lingua_mem.plan.memory_step import measure_host_syncs
+from lingua_mem.plan.traffic import HostSyncs
 
 MODEL = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, max_seq_len=16)
 MEMORY = MemoryConfig(layers=[0, 1], n_keys=128, heads=2, knn=4, k_dim=16)  # 16k rows, shared
@@ -64,7 +64,7 @@ def test_a_routed_table_gives_the_rows_read_and_nothing_table_sized():
         assert seen.largest < table.weight.numel() // 8  # not one table-sized tensor in the whole backward
         dense = reference.values["shared"].weight.grad
         read = dense.abs().sum(dim=1).nonzero().flatten()
-        assert torch.equal(rows.sort().values, read)  # distinct (in the order first read): the rows both layers read
+        assert torch.equal(rows.sort().values, read)  # distinct, in the order first read: what both read
         assert rows.numel() <= 2 * 2 * 16 * MEMORY.heads * MEMORY.knn
         torch.testing.assert_close(grads, dense[rows], rtol=1e-6, atol=1e-7)
     finally:
@@ -137,7 +137,8 @@ def test_a_row_group_of_two_waits_twice_a_read_and_not_in_backward(kernel):
     cfg = load_config(["config=configs/debug.yaml", "memory.layers=[0,1,2]", "model.n_layers=3",
                        "optim.value_optimizer=lazy_adamw"])
     syncs = measure_host_syncs(cfg, world=2, kernel=kernel)
-    read = [("tolist", "parallel/memory_parallel.py:route"), ("tolist", "parallel/memory_parallel.py:distinct_rows")]
+    read = [("tolist", "parallel/memory_parallel.py:route"),
+            ("tolist", "parallel/memory_parallel.py:distinct_rows")]
     assert syncs == {"forward": read * 3}  # the routing's sizes, then the distinct rows'; nothing else
     assert measure_host_syncs(cfg, world=1, kernel=kernel) == {"forward": read[1:] * 3}
 

@@ -35,7 +35,8 @@ SAVED_OPS = frozenset({torch.ops.aten._embedding_bag.default})
 
 
 def embedding_bag_torch(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                        offsets: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                        offsets: torch.Tensor | None = None,
+                        dtype: torch.dtype | None = None) -> torch.Tensor:
     """PyTorch path, any device.
 
     Built on F.embedding_bag(mode="sum", per_sample_weights=...): its backward

@@ -65,8 +65,9 @@ def fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs) ->
 
 
 def _autotuned(reset_to_zero: list[str] | None = None, restore_value: list[str] | None = None):
-    return triton.autotune(configs=_configs(), key=["D"], reset_to_zero=reset_to_zero, restore_value=restore_value,
-                           prune_configs_by={"early_config_prune": fitting_configs})
+    prune = {"early_config_prune": fitting_configs}
+    return triton.autotune(configs=_configs(), key=["D"], reset_to_zero=reset_to_zero,
+                           restore_value=restore_value, prune_configs_by=prune)
 
 
 @triton.jit
@@ -192,7 +193,8 @@ def _flat(indices: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | 
 
 @torch.library.custom_op("lingua_mem::embedding_bag_triton", mutates_args=())
 def embedding_bag_triton(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor,
-                         offsets: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+                         offsets: torch.Tensor | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weighted bag (S, D) in `dtype` (None: the table's), accumulated in fp32."""
     _check(indices, weights, table, offsets)
     idx, w, off = _flat(indices, weights, offsets)
@@ -246,8 +248,9 @@ def bag_rows_backward_triton(grad_out: torch.Tensor, reads: torch.Tensor, weight
     grad_w = torch.empty(reads.shape, dtype=torch.float32, device=reads.device)
     g, d = segments.numel() - 1, table.shape[1]
     if g > 0 and d:
-        _bag_rows_backward[(g,)](order, segments, reads, bags, weights, grad_out.contiguous(), table.contiguous(),
-                                 slot_of_row, grad_rows, grad_w, scale, d, SEGMENT=SEGMENT_READS)
+        _bag_rows_backward[(g,)](order, segments, reads, bags, weights, grad_out.contiguous(),
+                                 table.contiguous(), slot_of_row, grad_rows, grad_w, scale, d,
+                                 SEGMENT=SEGMENT_READS)
     return grad_w
 
 
@@ -311,7 +314,8 @@ def _rows_backward_traffic(args, kwargs, out):
     # and slot; each read's bag gradient; the row once; its gradient added (atomics: read and
     # written) once a segment; each read's weight gradient written
     read = _n(order) + _n(segments) + k * (bags.element_size() + weights.element_size())
-    read += g * (reads.element_size() + 4 + d * table.element_size() + d * 4) + k * d * grad_out.element_size()
+    read += g * (reads.element_size() + 4 + d * table.element_size() + d * 4)
+    read += k * d * grad_out.element_size()
     written = g * d * 4 + k * 4
     return read, written
 

@@ -143,7 +143,8 @@ def resolve_attention(impl: str, device_type: str) -> str:
     if chosen == "flex" and device_type == "cuda":
         problem = triton_problem_on(device_type)
         if problem is not None and impl == "auto":
-            warnings.warn(f"model.attention_impl=auto: {problem}; using scaled_dot_product_attention", stacklevel=2)
+            warnings.warn(f"model.attention_impl=auto: {problem}; using scaled_dot_product_attention",
+                          stacklevel=2)
             return "sdpa"
         if problem is not None:
             raise ConfigError(f"model.attention_impl: flex runs compiled on cuda, and {problem}")

@@ -159,8 +159,10 @@ class RowGrads:
 
     def slots_of(self, device: torch.device) -> torch.Tensor:
         if self.slot_of_row is None:
-            self.slot_of_row = (torch.arange(self.shard_rows, dtype=torch.int32, device=device) if self.dense else
-                                torch.full((self.shard_rows,), -1, dtype=torch.int32, device=device))
+            if self.dense:  # a row's slot is the row
+                self.slot_of_row = torch.arange(self.shard_rows, dtype=torch.int32, device=device)
+            else:
+                self.slot_of_row = torch.full((self.shard_rows,), -1, dtype=torch.int32, device=device)
         return self.slot_of_row
 
     def new_among(self, sorted_reads: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -311,7 +313,8 @@ class TableReader(OpaqueBase):
 
     def _segmented(self, device_type: str) -> bool:
         """Whether the backward's kernel takes the reads cut into segments (Triton's does)."""
-        return self.kernel == "triton" or (self.kernel == "auto" and resolve_kernel("auto", device_type) == "triton")
+        auto = self.kernel == "auto" and resolve_kernel("auto", device_type) == "triton"
+        return self.kernel == "triton" or auto
 
     def distinct(self, reads: torch.Tensor, track: bool) -> tuple[torch.Tensor, ...]:
         """distinct_rows of a read of this shard; with `track` its rows get slots in this step's
@@ -402,7 +405,8 @@ class TableReader(OpaqueBase):
     def bag_rows(self, shard: torch.Tensor, route: Route, w: torch.Tensor) -> torch.Tensor:
         """The bags this rank owns, read straight from its shard (or its readable copy: no copy
         of the rows asked): (S, cols) in compute dtype."""
-        return embedding_bag(route.reads, w, self.readable(shard), self.kernel, route.offsets, self.compute_dtype)
+        return embedding_bag(route.reads, w, self.readable(shard), self.kernel, route.offsets,
+                             self.compute_dtype)
 
     def sum_bags(self, bags: torch.Tensor, route: Route, tokens: int) -> torch.Tensor:
         """The partial bags back at their tokens' rank, summed per token: (T, cols)."""
@@ -433,7 +437,7 @@ class TableReader(OpaqueBase):
                                    route.offsets)
         if route.by_owner is None:
             return grad_w.to(w.dtype)
-        back = _exchange(grad_w.to(w.dtype), route.got, route.sent, self.row_group)  # (T*M,) in the order sent
+        back = _exchange(grad_w.to(w.dtype), route.got, route.sent, self.row_group)  # (T*M,), order sent
         return torch.empty_like(back).index_copy_(0, route.by_owner, back).view(shape)
 
 
@@ -467,7 +471,8 @@ def _routed_read(reader: TableReader, indices: torch.Tensor, weights: torch.Tens
 
 
 def _routed_read_backward(reader: TableReader, grad: torch.Tensor, w: torch.Tensor, reads: torch.Tensor,
-                          rows: torch.Tensor, slots: torch.Tensor, by_row: torch.Tensor, segments: torch.Tensor,
+                          rows: torch.Tensor, slots: torch.Tensor, by_row: torch.Tensor,
+                          segments: torch.Tensor,
                           offsets: torch.Tensor, by_owner: torch.Tensor, bag_token: torch.Tensor,
                           splits: torch.Tensor, shard: torch.Tensor, m: int, keep: bool) -> torch.Tensor:
     """grad (N, v_dim) -> the weights' gradient (N, M); the rows' gradients kept (`keep`)."""
@@ -476,7 +481,8 @@ def _routed_read_backward(reader: TableReader, grad: torch.Tensor, w: torch.Tens
         blocks = grad.view(n, reader.mp, reader.cols).transpose(0, 1).reshape(tokens, reader.cols)
         grad = torch.empty_like(blocks)
         dist.all_to_all_single(grad, blocks, group=reader.mp_group)  # (T, cols): every token, my columns
-    route = reader.unpack(tokens, m, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token, splits)
+    route = reader.unpack(tokens, m, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token,
+                          splits)
     if route.by_owner is None:
         w = w.view(tokens, m)
     grad_w = reader.bags_backward(shard, route, w, grad, (tokens, m), keep)  # (T, M)
@@ -505,7 +511,8 @@ def _(reader, indices, weights, shard, v_dim, dtype, track):
 
 
 @routed_read_backward.register_fake
-def _(reader, grad, w, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token, splits, shard, m, keep):
+def _(reader, grad, w, reads, rows, slots, by_row, segments, offsets, by_owner, bag_token, splits, shard, m,
+      keep):
     return w.new_empty((grad.shape[0], m))
 
 

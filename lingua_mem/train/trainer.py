@@ -27,7 +27,13 @@ from lingua_mem.metrics import MetricLogger
 from lingua_mem.model.llama import OnHost, resolve_attention
 from lingua_mem.optim import build_optimizer, build_scheduler, split_params
 from lingua_mem.parallel import Meshes, distributed_session, parallelize
-from lingua_mem.parallel.runtime import make_deterministic, on_rank_0, prepare_cuda, resolve_device, seed_everything
+from lingua_mem.parallel.runtime import (
+    make_deterministic,
+    on_rank_0,
+    prepare_cuda,
+    resolve_device,
+    seed_everything,
+)
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.run_dir import check_writable, take_lock
 from lingua_mem.stats import model_stats
