@@ -257,7 +257,9 @@ def test_fsdp2_on_two_ranks_equals_one_process_and_its_checkpoint_reads_as_the_m
         assert r["sharded"] == ("DTensor", True, False), ac  # frozen and trainable in one FSDP2 unit
         assert r["losses"] == pytest.approx(results["ref_losses"], rel=1e-5), ac
         assert r["frozen_equal"], ac  # the frozen weights bit for bit
-        assert r["param_err"] < 1e-5, ac
+        # Adam's normalised steps carry the order of the sums: 1.44e-5 on one 2-core machine (at
+        # b46dd42 too), below 1e-5 on another
+        assert r["param_err"] < 3e-5, ac
     assert results["eval_err"] < 1e-5  # eval's parallel path: the adapted model as trained
 
     # one process: the 2-rank sharded checkpoint read (eval's path) and consolidated as a plain model
