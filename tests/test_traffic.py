@@ -113,6 +113,9 @@ def test_a_dense_optimizer_gets_the_shard_shaped_gradient_it_needs_and_the_same_
     grads.buffer(rows.device)[7] += 5.0  # a backward adds at the row itself
     _, again = grads.take(dense=True)
     assert again[7].tolist() == [5, 5, 5] and again.sum() == 15  # zeroed between steps
+    grads.give_slots(rows, new=0)  # a read whose backward never ran: a zero gradient, not stale
+    _, unread = grads.take(dense=True)
+    assert unread.shape == (10, 3) and unread.sum() == 0
 
 
 def test_training_with_the_dense_layout_equals_the_scattered_gradient(tmp_path):

@@ -156,6 +156,7 @@ class RowGrads:
         self.grad: torch.Tensor | None = None  # (capacity, cols) fp32
         self.count = 0  # slots given this step (known on the host: no wait)
         self.zeroed = 0  # slots of `grad` zeroed this step
+        self.device: torch.device | None = None  # the shard's, from the first read
 
     def slots_of(self, device: torch.device) -> torch.Tensor:
         if self.slot_of_row is None:
@@ -174,6 +175,7 @@ class RowGrads:
 
     def give_slots(self, rows: torch.Tensor, new: int) -> None:
         """Slots for a read's distinct rows (U,), `new` of which have none yet (host int)."""
+        self.device = rows.device
         if self.dense:
             self.count = self.shard_rows
             return
@@ -204,12 +206,13 @@ class RowGrads:
             if dense != self.dense:
                 self.dense, self.slot_of_row, self.row_of_slot, self.grad = dense, None, None, None
             return None
+        grads = self.buffer(self.device)[:self.count]  # zero where no backward added
         n, self.count, self.zeroed = self.count, 0, 0
         if self.dense:
-            taken = (None, self.grad[:n])
+            taken = (None, grads)
         else:
             rows = self.row_of_slot[:n]
-            taken = (rows, self.grad[:n])
+            taken = (rows, grads)
             self.slot_of_row[rows] = -1
         if dense != self.dense:  # the other layout from the next step on
             self.dense, self.slot_of_row, self.row_of_slot, self.grad = dense, None, None, None
@@ -249,6 +252,8 @@ def distinct_rows(reads: torch.Tensor, shard_rows: int, segmented: bool,
     flat, k = reads.flatten(), reads.numel()
     if is_fake(reads):
         u = min(k, shard_rows)
+        if grads is not None:
+            grads.device = reads.device
         if grads is not None and grads.dense:
             grads.count = shard_rows
         elif grads is not None:
@@ -306,6 +311,7 @@ class TableReader(OpaqueBase):
         self.compute_dtype = compute_dtype
         self.reduce_dtype = reduce_dtype if self.row_ranks > 1 else torch.float32
         self.grads = RowGrads(self.rows_per_rank, self.cols)  # this step's row gradient
+        self.frozen: tuple[torch.Tensor, torch.Tensor] | None = None  # a frozen table's scratch
         self.copy: torch.Tensor | None = None  # the shard in compute dtype (readable)
         self.copy_of: tuple | None = None  # (storage, version) of the shard it was made from
 
@@ -426,9 +432,11 @@ class TableReader(OpaqueBase):
                              self.row_group)  # (S, cols)
         if keep:
             slot_of_row, grad_rows = self.grads.slots_of(shard.device), self.grads.buffer(shard.device)
-        else:  # the weights' gradient only: the rows' is added into a scratch row
-            slot_of_row = torch.zeros(shard.shape[0], dtype=torch.int32, device=shard.device)
-            grad_rows = torch.zeros((1, self.cols), dtype=torch.float32, device=shard.device)
+        else:  # the weights' gradient only: the rows' is added into a scratch row (made once)
+            if self.frozen is None:
+                self.frozen = (torch.zeros(shard.shape[0], dtype=torch.int32, device=shard.device),
+                               torch.zeros((1, self.cols), dtype=torch.float32, device=shard.device))
+            slot_of_row, grad_rows = self.frozen
         # Triton reads the rows from the readable copy (converting in the kernel, the gradients
         # fp32); the torch path computes in its table's dtype: the fp32 shard
         table = self.readable(shard) if route.segments is not None else shard

@@ -76,6 +76,11 @@ def apply_compile(model: Transformer, device_type: str, activation_checkpointing
         block.compile(fullgraph=True)
 
 
+def value_dtype(value_compute_dtype: str, cfg: DistributedConfig) -> str:
+    """memory.value_compute_dtype as the tables compute: auto is the dense compute dtype's."""
+    return cfg.compute_dtype if value_compute_dtype == "auto" else value_compute_dtype
+
+
 def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
                 value_compute_dtype: str = "auto") -> Transformer:
     """Activation checkpointing, compile, memory parallelism and FSDP2 / HSDP, applied to
@@ -97,9 +102,7 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
     # dense layout (HSDP included); read by routing, not gathered, and not FSDP2's
     # (parallel/memory_parallel.py). Rows travel in memory.value_compute_dtype, their
     # gradients in distributed.value_reduce_dtype; the shards stay fp32.
-    if value_compute_dtype == "auto":  # memory.value_compute_dtype: the dense compute dtype's
-        value_compute_dtype = cfg.compute_dtype
-    compute = torch.bfloat16 if value_compute_dtype == "bf16" else torch.float32
+    compute = torch.bfloat16 if value_dtype(value_compute_dtype, cfg) == "bf16" else torch.float32
     reduce = torch.bfloat16 if cfg.value_reduce_dtype == "bf16" else torch.float32
     for key, table in list(model.values.items()):
         model.values[key] = ShardedValueTable(table, meshes.memory, compute, reduce)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lingua_mem.parallel.parallelize import value_dtype
 from lingua_mem.plan.traffic import L2_BYTES, HostSyncs, OpTraffic, PhaseTraffic, declared_traffic
 
 PHASES = ("forward", "backward", "optimizer")
@@ -52,12 +53,6 @@ class Shape:
         return min(self.bagged * self.reads * self.layers // self.tables, self.shard_rows)
 
 
-def value_dtype(cfg) -> str:
-    """memory.value_compute_dtype, auto resolved as parallelize() does."""
-    chosen = cfg.memory.value_compute_dtype
-    return cfg.distributed.compute_dtype if chosen == "auto" else chosen
-
-
 def shape_of(cfg, gpus: int) -> Shape:
     from lingua_mem.config import model_args
 
@@ -69,7 +64,7 @@ def shape_of(cfg, gpus: int) -> Shape:
         reads=mem.heads * mem.knn, heads=mem.heads, knn=mem.knn, n_keys=mem.n_keys, k_dim=mem.k_dim,
         dim=args.dim, v_dim=mem.v_dim, cols=mem.v_dim // mp, shard_rows=-(-mem.n_values // (gpus // mp)),
         dense_bytes=2 if cfg.distributed.compute_dtype == "bf16" else 4,
-        value_bytes=2 if value_dtype(cfg) == "bf16" else 4,
+        value_bytes=2 if value_dtype(cfg.memory.value_compute_dtype, cfg.distributed) == "bf16" else 4,
         value_optimizer=cfg.optim.value_optimizer)
 
 
@@ -149,7 +144,8 @@ class MemoryStep:
         model = build_model(model_args(cfg.model, cfg.memory, cfg.moe), "meta", kernel=kernel)
         dtype = lambda name: torch.bfloat16 if name == "bf16" else torch.float32  # noqa: E731
         self.dtype = dtype(cfg.distributed.compute_dtype)
-        self.tables = {key: ShardedValueTable(table, meshes.memory, dtype(value_dtype(cfg)),
+        values = dtype(value_dtype(cfg.memory.value_compute_dtype, cfg.distributed))
+        self.tables = {key: ShardedValueTable(table, meshes.memory, values,
                                               dtype(cfg.distributed.value_reduce_dtype))
                        for key, table in model.values.items()}
         self.layers = [(model.layers[i].feed_forward, self.tables[model.value_key[i]])
