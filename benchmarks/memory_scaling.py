@@ -1,12 +1,13 @@
 """What a training step costs as the value table grows, side by side in one run.
 
-    python benchmarks/memory_scaling.py [--rows 4k,65k,262k,1m] [--steps 20]
+    python benchmarks/memory_scaling.py [--rows 4k,65k,262k,1m] [--steps 40] [--rounds 3]
         [--value-optimizers adamw,lazy_adamw,adagrad] [--config configs/debug.yaml]
         [--out dumps/memory_scaling] [--json rows.json] [--set key=value ...]
 
 Each case is `python train.py config=<config> memory.n_keys=<sqrt(rows)>` in its own
 process (the same base model, the generated facts corpus, no checkpoints, one process),
-run for --steps steps. From its metrics.jsonl: the median tokens/s of its logging windows
+run for --steps steps (--rounds N: all the cases N times over, one after another, and
+each case's median round reported). From its metrics.jsonl: the median tokens/s of its logging windows
 (8 of them) but the first (warm-up and compilation); its peak memory: the process's max
 RSS on the CPU (wait4), torch.cuda.max_memory_allocated on a GPU. The table gives every case's
 ratio to the first (smallest) one of the same value optimizer (optim.value_optimizer: each
@@ -62,6 +63,16 @@ def run_case(label: str, optimizer: str, a) -> dict:
             "peak_kind": "cuda allocated" if "peak_memory_gib" in last else "max RSS"}
 
 
+def median_case(cases: tuple[dict, ...]) -> dict:
+    """One case's rounds -> its row: the median tokens/s (and the round it came from), every
+    round's tokens/s under `rounds`; a failed round fails the case."""
+    failed = [c for c in cases if "error" in c]
+    if failed:
+        return failed[0]
+    ranked = sorted(cases, key=lambda c: c["tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "rounds": [c["tokens_per_s"] for c in cases]}
+
+
 def table(results: list[dict]) -> str:
     """One block per value optimizer; ratios to its own smallest table."""
     lines = [f"{'optimizer':>10} {'rows':>6} {'values':>10} {'tok/s':>9} {'x first':>8} {'peak GiB':>9} "
@@ -77,7 +88,8 @@ def table(results: list[dict]) -> str:
         speed = r["tokens_per_s"] / base["tokens_per_s"]
         memory = r["peak_memory_gib"] / base["peak_memory_gib"]
         lines.append(f"{head} {r['tokens_per_s']:>9,.0f} {speed:>8.2f} "
-                     f"{r['peak_memory_gib']:>9.2f} {memory:>8.2f}  {r['loss']:.4f}")
+                     f"{r['peak_memory_gib']:>9.2f} {memory:>8.2f}  {r['loss']:.4f}"
+                     + (f"  rounds {' / '.join(f'{t:,.0f}' for t in r['rounds'])}" if len(r["rounds"]) > 1 else ""))
     kinds = {r["peak_kind"] for r in results if "peak_kind" in r}
     if kinds:
         lines.append(f"peak memory: {', '.join(sorted(kinds))}")
@@ -88,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", default="4k,65k,262k,1m", help=f"comma-separated, of {', '.join(SIZES)}")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every case this many times, interleaved; each case's median is reported")
     p.add_argument("--value-optimizers", default="adamw,lazy_adamw,adagrad",
                    help="comma-separated optim.value_optimizer choices, each a block of the table")
     p.add_argument("--config", default="configs/debug.yaml")
@@ -109,14 +123,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --value-optimizers: {a.value_optimizers!r}: choose from {', '.join(VALUE_OPTIMIZERS)}",
               file=sys.stderr)
         return 2
+    if a.rounds < 1:
+        print("error: --rounds: at least 1", file=sys.stderr)
+        return 2
     labels.sort(key=SIZES.get)  # smallest first: the ratios' base
-    results = []
-    for optimizer in optimizers:
-        for label in labels:
-            results.append(run_case(label, optimizer, a))
-            r = results[-1]
-            done = r.get("error") or f"{r['tokens_per_s']:,.0f} tok/s, peak {r['peak_memory_gib']:.2f} GiB"
-            print(f"{optimizer} {label}: {done}", flush=True)
+    rounds = []  # rounds[r]: every case once; the cases interleaved, so a slow spell hits them all
+    for r in range(a.rounds):
+        rounds.append([])
+        for optimizer in optimizers:
+            for label in labels:
+                rounds[-1].append(run_case(label, optimizer, a))
+                case = rounds[-1][-1]
+                done = case.get("error") or (f"{case['tokens_per_s']:,.0f} tok/s, "
+                                             f"peak {case['peak_memory_gib']:.2f} GiB")
+                print(f"round {r + 1}/{a.rounds} {optimizer} {label}: {done}", flush=True)
+    results = [median_case(cases) for cases in zip(*rounds, strict=True)]
     print(table(results))
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -65,6 +65,44 @@ def test_the_key_search_backward_through_the_picked_sub_keys_equals_the_dense_on
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_the_key_search_in_chunks_and_groups_equals_the_dense_one():
+    # at n_keys 512 the CPU search runs in token chunks of 8 MiB of scores (1,100 tokens: 3
+    # of them), its top-k through group maxima, and the sub-keys' gradient as chunks of dense
+    # scores (n_keys <= k * half): all equal to the dense scores' search and backward
+    from lingua_mem.memory.product_topk import CPU_SCORE_CHUNK_BYTES, product_key_search, product_topk_halves
+
+    g = torch.Generator().manual_seed(1)
+    n, heads, n_keys, half, k = 1100, 4, 512, 32, 16
+    assert n * heads * 2 * n_keys * 8 > 2 * CPU_SCORE_CHUNK_BYTES  # float64 scores: 3 chunks
+    q = torch.randn(n, heads, 2, half, generator=g, dtype=torch.float64, requires_grad=True)
+    keys = torch.randn(heads, 2, n_keys, half, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(n, heads, k, generator=g, dtype=torch.float64)
+    scores, idx = product_key_search(q, keys, k)
+    dense_scores, dense_idx = product_topk_halves(torch.einsum("nhpd,hpkd->nhpk", q, keys), k)
+    assert torch.equal(idx, dense_idx) and torch.equal(scores, dense_scores)
+    got = torch.autograd.grad((scores.softmax(-1) * weight).sum(), (q, keys))
+    expected = torch.autograd.grad((dense_scores.softmax(-1) * weight).sum(), (q, keys))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [64, 512, 1024])
+def test_topk_unsorted_equals_torch_topk(n):
+    # 512 and 1024 go through group maxima on the CPU; with many ties (scores rounded to
+    # integers) the values still agree, each index pointing at its value
+    from lingua_mem.memory.product_topk import topk_unsorted
+
+    g = torch.Generator().manual_seed(n)
+    s = torch.randn(3, 50, n, generator=g)
+    for scores in (s, (s * 3).round(), torch.full_like(s, 2.0)):
+        v, i = topk_unsorted(scores, 16)
+        want_v, want_i = scores.topk(16, dim=-1)
+        assert torch.equal(v.sort(-1, descending=True).values, want_v)
+        assert torch.equal(scores.gather(-1, i), v) and (i.sort(-1).values.diff(dim=-1) > 0).all()
+        if scores is s:  # no ties: the same indices
+            assert torch.equal(i.sort(-1).values, want_i.sort(-1).values)
+
+
 def test_product_topk_rejects_bad_k():
     with pytest.raises(ValueError, match="k=9"):
         product_topk(torch.randn(2, 8), torch.randn(2, 8), 9)
