@@ -16,6 +16,8 @@
                     reads) equals the torch path at the 134m table's width, hot rows included
 6. async_staging    an async checkpoint started right after an update holds the updated
                     weights (the staging waits for the compute stream)
+7. flex_checkpointed eager activation checkpointing with compiled flex runs attention once
+                    (left out of the checkpoints), the FFN halves again in backward
 
 On the CPU (--device cpu) the checks that need CUDA say so and pass; the rest run, Triton
 in its interpreter when TRITON_INTERPRET=1. Part of benchmarks/gpu_smoke.sh.
@@ -133,7 +135,41 @@ def async_staging(device: str) -> str:
     return "the async save holds the weights the queued update wrote"
 
 
-CHECKS = (triton_probe, matmul_api, key_search_ieee, rng_per_device, rows_backward, async_staging)
+def flex_checkpointed(device: str) -> str:
+    """Eager full activation checkpointing of a doc_causal model whose attention is compiled
+    flex: attention runs once a step (left out of the checkpoints), the FFN halves twice."""
+    from lingua_mem.config import DistributedConfig, MemoryConfig, ModelConfig, model_args
+    from lingua_mem.data.loader import document_ids
+    from lingua_mem.model.llama import build_model
+    from lingua_mem.parallel import init_distributed, parallelize
+    from lingua_mem.parallel.parallelize import attention_outside_checkpoints
+
+    if device != "cuda":
+        return "skipped: flex runs compiled on CUDA only"
+    model = build_model(model_args(ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                                               max_seq_len=256, attention_impl="flex"),
+                                   MemoryConfig(layers=[1], n_keys=16, heads=2, knn=4, k_dim=32)),
+                        device, attention_impl="flex")
+    cfg = DistributedConfig(activation_checkpointing="full")
+    assert attention_outside_checkpoints(model, cfg, "cuda")
+    meshes = init_distributed(cfg, "cuda")
+    try:
+        parallelize(model, meshes, cfg)
+        calls = {"attention": 0, "ffn": 0}
+        for block in model.layers:
+            for name, module in (("attention", block.attention), ("ffn", block.feed_forward)):
+                module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        tokens = torch.randint(2, 64, (2, 256), device=device)
+        tokens[:, ::50] = 1  # documents of 50 tokens
+        model(tokens, doc_ids=document_ids(tokens, 1)).float().square().mean().backward()
+    finally:
+        meshes.close()
+    assert calls == {"attention": 2, "ffn": 4}, calls
+    return "attention ran once in forward and backward, the FFN halves again in backward"
+
+
+CHECKS = (triton_probe, matmul_api, key_search_ieee, rng_per_device, rows_backward, async_staging,
+          flex_checkpointed)
 
 
 def main() -> int:

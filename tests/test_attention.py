@@ -50,6 +50,32 @@ def test_a_packed_row_scores_each_document_as_alone_forward_and_backward():
     assert not torch.allclose(plain[5:], alone[5:], atol=1e-3)
 
 
+def test_compiled_flex_stays_compiled_where_the_evaluator_forces_eager_mode():
+    # under distributed.compile the evaluator runs the blocks eagerly (set_stance force_eager);
+    # compiled flex (CUDA's) must still run compiled: eager flex builds the whole score matrix
+    # and says so in a warning. Compiled here by Inductor's CPU template, forward only.
+    import warnings
+
+    from torch._dynamo.utils import counters
+
+    from lingua_mem.model.llama import document_block_mask, flex_attend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 128, 16, generator=g) for _ in range(3))
+    doc_ids = torch.zeros(1, 128, dtype=torch.long)
+    doc_ids[:, 50:] = 1
+    mask = document_block_mask(doc_ids)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, torch.compiler.set_stance("force_eager"):
+        warnings.simplefilter("always")
+        got = flex_attend(q, k, v, mask, False, compiled=True)
+    assert counters["stats"]["unique_graphs"] == graphs + 1
+    assert not [w for w in caught if "unfused" in str(w.message)]
+    with torch.no_grad(), pytest.warns(UserWarning, match="unfused"):  # the eager reference
+        expected = flex_attend(q, k, v, mask, False, compiled=False)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")  # eager (unfused) on purpose
 def test_flex_attention_with_a_document_block_mask_equals_sdpa():
     # the CUDA path (compiled there); on the CPU flex_attention runs eagerly, forward only

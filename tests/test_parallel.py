@@ -298,20 +298,32 @@ def test_train_py_rejects_a_mesh_that_does_not_fit(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("attention_outside", [False, True])
 @pytest.mark.parametrize("mode", ["selective", "full"])
-def test_activation_checkpointing_gives_the_same_gradients(mode):
+def test_activation_checkpointing_gives_the_same_gradients(mode, attention_outside):
     """On one process, as the trainer runs it: a world-1 group, FSDP2 at degree 1, and the
-    value table read by routing from inside the checkpointed memory blocks."""
+    value table read by routing from inside the checkpointed memory blocks. attention_outside
+    (compiled flex in eager blocks, whose kernel no policy sees): the FFN halves alone are
+    checkpointed, and attention runs once a step, not again in backward."""
+    from lingua_mem.parallel.parallelize import apply_activation_checkpointing
+
     torch.manual_seed(0)
     model = build_model(model_args(MODEL, MemoryConfig(layers=[0, 1, 2], n_keys=8, heads=2, knn=4, k_dim=16,
                                                 qk_norm=True)))
     checkpointed = copy.deepcopy(model)
-    cfg = DistributedConfig(activation_checkpointing=mode)
+    cfg = DistributedConfig(activation_checkpointing="none" if attention_outside else mode)
     meshes = init_distributed(cfg, "cpu")
+    calls = {"attention": 0, "ffn": 0}
     try:
+        if attention_outside:
+            apply_activation_checkpointing(checkpointed, mode, attention_outside=True)
         parallelize(checkpointed, meshes, cfg)
-        assert isinstance(checkpointed.layers[0], CheckpointWrapper)
+        assert isinstance(checkpointed.layers[0], CheckpointWrapper) != attention_outside
         assert list(checkpointed.state_dict()) == list(model.state_dict())  # checkpoints stay loadable
+        for block in checkpointed.layers:
+            for name, module in (("attention", block.attention), ("ffn", block.feed_forward)):
+                # on entry: a recompute stops where it has what backward needs (early stop)
+                module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
         tokens = torch.randint(0, MODEL.vocab_size, (2, SEQ))
         for _ in range(2):  # the second step runs FSDP2's hooks from their steady state
             for m in (model, checkpointed):
@@ -325,8 +337,27 @@ def test_activation_checkpointing_gives_the_same_gradients(mode):
                     torch.testing.assert_close(table_grad, a.grad, rtol=1e-6, atol=1e-7, msg=name)
                 else:
                     torch.testing.assert_close(b.grad.full_tensor(), a.grad, rtol=0, atol=0, msg=name)
+        # 2 steps of 3 blocks; a checkpointed module runs again in backward
+        assert calls == {"attention": 6 if attention_outside else 12, "ffn": 12}
     finally:
         meshes.close()
+
+
+def test_attention_is_left_out_of_checkpoints_only_for_compiled_flex_in_eager_blocks(monkeypatch):
+    module = importlib.import_module("lingua_mem.parallel.parallelize")
+    monkeypatch.setattr(module, "resolve_attention", lambda impl, device_type: "flex" if impl == "flex" else "xformers")
+    doc_causal = build_model(model_args(replace(MODEL, attention="doc_causal"), MEMORY), "meta")
+    doc_causal.attention_impl = "flex"
+    full = DistributedConfig(activation_checkpointing="full")
+    assert module.attention_outside_checkpoints(doc_causal, full, "cuda")
+    assert not module.attention_outside_checkpoints(doc_causal, replace(full, compile=True), "cuda")  # traced in
+    assert not module.attention_outside_checkpoints(doc_causal, DistributedConfig(), "cuda")  # no checkpoints
+    assert not module.attention_outside_checkpoints(doc_causal, full, "cpu")  # eager flex: its op is seen
+    doc_causal.attention_impl = "xformers"
+    assert not module.attention_outside_checkpoints(doc_causal, full, "cuda")
+    causal = build_model(model_args(replace(MODEL, attention="causal"), MEMORY), "meta")  # SDPA, always
+    causal.attention_impl = "flex"
+    assert not module.attention_outside_checkpoints(causal, full, "cuda")
 
 
 def test_activation_checkpointing_refuses_query_batchnorm():

@@ -250,6 +250,21 @@ def block_diagonal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return y.reshape(b, t, h, hd).transpose(1, 2)  # (B, H, T, hd)
 
 
+def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, enable_gqa: bool,
+                compiled: bool) -> torch.Tensor:
+    """flex_attention, `compiled` (fused: on CUDA) or eager (the CPU's reference, forward only).
+    Compiled it stays compiled where a caller forced eager mode on compiled code (the
+    evaluator under distributed.compile): eager flex builds the whole (B, H, T, T) score
+    matrix. Inside a compiled block it is traced into the block's graph."""
+    if not compiled:
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    flex = compiled_flex_attention()
+    if torch.compiler.is_compiling():
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    with torch.compiler.set_stance("default"):
+        return flex(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention with RoPE, through scaled_dot_product_attention (or,
     for a document mask, flex_attention or xformers)."""
@@ -285,8 +300,7 @@ class Attention(nn.Module):
         if isinstance(mask, BlockDiagonalMask):
             y = block_diagonal_attention(q, k, v, mask)
         elif isinstance(mask, BlockMask):
-            flex = compiled_flex_attention() if q.is_cuda else flex_attention
-            y = flex(q, k, v, block_mask=mask, enable_gqa=gqa)
+            y = flex_attend(q, k, v, mask, gqa, compiled=q.is_cuda)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=gqa)
@@ -343,6 +357,9 @@ class Block(nn.Module):
         self.attention = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = build_ffn(layer_id, args)
+        # set by parallel.parallelize where activation checkpointing must leave attention out:
+        # checkpoint(fn, *args) -> fn(*args) recomputed in backward, run on the FFN half alone
+        self.checkpoint_ffn = None
 
     @property
     def is_memory(self) -> bool:
@@ -363,6 +380,12 @@ class Block(nn.Module):
                 cache: KVCache | None = None, aux: AuxLosses | None = None) -> torch.Tensor:
         """`aux` (training): where a mixture of experts puts its balancing loss."""
         h = x + self.attention(self.attention_norm(x), rope, mask, cache, self.layer_id)
+        if self.checkpoint_ffn is not None:
+            return self.checkpoint_ffn(self.ffn_half, h, values, aux)
+        return self.ffn_half(h, values, aux)
+
+    def ffn_half(self, h: torch.Tensor, values: ValueTable | None, aux: AuxLosses | None) -> torch.Tensor:
+        """h (B, T, dim) -> h + ffn(norm(h))."""
         if self.is_memory:
             return h + self.feed_forward(self.ffn_norm(h), values)
         if isinstance(self.feed_forward, MoEFeedForward):

@@ -10,11 +10,11 @@ from functools import partial
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lingua_mem.config import DistributedConfig
 from lingua_mem.errors import ConfigError
-from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer, is_attention_op
+from lingua_mem.model.llama import ACTIVATION_SAVED_OPS, Transformer, is_attention_op, resolve_attention
 from lingua_mem.parallel.memory_parallel import ShardedValueTable, routed_read
 from lingua_mem.parallel.mesh import Meshes
 
@@ -42,16 +42,32 @@ def _full_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_activation_checkpointing(model: Transformer, mode: str) -> None:
+def attention_outside_checkpoints(model: Transformer, cfg: DistributedConfig, device_type: str) -> bool:
+    """Whether activation checkpointing must leave attention out of its regions: doc_causal
+    attention through compiled flex (CUDA) in eager blocks (distributed.compile=false). The
+    compiled kernel dispatches no op a checkpointing policy sees (the policies keep attention
+    by its op), so a checkpointed block would run it again in backward."""
+    if cfg.activation_checkpointing == "none" or cfg.compile or model.args.attention != "doc_causal":
+        return False
+    return device_type == "cuda" and resolve_attention(model.attention_impl, device_type) == "flex"
+
+
+def apply_activation_checkpointing(model: Transformer, mode: str, attention_outside: bool = False) -> None:
     """Wrap every block: `full` recomputes the whole block in backward but for attention and
     FULL_SAVED_OPS (the routed read), `selective` keeps the outputs of SAVED_OPS (matmuls,
-    attention, top-k, the value bag, the routed read)."""
+    attention, top-k, the value bag, the routed read). `attention_outside`: the same policy
+    on each block's FFN half alone (Block.checkpoint_ffn); attention and its projections
+    keep their activations (attention_outside_checkpoints says when)."""
     if mode == "none":
         return
     policy = _selective_policy if mode == "selective" else _full_policy
+    context_fn = partial(create_selective_checkpoint_contexts, policy)
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False,
-                                             context_fn=partial(create_selective_checkpoint_contexts, policy))
+        if attention_outside:
+            block.checkpoint_ffn = partial(checkpoint, use_reentrant=False, preserve_rng_state=False,
+                                           context_fn=context_fn)
+        else:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False, context_fn=context_fn)
 
 
 def apply_compile(model: Transformer, device_type: str, activation_checkpointing: str = "none") -> None:
@@ -89,7 +105,8 @@ def parallelize(model: Transformer, meshes: Meshes, cfg: DistributedConfig,
     sharded without ever being whole: then `to_empty` and `init_weights` (each rank
     initialises its shards to the values the whole model would have); materialised
     weights are kept."""
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing,
+                                   attention_outside_checkpoints(model, cfg, meshes.device_type))
     if cfg.compile:
         apply_compile(model, meshes.device_type, cfg.activation_checkpointing)
     dense_dtype = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
