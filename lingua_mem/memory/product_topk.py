@@ -171,11 +171,14 @@ class _PickedScores(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # sum over the (token, j) that picked a sub-key of grad_v * q
             if n_keys <= k * half:  # no more bytes: the picked scores' gradient made dense,
                 # (N, heads, 2, n_keys) written and read once, against each pick reading its q
-                grad_keys = None
-                for c in token_chunks(q, keys):
-                    dense = q.new_zeros((*q[c].shape[:3], n_keys)).scatter_(-1, i[c], grad_v[c].to(q.dtype))
+                chunks, grad_keys = token_chunks(q, keys), None
+                zeros = q.new_zeros((*q[chunks[0]].shape[:3], n_keys))  # (chunk, heads, 2, n_keys)
+                for j, c in enumerate(chunks):
+                    dense = zeros[: q[c].shape[0]].scatter_(-1, i[c], grad_v[c].to(q.dtype))
                     part = torch.einsum("nhpk,nhpd->hpkd", dense, q[c])
                     grad_keys = part if grad_keys is None else grad_keys.add_(part)
+                    if j + 1 < len(chunks):  # zeros again for the next chunk: k a row, not n_keys
+                        dense.scatter_(-1, i[c], 0.0)
             else:
                 _, grad_keys = embedding_bag_backward(q.reshape(-1, half), rows, w, table, weights_grad=False)
                 grad_keys = grad_keys.view(keys.shape)
