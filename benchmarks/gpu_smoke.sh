@@ -18,7 +18,8 @@
 #    the tables: tokens/s and peak memory against the smallest
 # 0. first of all, benchmarks/gpu_checks.py: the fixes only a GPU shows (the Triton probe, the
 #    matmul precision API, the key search in IEEE fp32 under TF32, per-device RNG state, the
-#    routed row backward against the torch path, an async save after an update)
+#    routed row backward against the torch path, an async save after an update, eager
+#    activation checkpointing with compiled flex running attention once)
 # Before the parts: whether a C compiler and Python.h are here (Triton builds its launchers
 # with them). Triton's and Inductor's caches, autotuning included, live in $SMOKE_CACHE (kept
 # between runs), so only the first process compiles and tunes; each part's limit allows a cold
