@@ -29,7 +29,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -52,6 +51,7 @@ from lingua_mem.checkpoint.records import (
     saved_shapes,
     verify,
 )
+from lingua_mem.checkpoint.safe_load import UnsafeCheckpoint, dcp_load, load_train_state
 from lingua_mem.cli import Stopped, one_line
 from lingua_mem.config import CheckpointConfig
 from lingua_mem.errors import ConfigError
@@ -118,7 +118,10 @@ def _untrusted_checkpoint(dump_dir: Path, complete: list[Path]) -> str | None:
 def _rng_state() -> dict:
     """This rank's generators. On CUDA the state of its own device alone (`cuda_device`): a
     rank uses one GPU, and a resume may run on a node with fewer GPUs than the saver's."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's as lists (its array would need numpy's globals to load: safe_load reads data only)
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_device"] = torch.cuda.get_rng_state()
     return state
@@ -143,7 +146,8 @@ def device_rng_state(state: dict, device_index: int) -> torch.Tensor | None:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a list (an array in checkpoints before lists)
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available():
         device = torch.cuda.current_device()
@@ -369,8 +373,9 @@ class Checkpointer:
         `state` may be missing from the checkpoint)."""
         try:
             with quiet_single_process():
-                dcp.load(state, checkpoint_id=str(path), no_dist=not self.distributed,
-                         planner=DefaultLoadPlanner(allow_partial_load=partial))
+                dcp_load(state, path, self.distributed, partial)
+        except UnsafeCheckpoint:  # refused, not corrupt: the run stops, the checkpoint stays
+            raise
         except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
             raise CheckpointError(f"{path}: DCP load failed ({type(exc).__name__}: "
                                   f"{str(exc).strip().splitlines()[0][:300]})") from None
@@ -389,7 +394,9 @@ class Checkpointer:
         same_layout = json.loads((path / "meta.json").read_text())["world_size"] == self.world
         state_file = path / f"train_state_{self.rank if same_layout else 0:05d}.pt"
         try:
-            train_state = torch.load(state_file, weights_only=False)
+            train_state = load_train_state(state_file)
+        except UnsafeCheckpoint:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {exc})") from None
         if self.scheduler is not None:

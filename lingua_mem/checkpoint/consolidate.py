@@ -20,11 +20,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from lingua_mem.checkpoint.dcp_stream import DCPStreamReader
 from lingua_mem.checkpoint.records import (
@@ -35,6 +33,7 @@ from lingua_mem.checkpoint.records import (
     consolidated_model_args,
     quiet_single_process,
 )
+from lingua_mem.checkpoint.safe_load import UnsafeCheckpoint, dcp_load
 from lingua_mem.checkpoint.safetensors_stream import (
     TensorSource,
     read_tensors,
@@ -106,8 +105,9 @@ def read_checkpoint(checkpoint_dir: str | Path, verified: bool = False) -> tuple
     sd = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in meta_sd.items()}
     try:
         with quiet_single_process():
-            dcp.load({"model": sd}, checkpoint_id=str(path), no_dist=True,
-                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            dcp_load({"model": sd}, path, distributed=False, partial=True)
+    except UnsafeCheckpoint:
+        raise
     except CheckpointException as exc:  # a BaseException, not an Exception; wraps each rank's error
         inner = next(iter(exc.failures.values()))[0] if exc.failures else exc
         raise ValueError(f"{path}: DCP load failed ({_first_line(inner)})") from None
@@ -149,6 +149,8 @@ def checkpoint_sources(path: Path, args: ModelArgs, rename=lambda name: name,
     adapted = set(lora_prefixes(meta_sd))
     try:
         reader = DCPStreamReader(path)
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:
         raise ValueError(f"{path / '.metadata'}: unreadable ({_first_line(exc)})") from None
 

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from lingua_mem.checkpoint.safe_load import read_dcp_metadata
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,7 @@ class DCPStreamReader:
 
     def __init__(self, checkpoint_dir: str | Path):
         self.path = Path(checkpoint_dir)
-        reader = FileSystemReader(str(self.path))
-        self.metadata = reader.read_metadata()
+        self.metadata = read_dcp_metadata(self.path)
         self.chunks: dict[str, list[_Chunk]] = {}
         for index, info in self.metadata.storage_data.items():
             md = self.metadata.state_dict_metadata.get(index.fqn)

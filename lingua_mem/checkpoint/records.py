@@ -12,11 +12,11 @@ import warnings
 import zlib
 from pathlib import Path
 
-import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from lingua_mem.checkpoint.safe_load import UnsafeCheckpoint, read_dcp_metadata
 from lingua_mem.checkpoint.safetensors_stream import weight_files
 from lingua_mem.config import MemoryConfig, ModelConfig, MoEConfig, validate_model
 from lingua_mem.errors import ConfigError
@@ -93,7 +93,9 @@ def saved_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """The global shape of every model tensor in checkpoint `path`, by FQN (from its
     metadata, no weights read); CheckpointError if the metadata is unreadable."""
     try:
-        saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        saved = read_dcp_metadata(path).state_dict_metadata
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:
         raise CheckpointError(f"{path / '.metadata'}: unreadable ({type(exc).__name__}: {exc})") from None
     # DCP flattens {"model": {fqn: ...}} to "model.<fqn>"
