@@ -495,3 +495,42 @@ def test_a_rerun_never_rewrites_the_runs_config_but_records_a_new_version(tmp_pa
     assert ("config: this run changes optim.lr, steps from config.2.yaml; recorded as config.3.yaml"
             in again.stdout)
     assert (tmp_path / "config.yaml").read_bytes() == first
+
+
+def test_a_resume_trains_with_the_learning_rates_and_schedule_its_config_gives(tmp_path):
+    # after a loss spike the usual move: resume at a lower lr (and another warmup); from the
+    # first resumed step the run logs the rates a fresh run of that config logs at that step
+    new = ("optim.lr=1e-4", "optim.value_lr=2e-4", "optim.warmup=3", "optim.weight_decay=0.05")
+    run_inproc(tmp_path / "resumed", "steps=2", "checkpoint.every=2")
+    run_inproc(tmp_path / "resumed", "steps=4", "checkpoint.every=2", *new)
+    run_inproc(tmp_path / "fresh", "steps=4", "checkpoint.every=0", *new)
+    resumed, fresh = rows(tmp_path / "resumed"), rows(tmp_path / "fresh")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    for got, want in zip(resumed[2:], fresh[2:], strict=True):
+        assert (got["lr"], got["value_lr"]) == (want["lr"], want["value_lr"])
+    assert resumed[2]["lr"] < resumed[1]["lr"] / 10  # not the checkpoint's 3e-3 schedule
+    # the checkpoint the resumed run wrote holds its own config's rates
+    state = torch.load(tmp_path / "resumed" / "checkpoints" / "0000000004" / "train_state_00000.pt",
+                       weights_only=True)
+    assert state["scheduler"]["base_lrs"] == [1e-4, 1e-4, 2e-4]
+
+
+def test_a_resume_with_another_value_optimizer_carries_its_state_or_is_refused(tmp_path, monkeypatch):
+    run_inproc(tmp_path, "steps=2", "checkpoint.every=2", "optim.value_optimizer=adamw")
+    with pytest.raises(ConfigError, match=r"^optim.value_optimizer: adagrad cannot take the state of adamw, "
+                                          r"which trained checkpoint .*0000000002; resume with "
+                                          r"optim.value_optimizer=adamw"):
+        run_inproc(tmp_path, "steps=4", "checkpoint.every=2", "optim.value_optimizer=adagrad")
+    assert ckpts(tmp_path) == ["0000000002"]
+    # past that check, DCP's load fails on the other state: still a settings error, the
+    # checkpoint verifies and is not set aside as corrupt
+    from lingua_mem.checkpoint.checkpointer import Checkpointer
+
+    monkeypatch.setattr(Checkpointer, "_check_value_optimizer", lambda self, path: None)
+    with pytest.raises(ConfigError, match=r"^checkpoint: .*DCP load failed .*; it verifies \(sizes, CRC32\), "
+                                          r"so a setting of this run differs"):
+        run_inproc(tmp_path, "steps=4", "checkpoint.every=2", "optim.value_optimizer=adagrad")
+    assert ckpts(tmp_path) == ["0000000002"]
+    monkeypatch.undo()
+    last = run_inproc(tmp_path, "steps=4", "checkpoint.every=2", "optim.value_optimizer=lazy_adamw")
+    assert last["step"] == 4 and ckpts(tmp_path) == ["0000000002", "0000000004"]

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
@@ -142,6 +143,25 @@ def device_rng_state(state: dict, device_index: int) -> torch.Tensor | None:
         return state["cuda_device"]
     every = state.get("cuda") or []
     return every[device_index] if device_index < len(every) else None
+
+
+def continue_schedule(scheduler, saved: dict) -> None:
+    """`scheduler` (a LambdaLR made from this run's config) at the step count of `saved` (a
+    checkpoint's state_dict of it): the schedule this run's config describes (its lr, warmup,
+    kind, steps), evaluated from the resumed step on, each group's lr set to its value there.
+    A resume with a lower lr (or another warmup or schedule) trains with it from its first step."""
+    scheduler.last_epoch = saved["last_epoch"]
+    scheduler._step_count = saved.get("_step_count", saved["last_epoch"] + 1)
+    lrs = [base * factor(scheduler.last_epoch)
+           for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+# value optimizers whose state another can take as it is: AdamW's (step, exp_avg, exp_avg_sq)
+# over every row or over the rows read; Adagrad's row sums and SGD's nothing are their own
+_VALUE_STATE = {"adamw": "adamw", "lazy_adamw": "adamw", "adagrad": "adagrad", "sgd": "sgd"}
 
 
 def _set_rng_state(state: dict) -> None:
@@ -384,13 +404,26 @@ class Checkpointer:
         """Load `path` into the model (and optimizer, schedule, data, RNG); the train state or None.
         Strict: every model tensor, in both, of one shape."""
         self._verify(path)
+        if with_train_state:
+            self._check_value_optimizer(path)
         state = self._state(with_optimizer=with_train_state)
         check_model_shapes(path, {name: tuple(t.shape) for name, t in state["model"].items()})
-        self._read(state, path, partial=not with_train_state)
+        try:
+            self._read(state, path, partial=not with_train_state)
+        except CheckpointError as exc:  # it verified: sound files, another run's settings
+            raise ConfigError(f"checkpoint: {exc}; it verifies (sizes, CRC32), so a setting of this run "
+                              f"differs from the run that wrote it ({path / 'config.yaml'}): resume with "
+                              f"that setting, or start a new run from its weights with "
+                              f"checkpoint.init_from={path}") from None
         set_model_state_dict(self.model, state["model"])
         if not with_train_state:
             return None
+        # this run's hyperparameters (its config: lr, betas, eps, weight decay, the value
+        # optimizer), not the checkpoint's: only the moments and step counts are loaded
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        for group, setting in zip(self.optimizer.param_groups, settings, strict=True):
+            group.update(setting)
         same_layout = json.loads((path / "meta.json").read_text())["world_size"] == self.world
         state_file = path / f"train_state_{self.rank if same_layout else 0:05d}.pt"
         try:
@@ -400,7 +433,7 @@ class Checkpointer:
         except Exception as exc:
             raise CheckpointError(f"{state_file}: unreadable ({type(exc).__name__}: {exc})") from None
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(train_state["scheduler"])
+            continue_schedule(self.scheduler, train_state["scheduler"])
         if self.counts is not None:  # global: the same in every rank's file
             if train_state.get("counts") is not None:
                 self.counts.load_state_dict(train_state["counts"])
@@ -415,6 +448,21 @@ class Checkpointer:
                   f"run has {self.world}: weights, optimizer and schedule are restored, each rank's data "
                   "stream starts afresh", file=sys.stderr, flush=True)
         return train_state
+
+    def _check_value_optimizer(self, path: Path) -> None:
+        """A resume that changes optim.value_optimizer: adamw and lazy_adamw share their state
+        (it carries over); any other change is refused here, before anything is read."""
+        now = (self.run_config.get("optim") or {}).get("value_optimizer")
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(path / "config.yaml"))["optim"]["value_optimizer"]
+        except (OSError, KeyError, TypeError, OmegaConfBaseException):
+            return  # an older or partial config: DCP's load says what does not fit
+        if now is None or _VALUE_STATE.get(now) == _VALUE_STATE.get(saved):
+            return
+        raise ConfigError(f"optim.value_optimizer: {now} cannot take the state of {saved}, which trained "
+                          f"checkpoint {path}; resume with optim.value_optimizer={saved} (adamw and "
+                          f"lazy_adamw take each other's), or start a new run from its weights with "
+                          f"checkpoint.init_from={path}")
 
     def resume(self) -> int:
         """Load the newest complete checkpoint of this run; returns its step (0: none).
