@@ -158,7 +158,7 @@ def flex_checkpointed(device: str) -> str:
         calls = {"attention": 0, "ffn": 0}
         for block in model.layers:
             for name, module in (("attention", block.attention), ("ffn", block.feed_forward)):
-                module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+                module.register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
         tokens = torch.randint(2, 64, (2, 256), device=device)
         tokens[:, ::50] = 1  # documents of 50 tokens
         model(tokens, doc_ids=document_ids(tokens, 1)).float().square().mean().backward()

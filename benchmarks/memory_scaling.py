@@ -87,9 +87,9 @@ def table(results: list[dict]) -> str:
             continue
         speed = r["tokens_per_s"] / base["tokens_per_s"]
         memory = r["peak_memory_gib"] / base["peak_memory_gib"]
+        rounds = f"  rounds {' / '.join(f'{t:,.0f}' for t in r['rounds'])}" if len(r["rounds"]) > 1 else ""
         lines.append(f"{head} {r['tokens_per_s']:>9,.0f} {speed:>8.2f} "
-                     f"{r['peak_memory_gib']:>9.2f} {memory:>8.2f}  {r['loss']:.4f}"
-                     + (f"  rounds {' / '.join(f'{t:,.0f}' for t in r['rounds'])}" if len(r["rounds"]) > 1 else ""))
+                     f"{r['peak_memory_gib']:>9.2f} {memory:>8.2f}  {r['loss']:.4f}{rounds}")
     kinds = {r["peak_kind"] for r in results if "peak_kind" in r}
     if kinds:
         lines.append(f"peak memory: {', '.join(sorted(kinds))}")

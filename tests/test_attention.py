@@ -66,7 +66,8 @@ def test_compiled_flex_stays_compiled_where_the_evaluator_forces_eager_mode():
     doc_ids[:, 50:] = 1
     mask = document_block_mask(doc_ids)
     graphs = counters["stats"]["unique_graphs"]
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, torch.compiler.set_stance("force_eager"):
+    eager = torch.compiler.set_stance("force_eager")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, eager:
         warnings.simplefilter("always")
         got = flex_attend(q, k, v, mask, False, compiled=True)
     assert counters["stats"]["unique_graphs"] == graphs + 1

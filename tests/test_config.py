@@ -43,6 +43,8 @@ def test_defaults_yaml_then_dotlist(tmp_path):
     (["seed=-1"], "seed"),
     (["checkpoint.every=-1"], "checkpoint.every"),
     (["optim.clip=-1"], "optim.clip"),
+    (["name='run\n#SBATCH --nodes=64'"], "name"),  # a #SBATCH job name, a W&B name, file names
+    (["name=../elsewhere"], "name"),
 ])
 def test_bad_config_names_the_key(args, needle):
     with pytest.raises(ConfigError) as info:

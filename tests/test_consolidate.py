@@ -309,3 +309,18 @@ def test_no_output_destroys_what_it_reads_or_a_live_run_and_killed_partials_are_
         assert not left.exists() and busy.exists() and (tmp_path / "out" / "config.json").is_file()
     finally:
         writing.kill()
+
+
+def test_an_export_whose_step_is_not_a_step_number_is_refused(tmp_path, capsys):
+    # the step names eval's output file (evals/<step>.json): a path there would leave its folder
+    ckpt = tmp_path / "checkpoints" / "0000000042"
+    dcp.save({"model": trained_model().state_dict()}, checkpoint_id=str(ckpt))
+    write_config(ckpt)
+    assert main(["consolidate", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    config = tmp_path / "out" / "config.json"
+    meta = json.loads(config.read_text())
+    assert meta["step"] == 42
+    for step in ("../../../x/y", -1, 1.5, True):
+        config.write_text(json.dumps({**meta, "step": step}))
+        with pytest.raises(ConfigError, match=r'^ckpt: .*config.json: "step" is .*, not a step number$'):
+            load_model(tmp_path / "out", "cpu")

@@ -323,7 +323,7 @@ def test_activation_checkpointing_gives_the_same_gradients(mode, attention_outsi
         for block in checkpointed.layers:
             for name, module in (("attention", block.attention), ("ffn", block.feed_forward)):
                 # on entry: a recompute stops where it has what backward needs (early stop)
-                module.register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+                module.register_forward_pre_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
         tokens = torch.randint(0, MODEL.vocab_size, (2, SEQ))
         for _ in range(2):  # the second step runs FSDP2's hooks from their steady state
             for m in (model, checkpointed):
@@ -345,12 +345,13 @@ def test_activation_checkpointing_gives_the_same_gradients(mode, attention_outsi
 
 def test_attention_is_left_out_of_checkpoints_only_for_compiled_flex_in_eager_blocks(monkeypatch):
     module = importlib.import_module("lingua_mem.parallel.parallelize")
-    monkeypatch.setattr(module, "resolve_attention", lambda impl, device_type: "flex" if impl == "flex" else "xformers")
+    monkeypatch.setattr(module, "resolve_attention", lambda impl, _: "flex" if impl == "flex" else "xformers")
     doc_causal = build_model(model_args(replace(MODEL, attention="doc_causal"), MEMORY), "meta")
     doc_causal.attention_impl = "flex"
     full = DistributedConfig(activation_checkpointing="full")
     assert module.attention_outside_checkpoints(doc_causal, full, "cuda")
-    assert not module.attention_outside_checkpoints(doc_causal, replace(full, compile=True), "cuda")  # traced in
+    compiled = replace(full, compile=True)
+    assert not module.attention_outside_checkpoints(doc_causal, compiled, "cuda")  # traced into the block
     assert not module.attention_outside_checkpoints(doc_causal, DistributedConfig(), "cuda")  # no checkpoints
     assert not module.attention_outside_checkpoints(doc_causal, full, "cpu")  # eager flex: its op is seen
     doc_causal.attention_impl = "xformers"

@@ -269,6 +269,10 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
     (["time=2", "signal_seconds=120"], "time"),
     (["mem=lots"], "mem"),
     (["mem=64GB"], "mem"),
+    (["partition=gpu\n#SBATCH --nodes=64"], "partition"),  # would end the directives' lines
+    (["account=a b"], "account"),
+    (["job_name=x\ny"], "job_name"),
+    (["name=x\ny"], "name"),  # the job's name by default
     (["nodes=1", "gpus_per_node=8", "distributed.dp_replicate=3"], "distributed.dp_shard"),
     (["nodes=2", "gpus_per_node=4", "distributed.memory_parallel_size=3"],
      "distributed.memory_parallel_size"),

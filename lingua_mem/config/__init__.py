@@ -6,6 +6,7 @@ from lingua_mem.config.load import load_config, run_data_defaults, to_dict  # no
 from lingua_mem.config.schema import *  # noqa: F403 (the dataclasses, Literal types, model_args)
 from lingua_mem.config.validate import (  # noqa: F401
     EVAL_TASKS,
+    check_word,
     parse_tasks,
     validate,
     validate_eval,

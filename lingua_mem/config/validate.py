@@ -65,8 +65,18 @@ def _check_choice(value: str, key: str, literal) -> None:
     _check(value in options, key, f"{value!r} is not one of {', '.join(options)}")
 
 
+def check_word(value: str, key: str) -> None:
+    """`value` becomes a shell word, a #SBATCH value, a W&B name or part of a file name: one
+    word of printable characters (no whitespace, control character, quote or path separator
+    that would end its line or word, or leave its folder)."""
+    bad = next((c for c in value if not c.isprintable() or c.isspace() or c in "'\"`$;\\/"), None)
+    _check(bool(value) and bad is None, key, f"{value!r} must be one word of printable characters "
+           f"(no space, newline, quote, $, ;, \\ or /){'' if bad is None else f': it holds {bad!r}'}")
+
+
 def validate(cfg: TrainConfig) -> None:
     """A training config (train.py, the plan, the launcher)."""
+    check_word(cfg.name, "name")
     args = validate_model(cfg.model, cfg.memory, cfg.moe)
     _check(cfg.steps > 0, "steps", "must be positive")
     _check(cfg.log_every > 0, "log_every", "must be positive")

@@ -96,6 +96,9 @@ def inspect_checkpoint(ckpt: str | Path, tokenizer: TokenizerConfig) -> Checkpoi
     except ValueError as exc:  # ConfigError included: names the path or key
         raise ConfigError(f"ckpt: {exc}") from None
     step = int(path.name) if kind == "training" and path.name.isdigit() else meta.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        # it names the output file (evals/<step>.json): a path there would leave the folder
+        raise ConfigError(f"ckpt: {path / 'config.json'}: \"step\" is {step!r}, not a step number")
     tok_cfg = tokenizer_config(kind, meta, tokenizer, path)
     try:
         tok = build_tokenizer(tok_cfg)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lingua_mem.config import TrainConfig, load_config, to_dict
+from lingua_mem.config import TrainConfig, check_word, load_config, to_dict
 from lingua_mem.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: lingua_mem/, train.py, slurm/
@@ -105,6 +105,10 @@ def _check_launch(c: LaunchConfig) -> None:
          "(USR1) would be due before the job trains a step; give more time or a smaller signal_seconds")
     need(c.mem is None or _MEM.fullmatch(c.mem) is not None, "mem",
          f"{c.mem!r} is not a SLURM size (a number with an optional K, M, G or T suffix)")
+    for key in ("job_name", "partition", "account", "qos", "constraint", "exclude"):
+        value = getattr(c, key)  # a #SBATCH line's value: a newline would end the directives
+        if value is not None:
+            check_word(value, key)
 
 
 def split_args(argv: list[str]) -> tuple[list[str], list[str]]:
