@@ -89,3 +89,25 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+# bytes a value of a table holds on its rank beyond its fp32 weight, by optim.value_optimizer:
+# AdamW's two moments (and, over every row, a dense fp32 gradient); Adagrad's and SGD's are
+# per row or nothing
+_VALUE_STATE_BYTES = {"adamw": 12, "lazy_adamw": 8, "adagrad": 0, "sgd": 0}
+
+
+def table_bytes_per_rank(cfg: TrainConfig, world: int) -> int:
+    """The bytes the value tables take on each of `world` ranks (they are sharded over all of
+    them): fp32 weights, the value optimizer's state, and a bf16 copy where values compute in
+    bf16 (parallel/memory_parallel.py). Dense layers and activations not included."""
+    from lingua_mem.parallel.parallelize import value_dtype
+
+    args = model_args(cfg.model, cfg.memory, cfg.moe)
+    mem = args.memory
+    if not mem.layers or mem.kind not in ("pkm", "ultramem", "peer"):
+        return 0
+    tables = 1 if mem.shared_values else len(mem.layers)
+    per_value = 4 + _VALUE_STATE_BYTES.get(cfg.optim.value_optimizer, 12)
+    per_value += 2 if value_dtype(cfg.memory.value_compute_dtype, cfg.distributed) == "bf16" else 0
+    return tables * mem.n_values * mem.v_dim * per_value // max(world, 1)

@@ -534,3 +534,23 @@ def test_a_resume_with_another_value_optimizer_carries_its_state_or_is_refused(t
     monkeypatch.undo()
     last = run_inproc(tmp_path, "steps=4", "checkpoint.every=2", "optim.value_optimizer=lazy_adamw")
     assert last["step"] == 4 and ckpts(tmp_path) == ["0000000002", "0000000004"]
+
+
+@pytest.mark.parametrize("n_keys", [30000, 100_000_000])
+def test_a_table_larger_than_the_machine_is_refused_before_anything_is_made(tmp_path, n_keys):
+    with pytest.raises(ConfigError, match=rf"^memory.n_keys: the value tables \({n_keys**2:,} values x "
+                                          r"memory.v_dim 64, with optim.value_optimizer=adamw's state\) take "
+                                          r"[\d,.]+ GB here, more than this machine's [\d,.]+ GB of RAM; "):
+        run_inproc(tmp_path / "run", "steps=1", f"memory.n_keys={n_keys}")
+    assert not (tmp_path / "run").exists()  # no corpus generated, nothing built
+
+
+def test_table_bytes_count_weights_state_and_the_bf16_copy():
+    from lingua_mem.stats import table_bytes_per_rank
+
+    cfg = load_config(cli_args(Path("unused"), "memory.n_keys=100"))  # 10,000 values x 64, one table
+    assert table_bytes_per_rank(cfg, 1) == 10_000 * 64 * (4 + 12)  # fp32, AdamW's moments, dense grad
+    assert table_bytes_per_rank(cfg, 4) == 10_000 * 64 * 16 // 4
+    adagrad = load_config(cli_args(Path("unused"), "memory.n_keys=100", "optim.value_optimizer=adagrad",
+                                   "distributed.compute_dtype=bf16"))
+    assert table_bytes_per_rank(adagrad, 1) == 10_000 * 64 * (4 + 2)  # the bf16 copy values compute from

@@ -8,6 +8,7 @@ resume -> loop: train_step (step.py) -> divergence guard (guard.py) -> step repo
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -36,7 +37,7 @@ from lingua_mem.parallel.runtime import (
 )
 from lingua_mem.preemption import PreemptionFlag, requeue_slurm_job
 from lingua_mem.run_dir import check_writable, take_lock
-from lingua_mem.stats import model_stats
+from lingua_mem.stats import model_stats, table_bytes_per_rank
 from lingua_mem.train.evaluator import Evaluator
 from lingua_mem.train.guard import DivergenceGuard
 from lingua_mem.train.report import StepReport, TrainedCounts
@@ -64,6 +65,7 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool) -> dict:
     dims = meshes.dims
     on_rank_0(lambda: check_writable(cfg.dump_dir), is_main)  # before any work, creating nothing
+    check_tables_fit(cfg, dims.world_size, device)  # before the data is made or the model built
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     if tokenizer.n_words > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the "
@@ -104,6 +106,26 @@ class Run:
     guard: DivergenceGuard = None
     evaluator: Evaluator | None = None
     logger: MetricLogger | None = None
+
+
+def check_tables_fit(cfg: TrainConfig, world: int, device: torch.device) -> None:
+    """The value tables' bytes on each rank (stats.table_bytes_per_rank) against this
+    machine's memory (a GPU's; on the CPU the RAM, shared by the node's ranks): one line
+    naming the keys, before anything is built."""
+    need = table_bytes_per_rank(cfg, world)
+    if device.type == "cuda":
+        have, where = torch.cuda.mem_get_info(device)[1], f"{device} memory"
+    else:
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the node's ranks share its RAM
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "RAM"
+    if need > have:
+        mem = model_args(cfg.model, cfg.memory, cfg.moe).memory
+        optimizer = cfg.optim.value_optimizer
+        raise ConfigError(f"memory.n_keys: the value tables ({mem.n_values:,} values x memory.v_dim "
+                          f"{mem.v_dim}, with optim.value_optimizer={optimizer}'s state) take "
+                          f"{need / 1e9:,.1f} GB here, more than this machine's {have / 1e9:,.1f} GB "
+                          f"of {where}; lower memory.n_keys or memory.v_dim, or spread the tables over "
+                          "more ranks")
 
 
 def _build(cfg: TrainConfig, meshes: Meshes, device: torch.device, is_main: bool, loader) -> Run:
