@@ -17,6 +17,7 @@ Any other lock refuses the run: one line naming the holder, exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -26,11 +27,30 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from lingua_mem.errors import ConfigError
 
 LOCK = "run.lock"
+
+
+@contextlib.contextmanager
+def written_atomically(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside `path` (yielded) that becomes `path` by a rename when the block
+    ends without error, and is removed otherwise: a reader sees the old file or the whole new
+    one. Mode 0644, as every file the project writes (mkstemp makes 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def facts_dir(dump_dir: str | Path) -> Path:

@@ -151,3 +151,25 @@ def test_a_fresh_start_keeps_the_earlier_metrics(tmp_path):
     train(tiny(tmp_path, "log_every=1", "seed=3"))
     assert (tmp_path / "metrics.1.jsonl").read_text() == first
     assert (tmp_path / "metrics.jsonl").read_text() != first
+
+
+def test_files_written_atomically_are_0644_and_a_failed_write_leaves_the_old_one(tmp_path):
+    # eval's JSON, the usage files and the facts corpus: mkstemp's 0600 made them unreadable
+    # to the rest of a team (every other file the project writes is 0644)
+    import os
+    import stat
+
+    from lingua_mem.eval.runner import _write_json
+    from lingua_mem.run_dir import written_atomically
+
+    out = tmp_path / "evals" / "42.json"
+    _write_json(out, {"step": 42})
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644 and out.read_text() == '{\n  "step": 42\n}\n'
+    try:
+        with written_atomically(out) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert out.read_text() == '{\n  "step": 42\n}\n'
+    assert sorted(p.name for p in out.parent.iterdir()) == ["42.json"]  # no temporary left

@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
+
+from lingua_mem.run_dir import written_atomically
 
 VERSION = 3  # bump when the generator's output changes: ensure_facts regenerates
 
@@ -254,16 +254,8 @@ def _biographies(rng: random.Random, person: dict[str, str], docs: int) -> list[
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write to a unique temp file beside `path`, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="ascii", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with written_atomically(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
+        f.write(text)
 
 
 def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) -> dict:

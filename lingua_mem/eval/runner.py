@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
 from lingua_mem.eval.suite import default_sources, evaluate, prepare
 from lingua_mem.parallel import distributed_session
 from lingua_mem.parallel.runtime import on_rank_0
-from lingua_mem.run_dir import check_writable, dump_dir_of, facts_dir
+from lingua_mem.run_dir import check_writable, dump_dir_of, facts_dir, written_atomically
 
 
 def run(cfg: EvalCommandConfig) -> dict:
@@ -48,16 +46,8 @@ def _facts_dir(info: CheckpointInfo, dump_dir: Path | None, is_main: bool) -> Pa
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_atomically(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _run(cfg: EvalCommandConfig, meshes, device) -> dict:

@@ -4,14 +4,14 @@ writes a checkpoint's background usage is `python -m lingua_mem.eval.usage`."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from lingua_mem.run_dir import written_atomically
 
 FORMAT = "lingua_mem.memory_usage"
 
@@ -88,15 +88,8 @@ def save_usage(path: Path, usage: Usage) -> None:
         tensors[f"{key}.reads"] = usage.reads[key].cpu().contiguous()
         tensors[f"{key}.batches"] = usage.batches[key].cpu().contiguous()
     meta = {**usage.meta, "format": FORMAT, "n_batches": str(usage.n_batches), "tokens": str(usage.tokens)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with written_atomically(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
 
 
 def load_usage(path: str | Path, n_values: dict[str, int], key: str = "finetune.background") -> Usage:
