@@ -186,3 +186,20 @@ def test_the_license_file_is_the_one_pyproject_declares():
     assert declared == "MIT"
     text = (root / "LICENSE").read_text()
     assert text.startswith("MIT License\n") and "Permission is hereby granted, free of charge" in text
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("", "holds no settings (an empty file, or not a mapping)"),
+    ("# nothing but a comment\n", "holds no settings"),
+    ("- a\n- list\n", "holds no settings"),
+])
+def test_a_config_file_without_settings_is_refused(tmp_path, text, needle):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"^config: {path} {re.escape(needle)}"):
+        load_config([f"config={path}"])
+
+
+def test_a_config_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match=f"^config: {tmp_path} is a directory, not a YAML file$"):
+        load_config([f"config={tmp_path}"])

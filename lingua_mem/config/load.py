@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from lingua_mem.config.schema import TrainConfig
@@ -81,6 +81,8 @@ def load_config(args: list[str], schema: type = TrainConfig, check=validate, bas
             raise ConfigError(f"{_one_line(exc)} (in the run's config.yaml)") from None
     if yaml_path is not None:  # its errors name the file
         path = Path(yaml_path)
+        if path.is_dir():
+            raise ConfigError(f"config: {yaml_path} is a directory, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config: no such file {yaml_path}")
         try:
@@ -89,6 +91,8 @@ def load_config(args: list[str], schema: type = TrainConfig, check=validate, bas
             raise ConfigError(_yaml_error(yaml_path, exc)) from None
         except Exception as exc:  # unreadable, not text, ...
             raise ConfigError(f"config: cannot read {yaml_path}: {str(exc).splitlines()[0]}") from None
+        if not isinstance(layer, DictConfig) or not layer:  # it would train the defaults unasked
+            raise ConfigError(f"config: {yaml_path} holds no settings (an empty file, or not a mapping)")
         _check_sections(merged, layer, f"in {yaml_path}")
         try:
             merged = OmegaConf.merge(merged, layer)
