@@ -83,10 +83,15 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
 
 
 class SafeReader(FileSystemReader):
-    """DCP's file-system reader with its metadata read by read_dcp_metadata."""
+    """DCP's file-system reader with its metadata read by read_dcp_metadata (or `metadata`,
+    read so already: the file is read once)."""
+
+    def __init__(self, path: str | Path, metadata: Metadata | None = None):
+        super().__init__(str(path))
+        self.metadata = metadata
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
-        metadata = read_dcp_metadata(self.path)
+        metadata = self.metadata if self.metadata is not None else read_dcp_metadata(self.path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -136,9 +141,9 @@ def dcp_load(state: dict, path: str | Path, distributed: bool, partial: bool) ->
     from torch.distributed.checkpoint.api import CheckpointException
 
     path = Path(path)
-    read_dcp_metadata(path)  # a crafted .metadata is refused here, before DCP starts
+    metadata = read_dcp_metadata(path)  # a crafted .metadata is refused here, before DCP starts
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), no_dist=not distributed,
+        dcp.load(state, storage_reader=SafeReader(path, metadata), no_dist=not distributed,
                  planner=SafeLoadPlanner(allow_partial_load=partial, path=path))
     except CheckpointException as exc:  # a BaseException: each rank's error inside
         for failure in exc.failures.values():
