@@ -1,10 +1,15 @@
 """The knowledge experiment's command end to end on its tiny preset (two runs of four steps):
 the runs train and evaluate, the report, results and plots are written, and a rerun reads the
-finished runs back instead of training them again."""
+finished runs back instead of training them again. A SIGTERM to the command stops its run too
+(no process left behind) and the same command continues; a folder of another preset's run is
+refused, not read back."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +28,39 @@ def run_preset(preset: str, out: Path) -> subprocess.CompletedProcess:
     return proc
 
 
+def processes_naming(text: str) -> list[int]:
+    """The pids of the processes whose command line holds `text`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def stop_while_training(preset: str, out: Path) -> subprocess.CompletedProcess:
+    """Start the preset, send the command SIGTERM once its first run trains; its result."""
+    cmd = [sys.executable, "-m", "experiments.knowledge", "--preset", preset, "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any("step " in log.read_text() for log in out.glob("runs/*/train.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path):
-    proc = run_preset("tiny", tmp_path)
+    stopped = stop_while_training("tiny", tmp_path)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.stderr.startswith("error: stopped by SIGTERM: run d32_dense_lr0.003 stopped too")
+    assert stopped.stderr.count("\n") == 1 and "the same command continues" in stopped.stderr
+    assert processes_naming(str(tmp_path)) == []  # the run's train.py went with it: no lock held
+    assert not (tmp_path / "runs" / "d32_dense_lr0.003" / "result.json").exists()
+    proc = run_preset("tiny", tmp_path)  # continues
     assert "[2/2] d32_mem8_vlr0.01: recall EM " in proc.stdout and "ETA" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in results] == ["d32_dense_lr0.003", "d32_mem8_vlr0.01"]
@@ -46,7 +82,7 @@ def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path):
     # a rerun trains nothing: the finished runs are read back
     run_preset("tiny", tmp_path)
     assert json.loads((tmp_path / "results.json").read_text()) == results
-    assert (tmp_path / "runs" / "d32_dense_lr0.003" / "train.log").read_text().count("model:") == 1
+    assert (tmp_path / "runs" / "d32_dense_lr0.003" / "train.log").read_text().count("model:") == 2
 
 
 def test_equal_flops_reads_the_curves_between_evaluations():
@@ -77,6 +113,12 @@ def test_table1_tiny_runs_end_to_end_and_reports_over_seeds(tmp_path):
     assert abs(memory["train_flops"] - dense["train_flops"]) <= memory["train_flops"] / memory["steps"]
     assert "| memory+ | 1 |" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "table1.png").read_bytes()[:4] == b"\x89PNG"
+    # table1 into the same folder: its dense_seed0 is not table1_tiny's (one line, exit 2, kept)
+    cmd = [sys.executable, "-m", "experiments.knowledge", "--preset", "table1", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "runs/dense_seed0 holds another run (experiment 'table1_tiny' there, 'table1' here" in proc.stderr
+    assert json.loads((tmp_path / "runs" / "dense_seed0" / "result.json").read_text()) == dense
 
 
 COUNTS = [("table1", 18), ("scaling", 24), ("table1_gpu", 18), ("scaling_gpu", 27)]

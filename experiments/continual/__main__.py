@@ -20,9 +20,7 @@ from pathlib import Path
 from experiments.continual import run
 from experiments.continual.presets import PRESETS
 from experiments.continual.report import plot, write_report
-from experiments.train_process import RunFailed
-from lingua_mem.cli import fail
-from lingua_mem.config import ConfigError
+from experiments.train_process import experiment_main
 
 
 def main(argv: list[str]) -> int:
@@ -46,27 +44,24 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     say = lambda msg: print(f"[{(time.perf_counter() - started) / 60:5.1f} min] {msg}", flush=True)  # noqa: E731
-    try:
-        files = run.corpora(p, out)
-        say(f"corpora: A {p.people_a} people, B {p.people_b} people ({files['shared_people']} names in both: "
-            "their questions left out)")
-        say(f"pretraining on A ({p.pretrain_steps} steps) ...")
-        ckpt = run.pretrain(p, out, files)
-        usage = run.background(p, out, ckpt)
-        start = run.start_point(p, out, ckpt, files)
-        say(f"pretrained: A recall {start['a_recall']:.3f}, B recall {start['b_recall']:.3f}, held-out loss "
-            f"{start['heldout_loss']:.4f}; background usage {usage}")
-        results, finetuning = [], time.perf_counter()
-        for i, (m, lr) in enumerate(runs, 1):
-            r = run.finetune(p, out, m, lr, ckpt, usage, files, start)
-            results.append(r)
-            last = r["curve"][-1]
-            eta = (time.perf_counter() - finetuning) / i * (len(runs) - i)
-            say(f"[{i}/{len(runs)}] {r['name']}: B recall {last['b_recall']:.3f}, "
-                f"A recall {last['a_recall']:.3f}, "
-                f"held-out loss {last['heldout_loss']:.4f}, {r['seconds']:.0f} s; ETA {eta / 60:.1f} min")
-    except (RunFailed, ConfigError) as exc:
-        return fail(exc)
+    files = run.corpora(p, out)
+    say(f"corpora: A {p.people_a} people, B {p.people_b} people ({files['shared_people']} names in both: "
+        "their questions left out)")
+    say(f"pretraining on A ({p.pretrain_steps} steps) ...")
+    ckpt = run.pretrain(p, out, files)
+    usage = run.background(p, out, ckpt)
+    start = run.start_point(p, out, ckpt, files)
+    say(f"pretrained: A recall {start['a_recall']:.3f}, B recall {start['b_recall']:.3f}, held-out loss "
+        f"{start['heldout_loss']:.4f}; background usage {usage}")
+    results, finetuning = [], time.perf_counter()
+    for i, (m, lr) in enumerate(runs, 1):
+        r = run.finetune(p, out, m, lr, ckpt, usage, files, start)
+        results.append(r)
+        last = r["curve"][-1]
+        eta = (time.perf_counter() - finetuning) / i * (len(runs) - i)
+        say(f"[{i}/{len(runs)}] {r['name']}: B recall {last['b_recall']:.3f}, "
+            f"A recall {last['a_recall']:.3f}, "
+            f"held-out loss {last['heldout_loss']:.4f}, {r['seconds']:.0f} s; ETA {eta / 60:.1f} min")
     header = (f"# Continual-learning experiment, preset {p.name}\n\n{datetime.date.today()}, "
               f"{platform.node()} "
               f"({platform.machine()}), `python -m experiments.continual --preset {p.name} --out {out}`; "
@@ -90,4 +85,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(experiment_main(main, sys.argv[1:]))

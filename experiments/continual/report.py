@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments.run_record import write_file
+
 
 def at_b_recall(curve: list[dict], target: float, key: str) -> float | None:
     """`key` where the curve first reaches B recall `target` (linear between evaluations);
@@ -139,7 +141,7 @@ def write_report(results: list[dict], start: dict, out: Path, header: str) -> tu
     text = "\n\n".join([header, "## At matched learning", matched_table(target, best, start),
                         "## Every run (final evaluation)", runs_table(results)]) + "\n"
     path = out / "report.md"
-    path.write_text(text)
-    (out / "results.json").write_text(json.dumps({"start": start, "target": target, "matched": best,
-                                                  "runs": results}, indent=2) + "\n")
+    write_file(path, text)
+    write_file(out / "results.json", json.dumps({"start": start, "target": target, "matched": best,
+                                                 "runs": results}, indent=2) + "\n")
     return path, best, target

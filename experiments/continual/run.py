@@ -9,6 +9,9 @@ process, each done once (its output is read back when the command is run again):
     <out>/usage.safetensors        python -m lingua_mem.eval.usage on A's training data
     <out>/runs/pretrain/evals/     eval.py of the pretrained model: the finetunings' step 0
     <out>/runs/<method>_lr<x>/     train.py on B from the pretrained weights (result.json last)
+
+Each train.py run's folder records the preset, keys and code it trains with (run.json,
+run_record.py): a folder recorded for anything else is refused, not reused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments import run_record
 from experiments.continual.presets import FULL_VALUE_LR_RATIO, Method, Preset
 from experiments.train_process import RunFailed, run_logged
 from lingua_mem.config import load_config
@@ -29,9 +33,25 @@ def _people(path: Path) -> set[str]:
     return {json.loads(line)["person"] for line in path.read_text().splitlines() if line.strip()}
 
 
+def pretrain_keys(p: Preset) -> list[str]:
+    """The pretraining's keys, but for its paths (those follow from --out)."""
+    return [*BASE, *p.model, *p.pretrain, "name=pretrain", f"steps={p.pretrain_steps}",
+            f"data.facts.people={p.people_a}", "data.facts.seed=0",
+            f"checkpoint.every={p.pretrain_steps}", "checkpoint.keep_last=1",
+            # A's learning curve (evaluating does not change the training)
+            f"eval.every={max(1, p.pretrain_steps // 4)}", "eval.tasks=val,facts_qa",
+            "eval.sources.recall.kind=qa", f"eval.max_questions={p.max_questions}"]
+
+
+def claim_pretrain(p: Preset, out: Path) -> None:
+    """The pretraining's folder is this preset's (before A's corpus is written into it)."""
+    run_record.claim(out / "runs" / "pretrain", run_record.identity(f"continual:{p.name}", pretrain_keys(p)))
+
+
 def corpora(p: Preset, out: Path) -> dict[str, Path]:
     """A and B, and their recall questions without the people both corpora name (a name in
     both would be taught two sets of facts: neither question would measure what it means to)."""
+    claim_pretrain(p, out)
     a = ensure_facts(out / "runs" / "pretrain" / "data" / "facts", p.people_a, 0)  # where train.py reads it
     b = ensure_facts(out / "data" / "B", p.people_b, 1)
     shared = _people(a / "recall.jsonl") & _people(b / "recall.jsonl")
@@ -41,9 +61,7 @@ def corpora(p: Preset, out: Path) -> dict[str, Path]:
         if not target.is_file():
             lines = [line for line in (corpus / "recall.jsonl").read_text().splitlines()
                      if line.strip() and json.loads(line)["person"] not in shared]
-            tmp = target.with_suffix(".tmp")
-            tmp.write_text("\n".join(lines) + "\n")
-            tmp.replace(target)
+            run_record.write_file(target, "\n".join(lines) + "\n")
         files[name] = target
     return files
 
@@ -60,17 +78,12 @@ def pretrain(p: Preset, out: Path, files: dict) -> Path:
     """The pretrained model's checkpoint (trained on A unless it is there)."""
     dump = out / "runs" / "pretrain"
     ckpt = dump / "checkpoints" / f"{p.pretrain_steps:010d}"
+    facts = files["A"]
+    argv = [*pretrain_keys(p), f"dump_dir={dump}", f"eval.sources.val.path={facts / 'val.jsonl'}",
+            f"eval.sources.recall.path={facts / 'recall.jsonl'}"]
+    load_config(argv)  # a bad key fails here, before the run starts
+    claim_pretrain(p, out)
     if not (ckpt / "manifest.json").is_file():
-        facts = files["A"]
-        argv = [*BASE, *p.model, *p.pretrain, f"dump_dir={dump}", "name=pretrain",
-                f"steps={p.pretrain_steps}", f"data.facts.people={p.people_a}", "data.facts.seed=0",
-                f"checkpoint.every={p.pretrain_steps}", "checkpoint.keep_last=1",
-                # A's learning curve (evaluating does not change the training)
-                f"eval.every={max(1, p.pretrain_steps // 4)}", "eval.tasks=val,facts_qa",
-                f"eval.sources.val.path={facts / 'val.jsonl'}",
-                f"eval.sources.recall.path={facts / 'recall.jsonl'}",
-                "eval.sources.recall.kind=qa", f"eval.max_questions={p.max_questions}"]
-        load_config(argv)
         run_logged(["train.py", *argv], dump / "train.log", "pretraining")
     return ckpt
 
@@ -108,20 +121,20 @@ def finetune(p: Preset, out: Path, method: Method, lr: float, ckpt: Path, usage:
     """One finetuning of the pretrained model on B; its evaluation curve from step 0."""
     name = run_name(method, lr)
     dump = out / "runs" / name
-    done = dump / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     rates = [f"{method.lr_key}={lr:g}"]
     if method.mode == "full":  # the value tables train too, at pretraining's ratio of rates
         rates.append(f"optim.value_lr={lr * FULL_VALUE_LR_RATIO:g}")
     if method.mode == "sparse_memory":
         rates.append(f"finetune.background={usage}")
-    argv = [*BASE, *p.model, f"dump_dir={dump}", f"name={name}", f"steps={p.finetune_steps}",
-            f"checkpoint.init_from={ckpt}", f"finetune.mode={method.mode}", *method.overrides, *rates,
-            f"data.sources.b.path={files['B'] / 'train.jsonl'}", "optim.warmup=0", "optim.scheduler=constant",
-            f"eval.every={max(1, p.finetune_steps // p.evals)}", "eval.tasks=val,facts_qa",
-            *eval_keys(p, files)]
+    keys = [*BASE, *p.model, f"name={name}", f"steps={p.finetune_steps}", f"finetune.mode={method.mode}",
+            *method.overrides, *rates, "optim.warmup=0", "optim.scheduler=constant",
+            f"eval.every={max(1, p.finetune_steps // p.evals)}", "eval.tasks=val,facts_qa"]
+    argv = [*keys, f"dump_dir={dump}", f"checkpoint.init_from={ckpt}",
+            f"data.sources.b.path={files['B'] / 'train.jsonl'}", *eval_keys(p, files)]
     cfg = load_config(argv)  # a bad key fails here, before the run starts
+    run_record.claim(dump, run_record.identity(f"continual:{p.name}", keys))
+    if (done := run_record.read_done(dump)) is not None:
+        return done
     if (dump / "metrics.jsonl").exists():  # an interrupted run (no checkpoints): again from its start
         (dump / "metrics.jsonl").unlink()
     seconds = run_logged(["train.py", *argv], dump / "train.log", f"run {name}")
@@ -135,5 +148,5 @@ def finetune(p: Preset, out: Path, method: Method, lr: float, ckpt: Path, usage:
               "tokens": cfg.steps * cfg.data.batch_size * cfg.data.seq_len, "seconds": seconds,
               "train_loss": trainable[-1]["loss"], "curve": curve,
               "rows_updated": trainable[-1].get("finetune/rows_updated")}
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    run_record.write_done(dump, result)
     return result

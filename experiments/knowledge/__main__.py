@@ -24,9 +24,8 @@ from experiments.knowledge import families, plan
 from experiments.knowledge.compare import run_comparison
 from experiments.knowledge.presets import PRESETS
 from experiments.knowledge.report import headline, plots, write_report
-from experiments.knowledge.run import RunFailed, train_run
-from lingua_mem.cli import fail
-from lingua_mem.config import ConfigError
+from experiments.knowledge.run import train_run
+from experiments.train_process import experiment_main
 
 
 def n_runs(p) -> int:
@@ -61,7 +60,7 @@ def main(argv: list[str]) -> int:
     def do(run: plan.Run) -> dict:
         i = len(results) + 1
         print(f"[{i}/{total}] {run.name} ...", flush=True)
-        r = train_run(run, base, out)
+        r = train_run(run, base, out, p.name)
         results.append(r)
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (total - i)
@@ -70,14 +69,11 @@ def main(argv: list[str]) -> int:
               f"{r['seconds']:.0f} s; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
         return r
 
-    try:
-        for size_index, s in enumerate(p.sizes):
-            lr = plan.best([do(r) for r in plan.dense_runs(p, s)])["lr"]
-            vlr = plan.best([do(r) for r in plan.value_lr_runs(p, s, lr)])["value_lr"]
-            for r in plan.memory_runs(p, s, lr, vlr, ablate=size_index < p.ablation_sizes):
-                do(r)
-    except (RunFailed, ConfigError) as exc:
-        return fail(exc)
+    for size_index, s in enumerate(p.sizes):
+        lr = plan.best([do(r) for r in plan.dense_runs(p, s)])["lr"]
+        vlr = plan.best([do(r) for r in plan.value_lr_runs(p, s, lr)])["value_lr"]
+        for r in plan.memory_runs(p, s, lr, vlr, ablate=size_index < p.ablation_sizes):
+            do(r)
     header = (f"# Knowledge experiment, preset {p.name}\n\n{datetime.date.today()}, {platform.node()} "
               f"({platform.machine()}), `python -m experiments.knowledge --preset {p.name} --out {out}`, "
               f"{(time.perf_counter() - started) / 60:.1f} min. {p.people} people ({6 * p.people} facts), "
@@ -93,22 +89,19 @@ def main(argv: list[str]) -> int:
 
 
 def compare(c: families.Comparison, out: str | None, dry_run: bool) -> int:
-    try:
-        runs = families.runs(c)
-        if dry_run:
-            tokens = c.batch_size * c.seq_len
-            print(f"preset {c.name}: {len(runs)} runs ({len(c.seeds)} seeds) of {tokens} tokens a step on "
-                  f"{c.people} people's facts, base {c.base.name} x {c.base.n_layers}; expected "
-                  f"{c.expected_minutes:g} min on {c.machine}")
-            for run in runs:
-                print(f"  {run.name}: {' '.join(run.overrides)}")
-            return 0
-        written = run_comparison(c, Path(out or f"dumps/knowledge/{c.name}"))
-    except (RunFailed, ConfigError) as exc:
-        return fail(exc)
+    runs = families.runs(c)
+    if dry_run:
+        tokens = c.batch_size * c.seq_len
+        print(f"preset {c.name}: {len(runs)} runs ({len(c.seeds)} seeds) of {tokens} tokens a step on "
+              f"{c.people} people's facts, base {c.base.name} x {c.base.n_layers}; expected "
+              f"{c.expected_minutes:g} min on {c.machine}")
+        for run in runs:
+            print(f"  {run.name}: {' '.join(run.overrides)}")
+        return 0
+    written = run_comparison(c, Path(out or f"dumps/knowledge/{c.name}"))
     print(f"wrote {', '.join(map(str, written))}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(experiment_main(main, sys.argv[1:]))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from experiments.knowledge.families import Comparison, common, runs
 from experiments.knowledge.run import train_run
+from experiments.run_record import write_file
 
 MEASURES = (("recall_em", "recall EM"), ("qa_em", "QA EM"), ("val_loss", "val loss"))
 
@@ -107,21 +108,21 @@ def run_comparison(c: Comparison, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     for i, run in enumerate(plan, 1):
         print(f"[{i}/{len(plan)}] {run.name} ...", flush=True)
-        r = train_run(run, base, out)
+        r = train_run(run, base, out, c.name)
         results.append(r)
         elapsed = time.perf_counter() - started
         print(f"[{i}/{len(plan)}] {run.name}: recall EM {r['recall_em']:.3f}, QA EM {r['qa_em']:.3f}, "
               f"val loss {r['val_loss']:.3f}, {r['seconds']:.0f} s; elapsed {elapsed / 60:.1f} min, "
               f"ETA {elapsed / i * (len(plan) - i) / 60:.1f} min", flush=True)
     rows = summarise(results)
-    (out / "results.json").write_text(json.dumps({"runs": results, "groups": rows}, indent=2) + "\n")
+    write_file(out / "results.json", json.dumps({"runs": results, "groups": rows}, indent=2) + "\n")
     header = (f"# Knowledge experiment, preset {c.name}\n\n{datetime.date.today()}, {platform.node()} "
               f"({platform.machine()}), `python -m experiments.knowledge --preset {c.name} --out {out}`, "
               f"{(time.perf_counter() - started) / 60:.1f} min. {c.people} people ({6 * c.people} facts); "
               f"base {c.base.name} x {c.base.n_layers} layers; {c.batch_size} x {c.seq_len} tokens a step; "
               f"seeds {', '.join(map(str, c.seeds))}.")
     report = out / "report.md"
-    report.write_text(f"{header}\n\n{table(rows)}\n")
+    write_file(report, f"{header}\n\n{table(rows)}\n")
     picture = plot(c, rows, out)
     print(table(rows))
     return [report, out / "results.json", picture]

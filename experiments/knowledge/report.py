@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments.run_record import write_file
+
 
 def at_flops(curve: list[dict], flops: float, key: str = "recall_em") -> float:
     """`key` of an evaluation curve at `flops` training FLOPs (linear between points; 0 before
@@ -117,7 +119,7 @@ def plots(results: list[dict], out: Path) -> list[Path]:
 
 def write_report(results: list[dict], out: Path, header: str) -> Path:
     """out/report.md (the tables and headline) and out/results.json."""
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_file(out / "results.json", json.dumps(results, indent=2) + "\n")
     lines = [header, "", "## Runs", "", table(results), "", "## Equal training FLOPs", "",
              "| measure | size | best dense | best memory | FLOPs | dense EM | memory EM | memory / dense |",
              "|---|---|---|---|---|---|---|---|"]
@@ -130,5 +132,5 @@ def write_report(results: list[dict], out: Path, header: str) -> Path:
     if memory:
         lines += ["", "## Memory reads (the last evaluation's val tokens)", "", memory_table(memory)]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    write_file(report, "\n".join(lines) + "\n")
     return report

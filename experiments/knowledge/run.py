@@ -1,7 +1,9 @@
 """Train one run of the plan (train.py in its own process) and read its results back.
 
     <out>/runs/<name>/          the run's dump dir (metrics.jsonl, checkpoints, train.log)
-    <out>/runs/<name>/result.json   written last: a run with it is done and is not run again
+    <out>/runs/<name>/run.json      the preset, keys and code it trains with (run_record.py):
+                                    a folder recorded for anything else is refused, not reused
+    <out>/runs/<name>/result.json   written last, atomically: the run is done, not run again
 
 A failed run stops the experiment with one line naming its log; rerunning the same command
 continues (train.py resumes a run from its checkpoint, and finished runs are skipped).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from experiments import run_record
 from experiments.knowledge.plan import Run
 from experiments.train_process import RunFailed, run_logged
 from lingua_mem.config import load_config
@@ -20,21 +23,22 @@ from lingua_mem.stats import config_stats
 __all__ = ["RunFailed", "read_result", "train_run"]
 
 
-def train_run(run: Run, base: list[str], out: Path) -> dict:
-    """The run's result (reads result.json when it is already done)."""
+def train_run(run: Run, base: list[str], out: Path, experiment: str) -> dict:
+    """The run's result (reads result.json when it is already done). `experiment`: the preset
+    it belongs to; with the keys, part of what a reused folder must have recorded."""
     dump = out / "runs" / run.name
-    done = dump / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     facts = dump / "data" / "facts"  # where the run writes its corpus (the same one in every run)
     argv = [*base, *run.overrides, f"dump_dir={dump}", f"name={run.name}",
             f"eval.sources.val.path={facts / 'val.jsonl'}",
             f"eval.sources.qa.path={facts / 'qa.jsonl'}", "eval.sources.qa.kind=qa",
             f"eval.sources.recall.path={facts / 'recall.jsonl'}", "eval.sources.recall.kind=qa"]
     cfg = load_config(argv)  # a bad key fails here, before any run starts
+    run_record.claim(dump, run_record.identity(experiment, [*base, *run.overrides]))
+    if (result := run_record.read_done(dump)) is not None:
+        return result
     seconds = run_logged(["train.py", *argv], dump / "train.log", f"run {run.name}")
     result = read_result(run, cfg, dump, seconds)
-    done.write_text(json.dumps(result, indent=2) + "\n")
+    run_record.write_done(dump, result)
     return result
 
 

@@ -24,7 +24,9 @@ from pathlib import Path
 from experiments.knowledge import plan
 from experiments.knowledge.compare import mean_se
 from experiments.knowledge.presets import PRESETS
-from experiments.knowledge.run import RunFailed, train_run
+from experiments.knowledge.run import train_run
+from experiments.run_record import write_file
+from experiments.train_process import experiment_main
 from lingua_mem.cli import fail
 
 OPTIMIZERS = ("adamw", "lazy_adamw", "adagrad")
@@ -75,10 +77,7 @@ def main(argv: list[str]) -> int:
     base, rows, started = plan.common(p), [], time.perf_counter()
     for i, run in enumerate(runs, 1):
         print(f"[{i}/{len(runs)}] {run.name} ...", flush=True)
-        try:
-            r = train_run(run, base, out)
-        except RunFailed as exc:
-            return fail(str(exc))
+        r = train_run(run, base, out, f"value_optimizers:{p.name}")
         keys = dict(o.split("=", 1) for o in run.overrides)
         rows.append((run.n_keys**2, keys["optim.value_lr"], keys["optim.value_optimizer"], keys["seed"],
                      r["recall_em"], r["qa_em"], r["val_loss"], r["seconds"]))
@@ -100,10 +99,10 @@ def main(argv: list[str]) -> int:
         cells = [_mean_se([g[i] for g in got]) for i in range(3)]
         lines.append(f"| {v:,} | {vlr} | {opt} | {len(got)} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
-    (out / "value_optimizers.md").write_text(text)
+    write_file(out / "value_optimizers.md", text)
     print(text, end="")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(experiment_main(main, sys.argv[1:]))
