@@ -44,6 +44,7 @@ def test_defaults_yaml_then_dotlist(tmp_path):
     (["checkpoint.every=-1"], "checkpoint.every"),
     (["optim.clip=-1"], "optim.clip"),
     (["name='run\n#SBATCH --nodes=64'"], "name"),  # a #SBATCH job name, a W&B name, file names
+    (["name=.."], "name"),  # would name the folder above (an experiment's runs/<name>, the run's files)
     (["name=../elsewhere"], "name"),
 ])
 def test_bad_config_names_the_key(args, needle):

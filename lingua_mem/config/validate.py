@@ -68,8 +68,9 @@ def _check_choice(value: str, key: str, literal) -> None:
 def check_word(value: str, key: str) -> None:
     """`value` becomes a shell word, a #SBATCH value, a W&B name or part of a file name: one
     word of printable characters (no whitespace, control character, quote or path separator
-    that would end its line or word, or leave its folder)."""
+    that would end its line or word, or leave its folder; not "." or "..")."""
     bad = next((c for c in value if not c.isprintable() or c.isspace() or c in "'\"`$;\\/"), None)
+    _check(value not in (".", ".."), key, f"{value!r} would name the folder it is in, or the one above")
     _check(bool(value) and bad is None, key, f"{value!r} must be one word of printable characters "
            f"(no space, newline, quote, $, ;, \\ or /){'' if bad is None else f': it holds {bad!r}'}")
 
