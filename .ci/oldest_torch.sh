@@ -35,4 +35,4 @@ export LD_LIBRARY_PATH="$PWD/$venv/cuda-stubs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PAT
 print('oldest_torch: torch', torch.__version__, 'from', torch.__file__)"
 "$venv/bin/python" -m pytest -q -n 2 --dist loadfile -p no:cacheprovider \
   tests/test_memory.py tests/test_value_optim.py tests/test_parallel.py tests/test_checkpoint.py \
-  tests/test_eval.py tests/test_kernels.py
+  tests/test_eval.py tests/test_kernels.py tests/test_format.py

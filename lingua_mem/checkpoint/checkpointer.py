@@ -8,7 +8,8 @@ commit, retention, async save, resume with fallback, and init_from.
                             trained
     config.yaml             the run's full config
     meta.json               step, world size, layout
-    manifest.json           size and CRC32 of every file above; written last
+    manifest.json           format (records.CHECKPOINT_FORMAT), size and CRC32 of every file
+                            above; written last
   0000000300.tmp/           being written; renamed to 0000000300/ by rank 0 once every rank is done
   0000000100.corrupt/       failed to load; set aside (kept) by the resume that fell back
 """
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lingua_mem.checkpoint.records import (
+    CHECKPOINT_FORMAT,
     MANIFEST,
     CheckpointError,
     check_model_shapes,
@@ -354,7 +356,7 @@ class Checkpointer:
         for p in sorted(tmp.iterdir()):
             if p.is_file() and p.name not in files:  # .metadata, config.yaml, meta.json
                 files[p.name] = {"size": p.stat().st_size, "crc32": file_crc32(p)}
-        manifest = {"step": step, "files": dict(sorted(files.items()))}
+        manifest = {"format": CHECKPOINT_FORMAT, "step": step, "files": dict(sorted(files.items()))}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for name in ("config.yaml", "meta.json", MANIFEST, ".metadata"):
             _fsync(tmp / name)

@@ -23,11 +23,27 @@ from lingua_mem.errors import ConfigError
 from lingua_mem.model.args import ModelArgs, validate_args
 
 MANIFEST = "manifest.json"
+# The checkpoint format this version writes, recorded as manifest.json's "format". Every
+# format up to it is read; a newer one is refused in one line (it is not corrupt: an older
+# lingua_mem cannot know what it holds). A change to what a checkpoint holds or how it is read
+# gets the next number, a line here, and a fixture in tests/fixtures/ (tests/test_format.py).
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMATS = {
+    0: "no 'format' in the manifest (before 2026-12-07): read as format 1, but numpy's RNG state "
+       "is an array in the train state (read through numpy's allowed globals)",
+    1: "DCP of {'model', 'optim'}; train_state_<rank>.pt of plain data (numpy's RNG state as lists); "
+       "config.yaml, meta.json; manifest.json with 'format', 'step', size and CRC32 of every file",
+}
 
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded (truncated, corrupt, missing files); names the file."""
+
+
+
+class NewerFormat(ConfigError):
+    """A checkpoint written in a format newer than this version reads: not corrupt, refused."""
 
 
 
@@ -58,7 +74,7 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> None:
     resume and init_from, eval, consolidate, export-hf, the usage count): not a folder
     training set aside (*.corrupt), a manifest, and this rank's share of the files against
     it (all sizes; CRC32 of files rank, rank + world, ...). CheckpointError names the first
-    fault in one line."""
+    fault in one line; NewerFormat (a ConfigError: not corrupt) a format this version cannot read."""
     if not path.is_dir():
         raise CheckpointError(missing_checkpoint(path))
     if ".corrupt" in path.name:
@@ -67,9 +83,11 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> None:
         raise CheckpointError(f"{path}: no {MANIFEST} (a save that never finished, or not a training "
                               "checkpoint); not read")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError) as exc:
+        written = json.loads((path / MANIFEST).read_text())
+        manifest = written["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / MANIFEST}: unreadable manifest ({exc})") from None
+    check_format(path, written.get("format", 0))
     for i, (name, entry) in enumerate(sorted(manifest.items())):
         f = path / name
         if not f.is_file():
@@ -79,6 +97,14 @@ def verify(path: Path, rank: int = 0, world: int = 1) -> None:
                                   "(truncated?)")
         if i % world == rank and file_crc32(f) != entry["crc32"]:
             raise CheckpointError(f"{f}: CRC32 mismatch (corrupt)")
+
+
+def check_format(path: Path, written: object) -> None:
+    """NewerFormat unless this version reads checkpoint format `written` (of `path`)."""
+    if isinstance(written, int) and not isinstance(written, bool) and 0 <= written <= CHECKPOINT_FORMAT:
+        return
+    raise NewerFormat(f"{path}: checkpoint format {written!r}, newer than this lingua_mem reads (formats 0 "
+                      f"to {CHECKPOINT_FORMAT}): load it with the version that wrote it, or a later one")
 
 
 def missing_checkpoint(path: Path) -> str:
