@@ -73,7 +73,7 @@ def usage_file(checkpoint: str | Path, training: bool) -> Path:
     return checkpoint / "memory_usage.safetensors"
 
 
-def check_output(out: str | Path, reads: list[str | Path], key: str = "--out") -> None:
+def check_output(out: str | Path, reads: list[str | Path], key: str = "--out", replaces: bool = True) -> None:
     """Refuse (ValueError, one line naming `key`) an output a command would write, or replace
     with --force, that
       - is, contains or lies inside anything the command reads (`reads`);
@@ -81,23 +81,28 @@ def check_output(out: str | Path, reads: list[str | Path], key: str = "--out") -
         a live run's (retention prunes what is there; a sibling step is another checkpoint);
       - is or contains a run's dump dir while it holds run.lock (a run is training there).
     A folder of its own inside a dump dir (memory_usage/, exports/) is fine: training never
-    touches it. Checked before anything is written or removed."""
+    touches it. `replaces=False`: a command that only adds its own files to `out` (eval.py's
+    evals/<step>.json), so only an output that is or lies inside a checkpoints/ folder is
+    refused (writing beside what it reads, or into a live run's dump dir, destroys nothing).
+    Checked before anything is written or removed."""
     target = Path(out).resolve()
     guarded = []  # (path, why, whether an output inside it is refused too)
     for path in map(Path, reads):
-        guarded.append((path.resolve(), "which this command reads", True))
+        if replaces:
+            guarded.append((path.resolve(), "which this command reads", True))
         if path.parent.name == "checkpoints":
             guarded.append((path.parent.resolve(), "a run's checkpoints, which retention prunes", True))
     locks = [d / LOCK for d in (target, *target.parents)]
     if target.is_dir():
         locks += list(target.rglob(LOCK))
     for lock in filter(Path.is_file, locks):
-        guarded.append((lock.parent, f"the dump dir of a live run ({LOCK})", False))
+        if replaces:
+            guarded.append((lock.parent, f"the dump dir of a live run ({LOCK})", False))
         guarded.append((lock.parent / "checkpoints", "a live run's checkpoints (retention prunes)", True))
     for path, why, inside_too in guarded:
         if target == path:
             where = "is"
-        elif path.is_relative_to(target):
+        elif replaces and path.is_relative_to(target):
             where = "contains"
         elif inside_too and target.is_relative_to(path):
             where = "lies inside"

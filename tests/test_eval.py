@@ -152,6 +152,18 @@ def test_bad_input_is_one_line_and_exit_2(trained, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.parametrize("inside", [".", "evals", "../0000000004/evals", ".."])
+def test_an_out_inside_a_runs_checkpoints_is_refused(trained, inside, capsys):
+    """Retention would remove it with the checkpoint (or beside it); nothing is evaluated."""
+    ckpt = checkpoint_dir(trained, 8)
+    out = (ckpt / inside).resolve()
+    assert eval_main(f"ckpt={ckpt}", f"out={out}", "tasks=val") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "a run's checkpoints, which retention prunes; choose another out" in err
+    assert not (out / "evals").exists()
+
+
 def test_a_tokenizer_the_model_cannot_embed_is_one_line_and_exit_2(tmp_path, capsys):
     from safetensors.torch import save_file
 

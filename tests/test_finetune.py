@@ -280,6 +280,11 @@ def test_three_modes_from_train_py_and_a_sparse_resume(pretrained, tmp_path):
                          "finetune.lora.targets")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             load_config(cli_args(tmp_path / "bad", *args))
+    other = shutil.copytree(pretrained, tmp_path / "other" / "checkpoints" / pretrained.name)
+    with pytest.raises(ConfigError, match=re.escape(f"finetune.background: {background} counts the reads of "
+                                                    f"{pretrained}, and this run starts from "
+                                                    f"checkpoint.init_from={other}")):
+        load_config(cli_args(tmp_path / "bad", f"checkpoint.init_from={other}", *sparse))
     proc = run_cli(tmp_path / "bad", f"checkpoint.init_from={pretrained}", "steps=1", *sparse[:1],
                    f"finetune.background={pretrained / 'meta.json'}")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "meta.json: unreadable" in proc.stderr

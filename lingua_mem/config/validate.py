@@ -229,8 +229,25 @@ def validate_finetune(cfg: TrainConfig) -> None:
         _check(bool(f.background), "finetune.background", "required for sparse_memory: the background read "
                "counts (python -m lingua_mem.eval.usage ckpt=... out=...)")
         _check(Path(f.background).is_file(), "finetune.background", f"no such file {f.background}")
+        counted, start = _counted_checkpoint(f.background), cfg.checkpoint.init_from
+        _check(counted is None or start is None or Path(counted).resolve() == Path(start).resolve(),
+               "finetune.background", f"{f.background} counts the reads of {counted}, and this run starts "
+               f"from checkpoint.init_from={start}: count that model's (python -m lingua_mem.eval.usage "
+               f"ckpt={start} out=...)")
         _check(not cfg.distributed.compile, "distributed.compile", "cannot be used with "
                "finetune.mode=sparse_memory (its read counts hook the memory layers in eager code)")
+
+
+def _counted_checkpoint(usage_file: str) -> str | None:
+    """The checkpoint whose reads a usage file counts (its metadata's "ckpt"), or None when it
+    does not say (or is no safetensors file: reading it says so later, in one line)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(usage_file, framework="numpy") as f:
+            return (f.metadata() or {}).get("ckpt")
+    except Exception:  # noqa: BLE001 (safetensors raises its own kinds for a bad header)
+        return None
 
 
 def validate_checkpoint(c: CheckpointConfig) -> None:

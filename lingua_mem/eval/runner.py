@@ -15,7 +15,7 @@ from lingua_mem.eval.load import CheckpointInfo, inspect_checkpoint, load_model
 from lingua_mem.eval.suite import default_sources, evaluate, prepare
 from lingua_mem.parallel import distributed_session
 from lingua_mem.parallel.runtime import on_rank_0
-from lingua_mem.run_dir import check_writable, dump_dir_of, facts_dir, written_atomically
+from lingua_mem.run_dir import check_output, check_writable, dump_dir_of, facts_dir, written_atomically
 
 
 def run(cfg: EvalCommandConfig) -> dict:
@@ -68,8 +68,9 @@ def _run(cfg: EvalCommandConfig, meshes, device) -> dict:
 
     def writable():
         try:
+            check_output(out, [info.path], key="out", replaces=False)  # not inside checkpoints/
             check_writable(out)
-        except ConfigError as exc:
+        except ValueError as exc:  # ConfigError included
             raise ConfigError(str(exc).replace("dump_dir", "out", 1)) from None
 
     on_rank_0(writable, is_main)
