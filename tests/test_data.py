@@ -383,7 +383,7 @@ def test_parquet_source(tmp_path):
     d.mkdir()
     write_parquet(d / "a.parquet", [f"p{i}" for i in range(4)] + [None] + [f"p{i}" for i in range(5, 10)])
     write_parquet(d / "b.parquet", [1, 2])  # not strings: skipped
-    write_parquet(d / "c.parquet", ["x", "y"], field="body")  # no text column: skipped
+    write_parquet(d / "c.parquet", ["x", "y"], field="body")  # no text column: skipped, one warning
     (d / "d.parquet").write_bytes(b"PAR1 truncated garbage")  # unreadable: one bad record
     write_parquet(d / "e.parquet", ["last"])
     write_parquet(d / "f.parquet", [])  # an empty file
@@ -393,7 +393,7 @@ def test_parquet_source(tmp_path):
     assert isinstance(src, ParquetSource) and len(src.files) == 6
     expected = [f"p{i}" for i in range(10) if i != 4] + ["last"]
     assert read_all(src, 10) == expected
-    assert src.skipped == 1 + 2 + 2 + 1
+    assert src.skipped == 1 + 2 + 1 + 1
     assert src.next_text() == "p0" and src.epoch == 1
     # resume from every position: the same next documents (row groups of 3 rows are skipped over)
     ref = open_source("pq", cfg)
@@ -408,7 +408,23 @@ def test_parquet_source(tmp_path):
                           BytesTokenizer(), str(tmp_path))
     assert docs_in(stream_of(take(loader, 4)))[:9] == expected[:9]
     epochs = loader.sources[0].epoch
-    assert epochs >= 1 and loader.skipped["pq"] in (6 * epochs, 6 * epochs + 6)
+    assert epochs >= 1 and loader.skipped["pq"] in (5 * epochs, 5 * epochs + 5)
+
+
+def test_a_parquet_source_without_its_text_column_names_the_columns(tmp_path, capsys):
+    d = tmp_path / "pq"
+    d.mkdir()
+    write_parquet(d / "a.parquet", ["x", "y"], field="body")
+    write_parquet(d / "b.parquet", ["z"], field="content")
+    with pytest.raises(ConfigError) as exc:
+        open_source("web", SourceConfig(path=str(d)))
+    assert str(exc.value) == (f"data.sources.web.text_field: 'text' is not a column of {d / 'a.parquet'} "
+                              "(its columns: body), nor of the other 1 file(s)")
+    src = open_source("web", SourceConfig(path=str(d), text_field="content"))  # the right column
+    assert src.next_text() == "z"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: data.sources.web: skipped the rest of {d / 'a.parquet'}: no column 'content' "
+                   "(its columns: body)"]
 
 
 def test_text_source(tmp_path):

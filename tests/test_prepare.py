@@ -162,7 +162,8 @@ def test_parquet_hf_and_text_inputs(tmp_path):
     s = prep.prepare([str(tmp_path / "a.parquet"), str(tmp_path / "b.parquet")], str(tmp_path / "pq"),
                      chunks=2, val_docs=10, seed=3, text_field="content")
     assert (s["documents"], s["val_docs"], s["chunk_docs"]) == (299, 10, [144, 145])
-    assert s["skipped"] == {"no_text": 3}  # the null, and both rows of b (no "content" column)
+    assert s["skipped"] == {"no_text": 1, "bad_file": 1}  # the null; b, which has no "content" column
+    assert s["bad_files"] == [f"{tmp_path / 'b.parquet'}: no column 'content' (its columns: body)"]
     val = texts_of(tmp_path / "pq" / "val" / "val.jsonl")
     assert collections.Counter(train_texts(tmp_path / "pq") + val) == collections.Counter(texts[:299])
 

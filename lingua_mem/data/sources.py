@@ -190,8 +190,9 @@ def read_parquet(path: str, text_field: str, offset: int = 0) -> Iterator[Read]:
     try:
         with pq.ParquetFile(path) as pf:
             meta = pf.metadata
-            if text_field not in pf.schema_arrow.names:  # every row lacks the field
-                yield from ((1, None, "no_text") for _ in range(offset, meta.num_rows))
+            if text_field not in pf.schema_arrow.names:  # every row lacks the field: skip the file
+                columns = ", ".join(pf.schema_arrow.names)
+                yield 0, None, f"bad_file: no column {text_field!r} (its columns: {columns})"
                 return
             starts = list(itertools.accumulate(
                 (meta.row_group(g).num_rows for g in range(meta.num_row_groups)), initial=0))
@@ -355,6 +356,32 @@ class JsonlSource(Source):
 
 class ParquetSource(Source):
     format = "parquet"
+
+    def __init__(self, name: str, files: list[str], text_field: str = "text", rank: int = 0,
+                 world_size: int = 1):
+        super().__init__(name, files, text_field, rank, world_size)
+        check_parquet_column(name, self.files, text_field)
+
+
+def check_parquet_column(name: str, files: list[str], text_field: str) -> None:
+    """ConfigError (one line) unless some of the files has column `text_field`; reads footers
+    until one has (a file without it is skipped when read, with a warning)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = None
+    for path in files:
+        try:
+            columns = pq.read_schema(path).names
+        except (OSError, pa.ArrowException):
+            continue  # a corrupt file: reading it says so
+        if text_field in columns:
+            return
+        first = first or (path, columns)
+    if first is not None:
+        others = f", nor of the other {len(files) - 1} file(s)" if len(files) > 1 else ""
+        raise ConfigError(f"data.sources.{name}.text_field: {text_field!r} is not a column of {first[0]} "
+                          f"(its columns: {', '.join(first[1])}){others}")
 
 
 class TextSource(Source):
