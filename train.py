@@ -3,6 +3,7 @@
     python train.py [config=FILE.yaml] [key=value ...] [--print-config | --help]
 """
 
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -58,8 +59,12 @@ def main(argv: list[str]) -> int:
         print("interrupted (SIGINT) outside the training loop (or SIGINT not in checkpoint.preempt_signals): "
               "no checkpoint written", file=sys.stderr, flush=True)
         return INTERRUPTED
-    # Ctrl-C during training: the step's checkpoint is written (the trainer said so)
-    return INTERRUPTED if (last or {}).get("preempted_by") == "SIGINT" else 0
+    # Ctrl-C during training: the step's checkpoint is written (the trainer said so). Under
+    # torchrun every rank exits 0: it takes any other code for a failure (its traceback, or a
+    # restart of every rank), and the ranks agree on the signal, so none exits otherwise.
+    if (last or {}).get("preempted_by") == "SIGINT" and "TORCHELASTIC_RUN_ID" not in os.environ:
+        return INTERRUPTED
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,12 +15,19 @@ import threading
 import torch
 import torch.distributed as dist
 
+# the signals ranks agree on, by code (index + 1); the highest code any rank received wins, so a
+# preemption (SIGTERM, SIGUSR*) that reached any rank is acted on (requeue) over a Ctrl-C
+AGREED_SIGNALS = ("SIGINT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGTERM")
+
 
 class PreemptionFlag:
-    """Installs handlers for `signal_names` (main thread only); `close` restores the old ones."""
+    """Installs handlers for `signal_names` (main thread only); `close` restores the old ones.
+    `received`: the signal this run stops for, once `requested` says so: on every rank the
+    same (agreed), and `elsewhere` is True on a rank the signal did not reach."""
 
     def __init__(self, signal_names: list[str]):
         self.received: str | None = None
+        self.elsewhere = False
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
             return
@@ -40,9 +47,14 @@ class PreemptionFlag:
             return self.received is not None
         if "cpu:" in dist.get_backend_config():
             device = torch.device("cpu")
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        mine = AGREED_SIGNALS.index(self.received) + 1 if self.received in AGREED_SIGNALS else 0
+        flag = torch.tensor([float(mine)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        agreed = int(flag.item())
+        if agreed:
+            self.elsewhere = self.received is None
+            self.received = AGREED_SIGNALS[agreed - 1]
+        return bool(agreed)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

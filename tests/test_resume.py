@@ -144,6 +144,39 @@ def test_ctrl_c_checkpoints_exits_130_without_a_traceback_and_resumes_exactly(tm
     assert rows(dump) == want  # nothing lost, nothing twice
 
 
+def local_rank_pid(parent: int, local_rank: int) -> int:
+    """The pid of torchrun's worker of `local_rank` (from /proc: its parent and LOCAL_RANK)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:  # its ppid
+                continue
+            if f"LOCAL_RANK={local_rank}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                return int(entry.name)
+        except OSError:
+            continue
+    raise AssertionError(f"no worker of local rank {local_rank} under pid {parent}")
+
+
+def test_ctrl_c_to_one_torchrun_rank_stops_every_rank_cleanly(tmp_path):
+    """SIGINT to rank 1 alone: the ranks agree on it, checkpoint, and all exit 0 (torchrun takes
+    any other code for a failure: its ChildFailedError traceback)."""
+    dump = tmp_path / "interrupted"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(free_port()), "train.py", *RUN, f"dump_dir={dump}", "distributed.memory_parallel_size=2"]
+    torchrun = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_step(dump, 5, [torchrun])
+    os.kill(local_rank_pid(torchrun.pid, 1), signal.SIGINT)
+    (rc, stdout, stderr), = finish([torchrun])
+    assert rc == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "ChildFailedError" not in stderr, stderr[-3000:]
+    stopped = int(stdout.split("interrupted (SIGINT to another rank): checkpoint of step ")[1].split()[0])
+    assert 5 <= stopped < 14 and (dump / "checkpoints" / f"{stopped:010d}" / "manifest.json").is_file()
+    assert max(r["step"] for r in rows(dump)) == stopped
+
+
 def test_wandb_continues_the_same_run_after_a_kill(tmp_path):
     wandb = ("logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.project=lm_test")
     dump = tmp_path / "run"

@@ -313,11 +313,12 @@ def _changed_keys(old, new, prefix: str = "") -> list[str]:
 
 def _say_preempted(run: Run, step: int, preemption: PreemptionFlag) -> None:
     if run.is_main:
+        where = " to another rank" if preemption.elsewhere else ""
         if preemption.received == "SIGINT":  # Ctrl-C: the user stops the run; not requeued
-            print(f"interrupted (SIGINT): checkpoint of step {step} written; the same command resumes",
+            print(f"interrupted (SIGINT{where}): checkpoint of step {step} written; the same command resumes",
                   flush=True)
             return
-        signal_name = preemption.received or "a signal to another rank"
+        signal_name = f"{preemption.received}{where}"
         print(f"preempted ({signal_name}): checkpoint of step {step} written", flush=True)
         if run.cfg.checkpoint.requeue:
             requeue_slurm_job(announce=f"preempted at step {step}")
