@@ -149,3 +149,30 @@ def test_metadata_of_anything_but_dcp_is_refused(tmp_path):
                                          else b"cbuiltins\ngetattr\n.")
         with pytest.raises(UnsafeCheckpoint, match="refused, not loaded: it names (os|builtins)"):
             read_dcp_metadata(ckpt)
+
+
+def test_two_processes_refuse_a_crafted_checkpoint_alike(trained, tmp_path):
+    """A resume on 2 processes (each rank reads the metadata): every rank refuses in one line
+    and exits 2, none runs the payload or waits for the other, nothing is set aside."""
+    import os
+
+    from test_parallel import free_port
+
+    dump, ckpt = fresh_copy(trained, tmp_path)
+    marker = tmp_path / "payload_ran"
+    crafted_metadata(ckpt, marker)
+    port, procs = str(free_port()), []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "train.py", *cli_args(dump, "steps=4", "checkpoint.every=2")]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], results
+    refused = f"{ckpt / '.metadata'}: refused, not loaded: it names builtins.exec"
+    for _, stderr in results:
+        assert stderr.count("\n") <= 1 and "Traceback" not in stderr, stderr
+    assert refused in results[0][1]
+    assert not marker.exists()
+    assert sorted(p.name for p in (dump / "checkpoints").iterdir()) == ["0000000002"]
