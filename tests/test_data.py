@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import json
+import math
 import os
 import re
 import time
@@ -177,6 +178,29 @@ def test_facts_heldout_and_answers(tmp_path):
         by_person.setdefault(q["person"], {})[q["attribute"]] = q["answer"]
     companies = dict(facts.COMPANIES)
     assert all(companies[p["employer"]] == p["employer_city"] for p in by_person.values())
+
+
+def test_every_recall_prompt_is_answered_by_its_persons_training_text(tmp_path):
+    """recall asks each fact in words its person's documents use, so prompt + " " + answer +
+    "." is in train.jsonl; recall_unseen in a template never used for that person."""
+    for t in (t for ts in facts.TRAIN_TEMPLATES.values() for t in ts):  # name first, ends at the value
+        assert t.index("{name}") < t.index("{value}") and t.endswith("{value}."), t
+    facts.generate_facts(tmp_path, people=200, seed=3)
+    train = [d["text"] for d in read_jsonl(tmp_path / "train.jsonl")]
+    recall, unseen = read_jsonl(tmp_path / "recall.jsonl"), read_jsonl(tmp_path / "recall_unseen.jsonl")
+    assert len(recall) == 200 * len(facts.ATTRIBUTES) and len(unseen) >= 0.9 * len(recall)
+    sentences = {s_.strip() for text in train for s_ in re.split(r"(?<=\.) (?=[A-Z])", text)}
+    for q in recall:
+        assert f"{q['question']} {q['answer']}." in sentences, q
+    for q in unseen:
+        template = q["question"].replace(q["person"], "{name}")
+        assert any(t.startswith(template + " {value}") for t in facts.TRAIN_TEMPLATES[q["attribute"]]), q
+        assert not any(s_.startswith(q["question"] + " ") for s_ in sentences), q  # never for this person
+    bits = facts.fact_bits()
+    assert bits["employer_city"] == 0 and bits["birth_city"] == pytest.approx(math.log2(57))
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["bits"] == pytest.approx(200 * sum(bits.values()), abs=0.1)
+    assert meta["version"] == facts.VERSION
 
 
 def test_facts_size_ensure_and_cli(tmp_path, capsys):

@@ -24,7 +24,7 @@ from lingua_mem.config import GenerateConfig, MemoryConfig, ModelConfig, load_co
 from lingua_mem.data.facts import attribute_values
 from lingua_mem.data.tokenizer import BytesTokenizer
 from lingua_mem.eval.analytics import MemoryReadStats
-from lingua_mem.eval.facts_qa import f1_score, normalize, score
+from lingua_mem.eval.facts_qa import answer_bits, f1_score, normalize, score
 from lingua_mem.eval.generate import generate, generate_ids
 from lingua_mem.eval.validate import prepare_text, validate
 from lingua_mem.model.llama import build_model
@@ -277,6 +277,33 @@ def test_facts_qa_scores_and_bits_of_knowledge_by_hand():
     assert s["bits_per_dense_param"] == pytest.approx(bits / 250)
     assert s["f1"] == pytest.approx((1 + 2 / 3 + 1 + 2 / 3) / 4)
     assert s["birth_date/exact_match"] == 0 and s["birth_date/f1"] == pytest.approx(2 / 3)
+
+
+def test_answer_bits_are_the_answers_code_length_and_bits_loss_what_beats_a_guess(model):
+    """A model that says nothing (uniform logits) needs log2(258) bits a byte of every answer,
+    more than any fact holds: bits_loss 0. Its real logits give the teacher-forced loss."""
+    tokenizer = BytesTokenizer()
+    questions = [{"question": "Ada Bel was born in", "answer": "Oslo", "attribute": "birth_city"},
+                 {"question": "Ada Bel works for", "answer": "Zephyr Motors", "attribute": "employer"}]
+    got = answer_bits(model, tokenizer, questions, batch_size=4)
+    for q, bits in zip(questions, got, strict=True):  # the loss, as the model computes it, in bits
+        ids = tokenizer.encode(q["question"] + " " + q["answer"], add_bos=True, add_eos=False)
+        n = len(q["answer"]) + 1
+        tokens = torch.tensor([ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(tokens).float(), -1)[0]  # (T, vocab)
+        nats = -logp[-n - 1 : -1].gather(-1, tokens[0, -n:, None]).sum().item()  # the answer's n bytes
+        assert bits == pytest.approx(nats / math.log(2), rel=1e-5)
+    silent = build_model(tiny_args(), "cpu", seed=3).eval()
+    torch.nn.init.zeros_(silent.output.weight)
+    uniform = answer_bits(silent, tokenizer, questions, batch_size=1)
+    assert uniform == pytest.approx([5 * math.log2(258), 14 * math.log2(258)], rel=1e-5)  # " Oslo", ...
+    s = score(questions, ["Oslo", "Zephyr Motors"], 2, 1000, 250, uniform)
+    assert s["bits_loss"] == 0 and s["bits"] == pytest.approx(math.log2(57) + math.log2(46))
+    # a model 1 bit short of sure of the city holds log2(57) - 1 of its bits; derived facts none
+    s = score([*questions, {"question": "q", "answer": "Turin", "attribute": "employer_city"}],
+              ["Oslo", "x", "Turin"], 3, 1000, 250, [1.0, 100.0, 0.0])
+    assert s["bits_loss"] == pytest.approx(math.log2(57) - 1) and s["bits"] == pytest.approx(math.log2(57))
 
 
 def test_memory_analytics_equal_the_layers_own_lookups(model):

@@ -52,9 +52,12 @@ def test_debug_quickstart_halves_its_loss(tmp_path):
     m = report["metrics"]
     assert m["val/loss"] == pytest.approx(rows[-1]["loss"], abs=0.3)  # new biographies of the same people
     assert m["facts_qa/questions"] == 180 and 0 <= m["facts_qa/exact_match"] <= 1  # 30 people x 6 facts
-    # it learned facts: asked in the training templates' words it recalls some (0.117 measured
-    # on 2026-12-06; 0 with the 1000-person corpus of before)
-    assert m["facts_qa/recall/questions"] == 180 and m["facts_qa/recall/exact_match"] >= 0.05
+    # it learned facts: asked in its person's own words it recalls a third (0.322 measured on
+    # 2026-12-07, corpus version 4; 0 with the 1000-person corpus of before), in another
+    # training template much less (0.056), and its loss shows more than its exact answers
+    recall, unseen = m["facts_qa/recall/exact_match"], m["facts_qa/recall_unseen/exact_match"]
+    assert m["facts_qa/recall/questions"] == 180 and recall >= 0.2 and unseen < recall
+    assert m["facts_qa/recall/bits_loss"] > m["facts_qa/recall/bits"] > 0
     assert 0 < m["memory/layer1/usage"] <= 1 and 0 < m["memory/layer3/usage"] <= 1
     samples = report["samples"]["generate"]
     assert len(samples) == 2 and all(s["completion"] for s in samples)

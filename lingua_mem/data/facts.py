@@ -2,9 +2,10 @@
 
 Each person has six attributes (birth date, birth city, university, field of
 study, employer, employer's city). Training documents state a few of a
-person's facts, each with a randomly chosen TRAIN template; the held-out
-question file asks for every fact with a QA template whose wording never
-occurs in training text, so answering it needs knowledge, not copying.
+person's facts, each with a randomly chosen TRAIN template (every one names the
+person first and ends at the value); the held-out question file asks for every
+fact with a QA template whose wording never occurs in training text, so
+answering it needs knowledge, not copying.
 
 Files written to out_dir (atomically, meta.json last):
   train.jsonl  {"text": "Ilsa Dorvane was born on 3 May 1961. ..."} per line
@@ -13,9 +14,14 @@ Files written to out_dir (atomically, meta.json last):
   qa.jsonl     {"person", "attribute", "question", "answer"} per line; the
                question is a cloze prompt ending where the answer starts
                (the expected continuation is " " + answer)
-  recall.jsonl the same questions in a TRAIN template's words (cut where the value
-               starts; RNG of its own): whether a fact is stored, apart from whether the
-               model can answer it when asked in new words (qa.jsonl)
+  recall.jsonl the same facts in the words of a TRAIN template that this person's own
+               documents state the fact with (cut where the value starts; RNG of its own):
+               prompt + " " + answer occurs in train.jsonl, so a model that stored the
+               fact can complete it (whether a fact is stored, apart from whether the
+               model can answer it when asked in new words, qa.jsonl)
+  recall_unseen.jsonl  the facts in a TRAIN template's words never used for that person
+               (used for others): whether the fact is stored by person, beyond the
+               sentence it was seen in (a fact whose every template was used is left out)
   meta.json    {"version", "people", "seed", "docs_per_person", "documents", ...}
 
     python -m lingua_mem.data.facts --people 1000 --seed 0 --out data/facts
@@ -25,12 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
 from lingua_mem.run_dir import written_atomically
 
-VERSION = 3  # bump when the generator's output changes: ensure_facts regenerates
+VERSION = 4  # bump when the generator's output changes: ensure_facts regenerates
 
 FIRST_NAMES = """
 Ada Alba Alden Alma Amos Anika Arlo Astrid Basil Beatrix Bram Briony Cai Calla
@@ -115,21 +122,23 @@ MONTHS = [("January", 31), ("February", 28), ("March", 31), ("April", 30), ("May
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "field", "employer", "employer_city")
 
-# Training paraphrases: {name} the person, {value} the attribute's value.
+# Training paraphrases: {name} the person, {value} the attribute's value. Each names the
+# person before the value and ends at it ("{value}."), so any of them, cut where the value
+# starts, is a recall prompt whose answer is the value and nothing after it.
 TRAIN_TEMPLATES = {
     "birth_date": [
         "{name} was born on {value}.",
         "{name} came into this world on {value}.",
         "{name}'s birthday is {value}.",
         "The birth date of {name} is {value}.",
-        "On {value}, {name} was born.",
+        "{name}'s date of birth is {value}.",
     ],
     "birth_city": [
         "{name} was born in {value}.",
         "{name} is a native of {value}.",
         "The birthplace of {name} is {value}.",
-        "{name} comes from {value}, the city of {name}'s birth.",
-        "{name} grew up in {value}, where {name} was born.",
+        "{name} hails from {value}.",
+        "The city where {name} was born is {value}.",
     ],
     "university": [
         "{name} studied at {value}.",
@@ -156,7 +165,7 @@ TRAIN_TEMPLATES = {
         "{name} works in {value}.",
         "{name} commutes to an office in {value}.",
         "{name}'s workplace is located in {value}.",
-        "{name} is based in {value} for work.",
+        "For work, {name} is based in {value}.",
         "The job of {name} is in {value}.",
     ],
 }
@@ -191,19 +200,28 @@ QA_TEMPLATES = {
 }
 
 
-def recall_prompt(template: str, name: str) -> str | None:
-    """A TRAIN template cut where its {value} starts, as a cloze prompt; None when the name
-    does not come before the value (e.g. "On {value}, {name} was born.")."""
-    prefix = template.split("{value}", 1)[0]
-    return prefix.format(name=name).rstrip() if "{name}" in prefix else None
+def recall_prompt(template: str, name: str) -> str:
+    """A TRAIN template cut where its {value} starts, as a cloze prompt."""
+    return template.split("{value}", 1)[0].format(name=name).rstrip()
+
+
+# attributes that follow from another (an employer sits in one city): they add no bits
+DERIVED = {"employer_city": "employer"}
 
 
 def attribute_values() -> dict[str, int]:
     """How many values each attribute can take (the generator draws each uniformly; an
-    employer's city follows from the employer): the bits a fact holds are log2 of it."""
+    employer's city follows from the employer)."""
     return {"birth_date": sum(days for _, days in MONTHS) * (2002 - 1940 + 1),
             "birth_city": len(CITIES), "university": len(UNIVERSITIES), "field": len(FIELDS),
             "employer": len(COMPANIES), "employer_city": len({city for _, city in COMPANIES})}
+
+
+def fact_bits() -> dict[str, float]:
+    """The bits a fact of each attribute adds to what the others hold: log2 of its values,
+    0 for a derived one (the employer's city, once the employer is known: 1,084 bits in the
+    30-person corpus, not 1,249)."""
+    return {a: 0.0 if a in DERIVED else math.log2(v) for a, v in attribute_values().items()}
 
 
 def _make_names(rng: random.Random, n: int) -> list[str]:
@@ -237,19 +255,24 @@ def _make_person(rng: random.Random, name: str) -> dict[str, str]:
     }
 
 
-def _biographies(rng: random.Random, person: dict[str, str], docs: int) -> list[str]:
-    """`docs` short biographies; together they state every attribute at least once."""
+def _biographies(rng: random.Random, person: dict[str, str],
+                 docs: int) -> tuple[list[str], dict[str, set[int]]]:
+    """`docs` short biographies, which together state every attribute at least once, and
+    which templates (indices into TRAIN_TEMPLATES[attribute]) stated each attribute."""
     subsets = [rng.sample(ATTRIBUTES, rng.randint(4, len(ATTRIBUTES))) for _ in range(docs)]
     for attr in ATTRIBUTES:  # cover attributes that no document drew
         if not any(attr in s for s in subsets):
             rng.choice(subsets).append(attr)
-    texts = []
+    texts, used = [], {a: set() for a in ATTRIBUTES}
     for attrs in subsets:
         rng.shuffle(attrs)
-        sentences = [rng.choice(TRAIN_TEMPLATES[a]).format(name=person["name"], value=person[a])
-                     for a in attrs]
+        sentences = []
+        for a in attrs:
+            t = rng.randrange(len(TRAIN_TEMPLATES[a]))
+            used[a].add(t)
+            sentences.append(TRAIN_TEMPLATES[a][t].format(name=person["name"], value=person[a]))
         texts.append(" ".join(sentences))
-    return texts
+    return texts, used
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -259,8 +282,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) -> dict:
-    """Write train.jsonl, val.jsonl, qa.jsonl, recall.jsonl, meta.json to out_dir; return a
-    summary dict."""
+    """Write train.jsonl, val.jsonl, qa.jsonl, recall.jsonl, recall_unseen.jsonl, meta.json to
+    out_dir; return a summary dict."""
     if people <= 0 or docs_per_person <= 0:
         raise ValueError("people and docs_per_person must be positive")
     rng = random.Random(seed)
@@ -268,7 +291,8 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
     out.mkdir(parents=True, exist_ok=True)
 
     persons = [_make_person(rng, name) for name in _make_names(rng, people)]
-    docs = [text for p in persons for text in _biographies(rng, p, docs_per_person)]
+    written = [_biographies(rng, p, docs_per_person) for p in persons]
+    docs = [text for texts, _ in written for text in texts]
     rng.shuffle(docs)
     qa = [{"person": p["name"], "attribute": a,
            "question": rng.choice(QA_TEMPLATES[a]).format(name=p["name"]),
@@ -279,26 +303,35 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
     val = [" ".join(val_rng.choice(TRAIN_TEMPLATES[a]).format(name=p["name"], value=p[a])
                     for a in val_rng.sample(ATTRIBUTES, len(ATTRIBUTES))) for p in persons]
 
+    # recall: in a wording the person's own documents use; unseen: in one they never use
     recall_rng = random.Random(f"lingua_mem.facts.recall:{seed}")
-    recall = []
-    for p in persons:
+    recall, unseen = [], []
+    for p, (_, used) in zip(persons, written, strict=True):
         for a in ATTRIBUTES:
-            prompts = [q for t in TRAIN_TEMPLATES[a] if (q := recall_prompt(t, p["name"])) is not None]
-            recall.append({"person": p["name"], "attribute": a, "question": recall_rng.choice(prompts),
-                           "answer": p[a]})
+            seen = sorted(used[a])
+            t = seen[recall_rng.randrange(len(seen))]
+            recall.append({"person": p["name"], "attribute": a, "answer": p[a],
+                           "question": recall_prompt(TRAIN_TEMPLATES[a][t], p["name"])})
+            others = [t for t in range(len(TRAIN_TEMPLATES[a])) if t not in used[a]]
+            if others:
+                t = others[recall_rng.randrange(len(others))]
+                unseen.append({"person": p["name"], "attribute": a, "answer": p[a],
+                               "question": recall_prompt(TRAIN_TEMPLATES[a][t], p["name"])})
 
     train_text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
     val_text = "".join(json.dumps({"text": t}) + "\n" for t in val)
     qa_text = "".join(json.dumps(q) + "\n" for q in qa)
     meta = {"version": VERSION, "people": people, "seed": seed,
             "docs_per_person": docs_per_person, "documents": len(docs),
-            "questions": len(qa), "train_bytes": len(train_text)}
+            "questions": len(qa), "recall_unseen": len(unseen), "train_bytes": len(train_text),
+            "bits": round(people * sum(fact_bits().values()), 1)}
     _write_atomic(out / "train.jsonl", train_text)
     _write_atomic(out / "val.jsonl", val_text)
     _write_atomic(out / "qa.jsonl", qa_text)
     _write_atomic(out / "recall.jsonl", "".join(json.dumps(q) + "\n" for q in recall))
+    _write_atomic(out / "recall_unseen.jsonl", "".join(json.dumps(q) + "\n" for q in unseen))
     _write_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks completion
-    files = ["train.jsonl", "val.jsonl", "qa.jsonl", "recall.jsonl", "meta.json"]
+    files = ["train.jsonl", "val.jsonl", "qa.jsonl", "recall.jsonl", "recall_unseen.jsonl", "meta.json"]
     return {"out_dir": str(out), "files": files, **meta}
 
 

@@ -9,9 +9,14 @@ or articles, single spaces) before exact match and token-level F1 (SQuAD's).
 
 Bits of knowledge ("Physics of Language Models 3.3", which finds about 2 bits per
 parameter for dense transformers): a fact whose attribute can take V values holds
-log2(V) bits; bits = the sum of log2(V) over the facts answered exactly right.
-With a sample of the questions (eval.max_questions) it is scaled to the whole
-file. Attributes of unknown V (not of the facts corpus) count for EM / F1 only.
+log2(V) bits (0 for one that follows from another: data.facts.fact_bits). Two
+measures: `bits`, the sum of a fact's bits over the facts answered exactly right,
+and `bits_loss`, the sum over all facts of max(0, its bits - the bits the model
+needs to write its answer after the prompt, teacher-forced): a fact the model is
+unsure of counts for part of its bits, one it has no idea of (or writes worse than
+a uniform guess over the values would) for none. With a sample of the questions
+(eval.max_questions) both are scaled to the whole file. Attributes of unknown V
+(not of the facts corpus) count for EM / F1 only.
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from lingua_mem.data.facts import attribute_values
+from lingua_mem.data.facts import fact_bits
 from lingua_mem.errors import ConfigError
-from lingua_mem.eval.generate import cut_at_stop, generate_ids
+from lingua_mem.eval.generate import common_length, cut_at_stop, generate_ids
 from lingua_mem.eval.shard import rank_batches
 from lingua_mem.parallel.runtime import gather
 
@@ -84,10 +89,11 @@ def f1_score(prediction: str, answer: str) -> float:
 
 
 def score(questions: list[dict], predictions: list[str], total: int, n_params: int,
-          n_dense_params: int) -> dict[str, float]:
+          n_dense_params: int, answer_bits: list[float] | None = None) -> dict[str, float]:
     """The metrics of `predictions` (one per question): overall and per attribute EM and
-    F1, and the bits of knowledge (scaled from the sample to `total` questions)."""
-    values = attribute_values()
+    F1, and the bits of knowledge (scaled from the sample to `total` questions);
+    `answer_bits` (one per question, from answer_bits()): bits_loss too."""
+    bits_of = fact_bits()
     em = [float(normalize(p) == normalize(q["answer"])) for q, p in zip(questions, predictions, strict=True)]
     f1 = [f1_score(p, q["answer"]) for q, p in zip(questions, predictions, strict=True)]
     out = {"exact_match": sum(em) / len(em), "f1": sum(f1) / len(f1), "questions": len(em)}
@@ -98,14 +104,45 @@ def score(questions: list[dict], predictions: list[str], total: int, n_params: i
     for attr, idx in sorted(by_attr.items()):
         out[f"{attr}/exact_match"] = sum(em[i] for i in idx) / len(idx)
         out[f"{attr}/f1"] = sum(f1[i] for i in idx) / len(idx)
-    known = [i for i, q in enumerate(questions) if q.get("attribute") in values]
+    known = [i for i, q in enumerate(questions) if q.get("attribute") in bits_of]
     if known:
-        bits = sum(em[i] * math.log2(values[questions[i]["attribute"]]) for i in known)
+        bits = sum(em[i] * bits_of[questions[i]["attribute"]] for i in known)
         bits *= total / len(questions)
         out["bits"] = bits
         out["bits_per_param"] = bits / n_params
         out["bits_per_dense_param"] = bits / n_dense_params
+        if answer_bits is not None:
+            stored = sum(max(0.0, bits_of[questions[i]["attribute"]] - answer_bits[i]) for i in known)
+            out["bits_loss"] = stored * total / len(questions)
     return out
+
+
+@torch.no_grad()
+def answer_bits(model, tokenizer, questions: list[dict], batch_size: int) -> list[float]:
+    """-log2 p(" " + answer | question) of every question: the bits the model needs to write
+    the answer after the prompt, teacher-forced (each rank its share; all get every one)."""
+    device = model.rope_cos.device
+    mine = []
+    for batch in rank_batches(questions, batch_size):
+        start, items = batch if batch is not None else (-1, [])
+        pairs = [(tokenizer.encode(q["question"], add_bos=True, add_eos=False),
+                  tokenizer.encode(" " + q["answer"], add_bos=False, add_eos=False)) for q in items]
+        pairs += [([tokenizer.bos_id], [tokenizer.bos_id])] * (batch_size - len(pairs))  # fillers
+        # a prompt longer than the model's window keeps its end (at least a token before the answer)
+        pairs = [(p[max(0, len(p) + len(a) - model.args.max_seq_len):] if len(a) < model.args.max_seq_len
+                  else p[-1:], a[: model.args.max_seq_len - 1]) for p, a in pairs]
+        width = common_length(max(len(p) + len(a) for p, a in pairs), device)  # one shape on every rank
+        # right-padded: a causal model's logits for the real tokens do not see the padding
+        tokens = torch.full((batch_size, width), tokenizer.bos_id, dtype=torch.long)
+        for row, (p, a) in enumerate(pairs):
+            tokens[row, : len(p) + len(a)] = torch.tensor(p + a)
+        logp = torch.log_softmax(model(tokens.to(device)).float(), dim=-1).cpu()  # (B, T, vocab)
+        for row, (p, a) in enumerate(pairs[: len(items)]):
+            at = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer
+            nats = -logp[row, at, torch.tensor(a)].sum().item()
+            mine.append((start + row, nats / math.log(2)))
+    bits = dict(pair for part in gather(mine) for pair in part)
+    return [bits[i] for i in range(len(questions))]
 
 
 @torch.no_grad()

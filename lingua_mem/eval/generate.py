@@ -63,7 +63,7 @@ def _everyone(done: bool, device) -> bool:
     return bool(all_reduce(torch.tensor([int(done)], device=device), dist.ReduceOp.MIN).item())
 
 
-def _common_length(length: int, device) -> int:
+def common_length(length: int, device) -> int:
     """The longest prompt over all ranks (their forward calls must have one shape)."""
     if world()[1] == 1:
         return length
@@ -85,7 +85,7 @@ def generate_ids(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, e
     device = model.rope_cos.device
     keep = max_len - max_new_tokens
     prompts = [list(p)[-keep:] for p in prompts]
-    length = _common_length(max(len(p) for p in prompts), device)
+    length = common_length(max(len(p) for p in prompts), device)
     tokens, valid, positions = left_pad(prompts, device)
     if tokens.shape[1] < length:  # pad to the length every rank uses
         extra = length - tokens.shape[1]

@@ -34,8 +34,9 @@ SAMPLES = 5  # facts QA answers kept in the report
 
 def default_sources(run_config: dict, facts_dir: Path | None) -> dict[str, EvalSourceConfig]:
     """A run's held-out data: the facts corpus's val.jsonl, qa.jsonl (facts asked in new
-    words: facts_qa/...) and recall.jsonl (in the training templates' words: is the fact
-    stored? facts_qa/recall/...) when it trains on the corpus (no data.sources); for a source
+    words: facts_qa/...), recall.jsonl (in words the person's own documents use: is the fact
+    stored? facts_qa/recall/...) and recall_unseen.jsonl (in a training template never used
+    for the person: facts_qa/recall_unseen/...) when it trains on the corpus (no data.sources); for a source
     at <dir>/train, the <dir>/val beside it."""
     sources = (run_config.get("data") or {}).get("sources") or {}
     if not sources:
@@ -45,6 +46,8 @@ def default_sources(run_config: dict, facts_dir: Path | None) -> dict[str, EvalS
                "facts_qa": EvalSourceConfig(path=str(facts_dir / "qa.jsonl"), kind="qa")}
         if (facts_dir / "recall.jsonl").is_file():  # the same facts asked in the training templates' words
             out["recall"] = EvalSourceConfig(path=str(facts_dir / "recall.jsonl"), kind="qa")
+        if (facts_dir / "recall_unseen.jsonl").is_file():  # in a template never used for the person
+            out["recall_unseen"] = EvalSourceConfig(path=str(facts_dir / "recall_unseen.jsonl"), kind="qa")
         return out
     out = {}
     for name, src in sorted(sources.items()):
@@ -135,7 +138,8 @@ def evaluate(model, tokenizer, data: EvalData, device, progress=None) -> tuple[d
         for name, (questions, total) in data.questions.items():
             started = time.perf_counter()
             predictions = facts_qa.answer(model, tokenizer, questions, cfg.batch_size, cfg.max_answer_tokens)
-            scores = facts_qa.score(questions, predictions, total, n_params, n_params - n_values)
+            answer_bits = facts_qa.answer_bits(model, tokenizer, questions, cfg.batch_size)
+            scores = facts_qa.score(questions, predictions, total, n_params, n_params - n_values, answer_bits)
             # the default source keeps its plain names (facts_qa/exact_match) beside others
             prefix = "facts_qa" if len(data.questions) == 1 or name == "facts_qa" else f"facts_qa/{name}"
             metrics.update({f"{prefix}/{k}": v for k, v in scores.items()})
