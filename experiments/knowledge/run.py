@@ -31,7 +31,9 @@ def train_run(run: Run, base: list[str], out: Path, experiment: str) -> dict:
     argv = [*base, *run.overrides, f"dump_dir={dump}", f"name={run.name}",
             f"eval.sources.val.path={facts / 'val.jsonl'}",
             f"eval.sources.qa.path={facts / 'qa.jsonl'}", "eval.sources.qa.kind=qa",
-            f"eval.sources.recall.path={facts / 'recall.jsonl'}", "eval.sources.recall.kind=qa"]
+            f"eval.sources.recall.path={facts / 'recall.jsonl'}", "eval.sources.recall.kind=qa",
+            f"eval.sources.recall_unseen.path={facts / 'recall_unseen.jsonl'}",
+            "eval.sources.recall_unseen.kind=qa"]
     cfg = load_config(argv)  # a bad key fails here, before any run starts
     run_record.claim(dump, run_record.identity(experiment, [*base, *run.overrides]))
     if (result := run_record.read_done(dump)) is not None:
@@ -43,9 +45,10 @@ def train_run(run: Run, base: list[str], out: Path, experiment: str) -> dict:
 
 
 def read_result(run: Run, cfg, dump: Path, seconds: float) -> dict:
-    """Parameters, FLOPs, the eval curve and the final scores of a finished run. Two question
-    sets: recall (a fact in the training templates' words: is it stored?) and qa (in new
-    words: can the model answer it when asked differently?)."""
+    """Parameters, FLOPs, the eval curve and the final scores of a finished run. Three question
+    sets: recall (a fact in its person's own training words: is it stored?), recall_unseen (in
+    a training template not used for the person) and qa (in new words: can the model answer
+    it when asked differently?); exact match, F1, bits and bits by the loss of each."""
     rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "facts_qa/recall/exact_match" in r]
@@ -56,12 +59,13 @@ def read_result(run: Run, cfg, dump: Path, seconds: float) -> dict:
     curve = [{"step": r["step"], "tokens": r["step"] * tokens_per_step,
               "flops": r["step"] * tokens_per_step * stats["flops_per_token"],
               "recall_em": r["facts_qa/recall/exact_match"], "qa_em": r["facts_qa/qa/exact_match"],
+              "recall_unseen_em": r.get("facts_qa/recall_unseen/exact_match", 0.0),
               "val_loss": r["val/loss"], "bits": r.get("facts_qa/recall/bits", 0.0)} for r in evals]
     last = evals[-1]
     memory = {k: v for k, v in last.items() if k.startswith("memory/")}
     tail = [r["loss"] for r in train_rows[-3:]]
-    scores = {f"{q}_{k}": last.get(f"facts_qa/{q}/{m}", 0.0) for q in ("recall", "qa")
-              for k, m in (("em", "exact_match"), ("f1", "f1"), ("bits", "bits"))}
+    scores = {f"{q}_{k}": last.get(f"facts_qa/{q}/{m}", 0.0) for q in ("recall", "recall_unseen", "qa")
+              for k, m in (("em", "exact_match"), ("f1", "f1"), ("bits", "bits"), ("bits_loss", "bits_loss"))}
     return {"name": run.name, "size": run.size, "kind": run.kind, "variant": run.variant,
             "n_keys": run.n_keys, "phase": run.phase, "overrides": list(run.overrides), "lr": cfg.optim.lr,
             "value_lr": cfg.optim.value_lr, "total_params": stats["total_params"],
