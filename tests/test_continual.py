@@ -26,7 +26,9 @@ def test_the_tiny_preset_runs_end_to_end_and_resumes(tmp_path):
     for r in runs:  # step 0 is the pretrained model, then evals=2 of 4 steps
         assert [c["step"] for c in r["curve"]] == [0, 2, 4]
         assert r["curve"][0] == results["start"]
-    assert runs[2]["rows_updated"] == 8  # finetune.top_t=8 rows a step
+    # at most finetune.top_t=8 rows a step: those of positive tf-idf, and with 2 background
+    # batches a row both read scores log(3/3) = 0 (4 of the last step's rows on corpus v4)
+    assert 1 <= runs[2]["rows_updated"] <= 8
     full, lora, sparse = (r["curve"][-1]["heldout_loss"] for r in runs)
     assert full != results["start"]["heldout_loss"] and lora != full and sparse != full
     report = (tmp_path / "report.md").read_text()
