@@ -203,6 +203,35 @@ def test_every_recall_prompt_is_answered_by_its_persons_training_text(tmp_path):
     assert meta["version"] == facts.VERSION
 
 
+def test_the_capacity_style_states_every_fact_in_one_wording_in_k_orders(tmp_path):
+    facts.ensure_facts(tmp_path, 40, 2, "capacity", 5)
+    train = [d["text"] for d in read_jsonl(tmp_path / "train.jsonl")]
+    recall, unseen = read_jsonl(tmp_path / "recall.jsonl"), read_jsonl(tmp_path / "recall_unseen.jsonl")
+    assert len(train) == 40 * 5 and len(recall) == len(unseen) == 40 * 6
+    by_person: dict[str, list[str]] = {}
+    for q in recall:
+        by_person.setdefault(q["person"], []).append(f"{q['question']} {q['answer']}.")
+    for person, statements in by_person.items():  # 5 documents, each every statement, in orders of their own
+        docs = [t for t in train if t.startswith(person + " ") or f". {person} " in t]
+        docs = [t for t in docs if all(st in t for st in statements)]
+        assert len(docs) == 5 and all(len(t) == len(" ".join(statements)) for t in docs), person
+        assert len(set(docs)) > 1
+    for q in recall:  # the first template of each attribute, the only one training uses
+        assert q["question"] == facts.recall_prompt(facts.TRAIN_TEMPLATES[q["attribute"]][0], q["person"])
+    corpus = "\n".join(train)
+    assert not any(q["question"] + " " in corpus for q in unseen)
+    facts.ensure_facts(tmp_path, 40, 2)  # the mixed style asked of the same folder: made again
+    assert json.loads((tmp_path / "meta.json").read_text())["style"] == "mixed"
+    with pytest.raises(ConfigError, match="data.facts.style"):
+        validate(TrainConfig(data=DataConfig(facts=facts_config(style="dense"))))
+
+
+def facts_config(**kw):
+    from lingua_mem.config.schema import FactsConfig
+
+    return FactsConfig(**kw)
+
+
 def test_facts_size_ensure_and_cli(tmp_path, capsys):
     out = tmp_path / "f"
     assert facts.ensure_facts(out, 1000, 0) == out

@@ -13,6 +13,9 @@ from lingua_mem.model.args import MemoryArgs, ModelArgs, MoEArgs, llama_ffn_hidd
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["fp32", "bf16"]
 ValueDtype = Literal["auto", "fp32", "bf16"]  # memory.value_compute_dtype (auto: the compute dtype)
+# data.facts.style: mixed (a few biographies a person, facts and templates drawn at random) or
+# capacity (docs_per_person full biographies a person, one template an attribute, random order)
+FactsStyle = Literal["mixed", "capacity"]
 Attention = Literal["causal", "doc_causal"]  # doc_causal: within the token's own document only
 # doc_causal's implementation: auto (xformers on CUDA when installed, else flex_attention;
 # sdpa with a bool mask elsewhere) | sdpa | flex | xformers (off CUDA: a slow twin, for tests)
@@ -129,6 +132,8 @@ class FactsConfig:
 
     people: int = 1000
     seed: int = 0
+    style: FactsStyle = "mixed"
+    docs_per_person: int = 3  # biographies a person (capacity: copies of the whole biography)
 
 
 @dataclass

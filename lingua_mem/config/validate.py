@@ -20,6 +20,7 @@ from lingua_mem.config.schema import (
     EvalCommandConfig,
     EvalConfig,
     EvalSourceKind,
+    FactsStyle,
     FinetuneMode,
     GenerateConfig,
     Kernel,
@@ -129,6 +130,8 @@ def validate_data(d: DataConfig, max_seq_len: int) -> None:
     _check(d.prefetch_depth > 0, "data.prefetch_depth", "must be positive")
     _check(d.max_doc_tokens >= 0, "data.max_doc_tokens", "must be >= 0 (0: no cap)")
     _check(d.facts.people > 0, "data.facts.people", "must be positive")
+    _check_choice(d.facts.style, "data.facts.style", FactsStyle)
+    _check(d.facts.docs_per_person > 0, "data.facts.docs_per_person", "must be positive")
 
 
 def validate_optim(o: OptimConfig) -> None:

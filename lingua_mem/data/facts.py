@@ -275,23 +275,39 @@ def _biographies(rng: random.Random, person: dict[str, str],
     return texts, used
 
 
+def _capacity_biographies(rng: random.Random, person: dict[str, str],
+                          copies: int) -> tuple[list[str], dict[str, set[int]]]:
+    """`copies` whole biographies (every attribute, each in its first template), the
+    sentences of each in an order of their own (Physics of LMs 3.1: permuted copies make
+    the knowledge keyed by the name, not by the sentence before)."""
+    texts = []
+    for _ in range(copies):
+        attrs = rng.sample(ATTRIBUTES, len(ATTRIBUTES))
+        texts.append(" ".join(TRAIN_TEMPLATES[a][0].format(name=person["name"], value=person[a])
+                              for a in attrs))
+    return texts, {a: {0} for a in ATTRIBUTES}
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write to a unique temp file beside `path`, then rename over it."""
     with written_atomically(path) as tmp, open(tmp, "w", encoding="ascii", newline="\n") as f:
         f.write(text)
 
 
-def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) -> dict:
+def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3, style: str = "mixed") -> dict:
     """Write train.jsonl, val.jsonl, qa.jsonl, recall.jsonl, recall_unseen.jsonl, meta.json to
     out_dir; return a summary dict."""
     if people <= 0 or docs_per_person <= 0:
         raise ValueError("people and docs_per_person must be positive")
+    if style not in ("mixed", "capacity"):
+        raise ValueError(f"style {style!r}: mixed or capacity")
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     persons = [_make_person(rng, name) for name in _make_names(rng, people)]
-    written = [_biographies(rng, p, docs_per_person) for p in persons]
+    write = _capacity_biographies if style == "capacity" else _biographies
+    written = [write(rng, p, docs_per_person) for p in persons]
     docs = [text for texts, _ in written for text in texts]
     rng.shuffle(docs)
     qa = [{"person": p["name"], "attribute": a,
@@ -321,7 +337,7 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
     train_text = "".join(json.dumps({"text": t}) + "\n" for t in docs)
     val_text = "".join(json.dumps({"text": t}) + "\n" for t in val)
     qa_text = "".join(json.dumps(q) + "\n" for q in qa)
-    meta = {"version": VERSION, "people": people, "seed": seed,
+    meta = {"version": VERSION, "people": people, "seed": seed, "style": style,
             "docs_per_person": docs_per_person, "documents": len(docs),
             "questions": len(qa), "recall_unseen": len(unseen), "train_bytes": len(train_text),
             "bits": round(people * sum(fact_bits().values()), 1)}
@@ -335,18 +351,19 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3) ->
     return {"out_dir": str(out), "files": files, **meta}
 
 
-def ensure_facts(out_dir, people: int, seed: int) -> Path:
-    """Generate the corpus unless out_dir already holds it for these people/seed."""
+def ensure_facts(out_dir, people: int, seed: int, style: str = "mixed", docs_per_person: int = 3) -> Path:
+    """Generate the corpus unless out_dir already holds it for these settings."""
     out = Path(out_dir)
     try:
         meta = json.loads((out / "meta.json").read_text())
         fresh = (meta.get("version") == VERSION and meta.get("people") == people
-                 and meta.get("seed") == seed and (out / "train.jsonl").is_file()
+                 and meta.get("seed") == seed and meta.get("style", "mixed") == style
+                 and meta.get("docs_per_person", 3) == docs_per_person and (out / "train.jsonl").is_file()
                  and (out / "qa.jsonl").is_file())
     except (OSError, ValueError):
         fresh = False
     if not fresh:
-        generate_facts(out, people, seed)
+        generate_facts(out, people, seed, docs_per_person, style)
     return out
 
 
@@ -355,9 +372,10 @@ def main(argv=None) -> None:
     parser.add_argument("--people", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs-per-person", type=int, default=3)
+    parser.add_argument("--style", choices=("mixed", "capacity"), default="mixed")
     parser.add_argument("--out", default="data/facts")
     args = parser.parse_args(argv)
-    print(json.dumps(generate_facts(args.out, args.people, args.seed, args.docs_per_person)))
+    print(json.dumps(generate_facts(args.out, args.people, args.seed, args.docs_per_person, args.style)))
 
 
 if __name__ == "__main__":
