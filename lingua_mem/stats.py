@@ -81,16 +81,6 @@ def config_stats(cfg: TrainConfig) -> dict:
     return model_stats(build_model(args, device="meta"), cfg.data.seq_len)
 
 
-@reports(ConfigError)
-def main(argv: list[str]) -> int:
-    print(json.dumps(config_stats(load_config(argv))))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
-
-
 # bytes a value of a table holds on its rank beyond its fp32 weight, by optim.value_optimizer:
 # AdamW's two moments (and, over every row, a dense fp32 gradient); Adagrad's and SGD's are
 # per row or nothing
@@ -111,3 +101,13 @@ def table_bytes_per_rank(cfg: TrainConfig, world: int) -> int:
     per_value = 4 + _VALUE_STATE_BYTES.get(cfg.optim.value_optimizer, 12)
     per_value += 2 if value_dtype(cfg.memory.value_compute_dtype, cfg.distributed) == "bf16" else 0
     return tables * mem.n_values * mem.v_dim * per_value // max(world, 1)
+
+
+@reports(ConfigError)
+def main(argv: list[str]) -> int:
+    print(json.dumps(config_stats(load_config(argv))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

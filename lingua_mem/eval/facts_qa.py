@@ -121,26 +121,26 @@ def score(questions: list[dict], predictions: list[str], total: int, n_params: i
 def answer_bits(model, tokenizer, questions: list[dict], batch_size: int) -> list[float]:
     """-log2 p(" " + answer | question) of every question: the bits the model needs to write
     the answer after the prompt, teacher-forced (each rank its share; all get every one)."""
-    device = model.rope_cos.device
+    device, window = model.rope_cos.device, model.args.max_seq_len
     mine = []
     for batch in rank_batches(questions, batch_size):
         start, items = batch if batch is not None else (-1, [])
         pairs = [(tokenizer.encode(q["question"], add_bos=True, add_eos=False),
                   tokenizer.encode(" " + q["answer"], add_bos=False, add_eos=False)) for q in items]
         pairs += [([tokenizer.bos_id], [tokenizer.bos_id])] * (batch_size - len(pairs))  # fillers
-        # a prompt longer than the model's window keeps its end (at least a token before the answer)
-        pairs = [(p[max(0, len(p) + len(a) - model.args.max_seq_len):] if len(a) < model.args.max_seq_len
-                  else p[-1:], a[: model.args.max_seq_len - 1]) for p, a in pairs]
+        # within the model's window: the answer, and the end of its prompt (a token at least)
+        pairs = [(p[-(window - len(a)):], a) for p, a in ((p, a[: window - 1]) for p, a in pairs)]
         width = common_length(max(len(p) + len(a) for p, a in pairs), device)  # one shape on every rank
         # right-padded: a causal model's logits for the real tokens do not see the padding
         tokens = torch.full((batch_size, width), tokenizer.bos_id, dtype=torch.long)
         for row, (p, a) in enumerate(pairs):
             tokens[row, : len(p) + len(a)] = torch.tensor(p + a)
-        logp = torch.log_softmax(model(tokens.to(device)).float(), dim=-1).cpu()  # (B, T, vocab)
+        tokens = tokens.to(device)
+        logp = torch.log_softmax(model(tokens).float(), dim=-1)  # (B, T, vocab)
+        nats = -logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1).cpu()  # (B, T-1): token t+1's
         for row, (p, a) in enumerate(pairs[: len(items)]):
-            at = torch.arange(len(p) - 1, len(p) + len(a) - 1)  # the positions that predict the answer
-            nats = -logp[row, at, torch.tensor(a)].sum().item()
-            mine.append((start + row, nats / math.log(2)))
+            answer_nats = nats[row, len(p) - 1 : len(p) + len(a) - 1].sum().item()
+            mine.append((start + row, answer_nats / math.log(2)))
     bits = dict(pair for part in gather(mine) for pair in part)
     return [bits[i] for i in range(len(questions))]
 
