@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.knowledge import families, plan
+from experiments.knowledge import capacity, families, plan
 from experiments.knowledge.compare import run_comparison
 from experiments.knowledge.presets import PRESETS
 from experiments.knowledge.report import headline, plots, write_report
@@ -36,10 +36,16 @@ def n_runs(p) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.knowledge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=sorted({*PRESETS, *families.COMPARISONS}))
+    ap.add_argument("--preset", default="small", choices=sorted({*PRESETS, *families.COMPARISONS, *capacity.STUDIES}))
     ap.add_argument("--out", default=None, help="default: dumps/knowledge/<preset>")
     ap.add_argument("--dry-run", action="store_true", help="list the runs (small, gpu, tiny: of phase 1)")
     a = ap.parse_args(argv)
+    if a.preset in capacity.STUDIES:
+        written = capacity.run_study(capacity.STUDIES[a.preset], Path(a.out or f"dumps/knowledge/{a.preset}"),
+                                     a.dry_run)
+        if written:
+            print(f"wrote {', '.join(map(str, written))}")
+        return 0
     if a.preset in families.COMPARISONS:
         return compare(families.COMPARISONS[a.preset], a.out, a.dry_run)
     p = PRESETS[a.preset]

@@ -228,7 +228,7 @@ def training_sentences(docs: Iterable[str], max_docs: int, counts: dict) -> Iter
 
 
 def train_sentencepiece(inputs: list[str], vocab_size: int, out: str, text_field: str = "text",
-                        max_docs: int = 200_000) -> dict:
+                        max_docs: int = 200_000, threads: int | None = None) -> dict:
     """Train a BPE SentencePiece model (byte fallback; unk 0, bos 1, eos 2, no pad) into `out`.
 
     Inputs are files or directories of .txt (a document per line), .jsonl(.gz),
@@ -237,6 +237,10 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, out: str, text_field
     (shuffled) chunks for a fair sample. Normalization is the identity and
     whitespace is kept, so decoding is lossless. The model is written
     atomically. Returns a summary dict; raises InputError for a bad input.
+
+    `threads` (default: every CPU) changes the vocabulary: BPE merges counted on another
+    number of threads break ties otherwise. Give a fixed number where the same input must
+    give the same vocabulary on every machine (the knowledge experiment's corpora use 1).
     """
     import sentencepiece as spm
 
@@ -257,7 +261,7 @@ def train_sentencepiece(inputs: list[str], vocab_size: int, out: str, text_field
                 vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
                 normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
                 allow_whitespace_only_pieces=True, max_sentence_length=4 * MAX_SENTENCE_CHARS,
-                num_threads=os.cpu_count() or 1, minloglevel=2)
+                num_threads=threads or os.cpu_count() or 1, minloglevel=2)
         except RuntimeError:
             if counts["sentences"] == 0:
                 raise InputError(f"no text to train on in {' '.join(inputs)} "
@@ -284,12 +288,14 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--text-field", default="text", help="the text field of jsonl/parquet/HF inputs")
     train.add_argument("--max-docs", type=int, default=200_000,
                        help="train on the first this many documents (bounds memory)")
+    train.add_argument("--threads", type=int, default=None,
+                       help="training threads (default: every CPU); the vocabulary depends on it")
     args = parser.parse_args(argv)
-    if args.vocab_size <= 0 or args.max_docs <= 0:
-        return fail("--vocab-size and --max-docs must be positive")
+    if args.vocab_size <= 0 or args.max_docs <= 0 or (args.threads is not None and args.threads <= 0):
+        return fail("--vocab-size, --max-docs and --threads must be positive")
     try:
         summary = train_sentencepiece(args.input, args.vocab_size, args.out, args.text_field,
-                                      args.max_docs)
+                                      args.max_docs, args.threads)
     except InputError as exc:
         return fail(exc)
     except RuntimeError as exc:  # sentencepiece: e.g. a vocab size the corpus cannot fill
