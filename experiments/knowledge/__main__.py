@@ -36,7 +36,8 @@ def n_runs(p) -> int:
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.knowledge", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small", choices=sorted({*PRESETS, *families.COMPARISONS, *capacity.STUDIES}))
+    presets = sorted({*PRESETS, *families.COMPARISONS, *capacity.STUDIES})
+    ap.add_argument("--preset", default="small", choices=presets)
     ap.add_argument("--out", default=None, help="default: dumps/knowledge/<preset>")
     ap.add_argument("--dry-run", action="store_true", help="list the runs (small, gpu, tiny: of phase 1)")
     a = ap.parse_args(argv)

@@ -212,7 +212,8 @@ def summarise(study: Study, results: list[dict], corpora: dict[int, dict]) -> li
         rs = [r for r in results if r["size"] == group]
         people = rs[0]["people"]
         row = {"group": group, "kind": rs[0]["kind"], "people": people, "seeds": len(rs),
-               "n_keys": rs[0]["n_keys"], "values": rs[0]["value_params"], "total_params": rs[0]["total_params"],
+               "n_keys": rs[0]["n_keys"], "values": rs[0]["value_params"],
+               "total_params": rs[0]["total_params"],
                "dense_params": rs[0]["dense_params"], "flops_per_token": rs[0]["flops_per_token"],
                "steps": rs[0]["steps"], "tokens": rs[0]["tokens"], "train_flops": rs[0]["train_flops"],
                "corpus_bits": corpora[people]["bits"],
@@ -225,8 +226,9 @@ def summarise(study: Study, results: list[dict], corpora: dict[int, dict]) -> li
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| group | seeds | params (total / dense) | tokens | exposures a fact | train FLOPs | recall EM | "
-            "bits stored (EM) | bits by loss | corpus bits | recall unseen EM | val loss | s a run |")
+    head = ("| group | seeds | params (total / dense) | tokens | exposures a fact | train FLOPs | "
+            "recall EM | bits stored (EM) | bits by loss | corpus bits | recall unseen EM | val loss | "
+            "s a run |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         pm = {k: f"{r[k]:.3f} ± {r[f'{k}_se']:.3f}" for k in ("recall_em", "recall_unseen_em", "val_loss")}
@@ -270,7 +272,8 @@ def plot(study: Study, rows: list[dict], out: Path) -> Path:
             ax.errorbar([r["values"] for r in memory], [r[key] for r in memory],
                         yerr=[r[f"{key}_se"] for r in memory], marker="o", capsize=4, label="Memory+")
             ax.axhline(dense[key], color="C1", linestyle="--", label="dense base")
-            ax.axhspan(dense[key] - dense[f"{key}_se"], dense[key] + dense[f"{key}_se"], color="C1", alpha=0.15)
+            low, high = dense[key] - dense[f"{key}_se"], dense[key] + dense[f"{key}_se"]
+            ax.axhspan(low, high, color="C1", alpha=0.15)
             ax.set_xscale("log")
             ax.set_xlabel("memory values (n_keys²), the base's tokens")
         axes[1].axhline(dense["corpus_bits"], color="k", linestyle=":", label="bits in the corpus")
@@ -301,8 +304,8 @@ def run_study(study: Study, out: Path, dry_run: bool = False) -> list[Path]:
     corpora = {p: prepare_corpus(study, p, out) for p in people}
     planned = plan(study, corpora, out)
     if dry_run:
-        print(f"study {study.name} ({study.kind}): {len(planned)} runs; expected {study.expected_minutes:g} min "
-              f"on {study.machine}")
+        print(f"study {study.name} ({study.kind}): {len(planned)} runs; expected "
+              f"{study.expected_minutes:g} min on {study.machine}")
         for p in people:
             c = corpora[p]
             print(f"  corpus p{p}: {c['tokens_per_pass']:,} tokens a pass, {c['bits']:,.0f} bits of facts")
@@ -315,20 +318,23 @@ def run_study(study: Study, out: Path, dry_run: bool = False) -> list[Path]:
         r = {**train_run(pl.run, pl.base, out, study.name), "people": pl.people}
         results.append(r)
         elapsed = time.perf_counter() - started
-        print(f"[{i}/{len(planned)}] {pl.run.name}: recall EM {r['recall_em']:.3f}, bits {r['recall_bits']:,.0f}, "
-              f"val loss {r['val_loss']:.3f}, {r['seconds']:.0f} s; elapsed {elapsed / 60:.1f} min, "
+        print(f"[{i}/{len(planned)}] {pl.run.name}: recall EM {r['recall_em']:.3f}, "
+              f"bits {r['recall_bits']:,.0f}, val loss {r['val_loss']:.3f}, {r['seconds']:.0f} s; "
+              f"elapsed {elapsed / 60:.1f} min, "
               f"ETA {elapsed / i * (len(planned) - i) / 60:.1f} min", flush=True)
     rows = summarise(study, results, corpora)
     write_file(out / "results.json", json.dumps({"corpora": corpora, "runs": results, "groups": rows},
                                                 indent=2) + "\n")
     c = corpora[people[0]]
+    a_biography = c["tokens_per_pass"] / c["people"] / study.docs_per_person
+    command = f"python -m experiments.knowledge --preset {study.name} --out {out}"
     header = (f"# Knowledge experiment, study {study.name} ({study.kind})\n\n{datetime.date.today()}, "
-              f"{platform.node()} ({platform.machine()}), `python -m experiments.knowledge --preset {study.name} "
-              f"--out {out}`, {(time.perf_counter() - started) / 60:.1f} min. Capacity corpus, "
-              f"{study.docs_per_person} biographies a person, a SentencePiece vocabulary of {study.vocab_size} "
-              f"trained on each corpus ({c['tokens_per_pass'] / c['people'] / study.docs_per_person:.0f} tokens "
-              f"a biography); base {study.base.name} x {study.base.n_layers} layers, tied embeddings; "
-              f"{study.batch_size} x {study.seq_len} tokens a step; seeds {', '.join(map(str, study.seeds))}.")
+              f"{platform.node()} ({platform.machine()}), `{command}`, "
+              f"{(time.perf_counter() - started) / 60:.1f} min. Capacity corpus, {study.docs_per_person} "
+              f"biographies a person, a SentencePiece vocabulary of {study.vocab_size} trained on each "
+              f"corpus ({a_biography:.0f} tokens a biography); base {study.base.name} x "
+              f"{study.base.n_layers} layers, tied embeddings; {study.batch_size} x {study.seq_len} tokens "
+              f"a step; seeds {', '.join(map(str, study.seeds))}.")
     report = out / "report.md"
     write_file(report, f"{header}\n\n{table(rows)}\n")
     picture = plot(study, rows, out)
