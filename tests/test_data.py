@@ -226,6 +226,36 @@ def test_the_capacity_style_states_every_fact_in_one_wording_in_k_orders(tmp_pat
         validate(TrainConfig(data=DataConfig(facts=facts_config(style="dense"))))
 
 
+def test_mixed_training_answers_questions_for_some_people_and_asks_the_others(tmp_path):
+    """qa_fraction (Physics of LMs 3.1): a fraction of the people also has its facts as answered
+    questions in training text; QA asks only the others; 0 leaves the files as they were."""
+    plain, none, mixed = tmp_path / "plain", tmp_path / "none", tmp_path / "mixed"
+    facts.generate_facts(plain, 40, 3)
+    facts.generate_facts(none, 40, 3, qa_fraction=0.0)
+    for name in ("train.jsonl", "val.jsonl", "qa.jsonl", "recall.jsonl", "recall_unseen.jsonl"):
+        assert (plain / name).read_bytes() == (none / name).read_bytes(), name
+    meta = facts.generate_facts(mixed, 40, 3, qa_fraction=0.25)
+    assert meta["qa_people"] == 10 and meta["documents"] == json.loads((plain / "meta.json").read_text())[
+        "documents"] + 10 * 12  # two QA wordings x six attributes a person
+    train = {d["text"] for d in read_jsonl(mixed / "train.jsonl")}
+    assert {d["text"] for d in read_jsonl(plain / "train.jsonl")} <= train  # the biographies kept
+    qa = read_jsonl(mixed / "qa.jsonl")
+    asked = {q["person"] for q in qa}
+    assert len(asked) == 30 and len(qa) == 30 * 6
+    qa_docs = train - {d["text"] for d in read_jsonl(plain / "train.jsonl")}
+    answered = {q["person"] for q in read_jsonl(plain / "qa.jsonl")} - asked
+    assert len(answered) == 10
+    for q in qa:  # never a person QA asks; the question's wording is learnt on the others
+        assert not any(d.startswith(q["question"] + " ") for d in qa_docs), q
+        wording = q["question"].replace(q["person"], "{name}")
+        assert any(wording.format(name=other) + " " in d for other in answered for d in qa_docs), q
+    for person in answered:  # every fact of theirs, in both wordings, ending at the answer
+        mine = [d for d in qa_docs if person in d]
+        assert len(mine) == 12 and all(d.endswith(".") for d in mine)
+    with pytest.raises(ConfigError, match="data.facts.qa_fraction"):
+        validate(TrainConfig(data=DataConfig(facts=facts_config(qa_fraction=1.0))))
+
+
 def facts_config(**kw):
     from lingua_mem.config.schema import FactsConfig
 

@@ -134,6 +134,9 @@ class FactsConfig:
     seed: int = 0
     style: FactsStyle = "mixed"
     docs_per_person: int = 3  # biographies a person (capacity: copies of the whole biography)
+    # mixed training (Physics of LMs 3.1): this fraction of the people also has its facts as
+    # answered questions in the training text; the QA set asks the others only
+    qa_fraction: float = 0.0
 
 
 @dataclass

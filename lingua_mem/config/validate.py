@@ -132,6 +132,7 @@ def validate_data(d: DataConfig, max_seq_len: int) -> None:
     _check(d.facts.people > 0, "data.facts.people", "must be positive")
     _check_choice(d.facts.style, "data.facts.style", FactsStyle)
     _check(d.facts.docs_per_person > 0, "data.facts.docs_per_person", "must be positive")
+    _check(0.0 <= d.facts.qa_fraction < 1.0, "data.facts.qa_fraction", "must be in [0, 1)")
 
 
 def validate_optim(o: OptimConfig) -> None:

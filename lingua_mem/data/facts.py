@@ -22,7 +22,10 @@ Files written to out_dir (atomically, meta.json last):
   recall_unseen.jsonl  the facts in a TRAIN template's words never used for that person
                (used for others): whether the fact is stored by person, beyond the
                sentence it was seen in (a fact whose every template was used is left out)
-  meta.json    {"version", "people", "seed", "docs_per_person", "documents", ...}
+  meta.json    {"version", "people", "seed", "docs_per_person", "qa_fraction", "documents", ...}
+
+With qa_fraction > 0 (mixed training, generate_facts), train.jsonl also answers the QA
+templates' questions for that fraction of the people, and qa.jsonl asks only the others.
 
     python -m lingua_mem.data.facts --people 1000 --seed 0 --out data/facts
 """
@@ -294,13 +297,30 @@ def _write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
-def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3, style: str = "mixed") -> dict:
+def _qa_documents(person: dict[str, str]) -> list[str]:
+    """A person's facts as answered questions, one document each: every QA template of every
+    attribute, followed by the answer ("The hometown of X is Oslo.")."""
+    return [f"{template.format(name=person['name'])} {person[a]}." for a in ATTRIBUTES
+            for template in QA_TEMPLATES[a]]
+
+
+def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3, style: str = "mixed",
+                   qa_fraction: float = 0.0) -> dict:
     """Write train.jsonl, val.jsonl, qa.jsonl, recall.jsonl, recall_unseen.jsonl, meta.json to
-    out_dir; return a summary dict."""
+    out_dir; return a summary dict.
+
+    qa_fraction > 0: mixed training (Physics of LMs 3.1). That fraction of the people (drawn by
+    an RNG of its own) also has its facts in train.jsonl as answered questions in the QA
+    templates' words; qa.jsonl asks the other people only, so QA measures whether the model
+    extracts a fact it read in biographies alone, given a question format it has learnt. At 0
+    (the default) its files are what they were without the option, byte for byte (meta.json
+    aside: it records the option)."""
     if people <= 0 or docs_per_person <= 0:
         raise ValueError("people and docs_per_person must be positive")
     if style not in ("mixed", "capacity"):
         raise ValueError(f"style {style!r}: mixed or capacity")
+    if not 0.0 <= qa_fraction < 1.0:
+        raise ValueError(f"qa_fraction {qa_fraction}: in [0, 1)")
     rng = random.Random(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +334,13 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3, st
            "question": rng.choice(QA_TEMPLATES[a]).format(name=p["name"]),
            "answer": p[a]}
           for p in persons for a in ATTRIBUTES]
+    answered: set[str] = set()  # the people whose answered questions are training text
+    if qa_fraction:
+        qa_rng = random.Random(f"lingua_mem.facts.qa_train:{seed}")
+        answered = {p["name"] for p in qa_rng.sample(persons, round(qa_fraction * people))}
+        docs += [d for p in persons if p["name"] in answered for d in _qa_documents(p)]
+        qa_rng.shuffle(docs)
+        qa = [q for q in qa if q["person"] not in answered]
 
     val_rng = random.Random(f"lingua_mem.facts.val:{seed}")  # its own: train and qa stay as they were
     val = [" ".join(val_rng.choice(TRAIN_TEMPLATES[a]).format(name=p["name"], value=p[a])
@@ -338,7 +365,8 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3, st
     val_text = "".join(json.dumps({"text": t}) + "\n" for t in val)
     qa_text = "".join(json.dumps(q) + "\n" for q in qa)
     meta = {"version": VERSION, "people": people, "seed": seed, "style": style,
-            "docs_per_person": docs_per_person, "documents": len(docs),
+            "docs_per_person": docs_per_person, "qa_fraction": qa_fraction, "qa_people": len(answered),
+            "documents": len(docs),
             "questions": len(qa), "recall_unseen": len(unseen), "train_bytes": len(train_text),
             "bits": round(people * sum(fact_bits().values()), 1)}
     _write_atomic(out / "train.jsonl", train_text)
@@ -351,19 +379,21 @@ def generate_facts(out_dir, people: int, seed: int, docs_per_person: int = 3, st
     return {"out_dir": str(out), "files": files, **meta}
 
 
-def ensure_facts(out_dir, people: int, seed: int, style: str = "mixed", docs_per_person: int = 3) -> Path:
+def ensure_facts(out_dir, people: int, seed: int, style: str = "mixed", docs_per_person: int = 3,
+                 qa_fraction: float = 0.0) -> Path:
     """Generate the corpus unless out_dir already holds it for these settings."""
     out = Path(out_dir)
     try:
         meta = json.loads((out / "meta.json").read_text())
         fresh = (meta.get("version") == VERSION and meta.get("people") == people
                  and meta.get("seed") == seed and meta.get("style", "mixed") == style
-                 and meta.get("docs_per_person", 3) == docs_per_person and (out / "train.jsonl").is_file()
+                 and meta.get("docs_per_person", 3) == docs_per_person
+                 and meta.get("qa_fraction", 0.0) == qa_fraction and (out / "train.jsonl").is_file()
                  and (out / "qa.jsonl").is_file())
     except (OSError, ValueError):
         fresh = False
     if not fresh:
-        generate_facts(out, people, seed, docs_per_person, style)
+        generate_facts(out, people, seed, docs_per_person, style, qa_fraction)
     return out
 
 
@@ -373,9 +403,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--docs-per-person", type=int, default=3)
     parser.add_argument("--style", choices=("mixed", "capacity"), default="mixed")
+    parser.add_argument("--qa-fraction", type=float, default=0.0,
+                        help="mixed training: this fraction of the people's facts also as answered questions")
     parser.add_argument("--out", default="data/facts")
     args = parser.parse_args(argv)
-    print(json.dumps(generate_facts(args.out, args.people, args.seed, args.docs_per_person, args.style)))
+    print(json.dumps(generate_facts(args.out, args.people, args.seed, args.docs_per_person, args.style,
+                                    args.qa_fraction)))
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def build_packed_loader(cfg: DataConfig, tokenizer, dump_dir: str, rank: int = 0
         weights = [cfg.sources[n].weight for n in names]
     else:
         facts = ensure_facts(facts_dir(dump_dir), cfg.facts.people, cfg.facts.seed, cfg.facts.style,
-                             cfg.facts.docs_per_person)
+                             cfg.facts.docs_per_person, cfg.facts.qa_fraction)
         sources = [JsonlSource("facts", [str(facts / "train.jsonl")], "text", rank, world_size)]
         weights = [1.0]
     return PackedLoader(sources, weights, tokenizer, cfg.batch_size, cfg.seq_len,

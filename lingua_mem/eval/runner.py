@@ -42,7 +42,8 @@ def _facts_dir(info: CheckpointInfo, dump_dir: Path | None, is_main: bool) -> Pa
     facts = data.get("facts") or {}
     target = facts_dir(dump_dir)
     on_rank_0(lambda: ensure_facts(target, facts.get("people", 1000), facts.get("seed", 0),
-                                   facts.get("style", "mixed"), facts.get("docs_per_person", 3)), is_main)
+                                   facts.get("style", "mixed"), facts.get("docs_per_person", 3),
+                                   facts.get("qa_fraction", 0.0)), is_main)
     return target
 
 
