@@ -3,6 +3,7 @@ vocabulary trained on it, the same on every machine; its tokens a pass are count
 loader packs them; curve runs spend the dense base's FLOPs, size and probe runs its tokens;
 the curve_tiny study runs end to end and a rerun reads its runs back."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -86,6 +87,17 @@ def test_size_runs_hold_the_base_and_the_tokens_fixed(tmp_path):
     for p in planned[1:]:
         k = keys(p.run)
         assert (k["model.dim"], k["model.n_layers"], k["memory.heads"]) == ("16", "2", "2")
+
+
+def test_probe_runs_vary_value_lr_heads_and_knn_at_the_base_s_tokens(tmp_path):
+    study = dataclasses.replace(capacity.STUDIES["size_tiny"], kind="probe", probe=((0.1, 2, 4), (1.0, 4, 2)))
+    corpora = {10: capacity.prepare_corpus(study, 10, tmp_path)}
+    planned = capacity.plan(study, corpora, tmp_path)
+    assert [p.run.size for p in planned] == ["p10 dense", "vlr0.1 h2k4", "vlr1 h4k2"]
+    assert len({keys(p.run)["steps"] for p in planned}) == 1
+    memory = [keys(p.run) for p in planned[1:]]
+    got = [(k["optim.value_lr"], k["memory.heads"], k["memory.knn"]) for k in memory]
+    assert got == [("0.1", "2", "4"), ("1.0", "4", "2")]
 
 
 def test_the_cpu_studies_are_sized_as_the_docs_say(tmp_path):
