@@ -5,7 +5,7 @@ SentencePiece vocabulary the study trains on each corpus itself.
 
     curve   claim (a), equal training FLOPs: the dense base and Memory+ over a grid of corpus
             sizes; the base reads each corpus `passes` times, Memory+ spends the base's FLOPs
-            (more tokens, its layer costs less a token). Where the corpus outgrows what the
+            (its tokens: those FLOPs over its FLOPs a token). Where the corpus outgrows what the
             base can store, its recall falls: the curve's knee.
     size    claim (b), memory size at a fixed base and fixed TOKENS (the paper's size curve):
             Memory+ at every n_keys of the grid and the dense base, one corpus, each run
@@ -94,20 +94,46 @@ STUDIES = {
         seeds=(0,), memory=MEMORY, heads=4, knn=8, n_keys=(128,), evals=4, warmup=50,
         expected_minutes=25, machine="2-core CPU",
         probe=((1e-1, 4, 8), (3e-1, 4, 8), (1.0, 4, 8), (1e-1, 2, 16), (3e-1, 2, 16), (1.0, 2, 16))),
-    # claim (b): 500 people (18k bits) read 20 times (3.5M tokens) by every run: the base and
+    # claim (b): 250 people (9k bits) read 20 times (1.7M tokens) by every run: the base and
     # Memory+ of 1k, 4k, 16k and 65k values, two seeds
     "capacity_size": Study(
-        name="capacity_size", kind="size", people=(500,), docs_per_person=5, vocab_size=1024,
+        name="capacity_size", kind="size", people=(250,), docs_per_person=5, vocab_size=1024,
         base=Size("d32", 32, 4, 4), passes=20, batch_size=16, seq_len=128, lr=3e-3, value_lr=3e-1,
         seeds=(0, 1), memory=MEMORY, heads=4, knn=8, n_keys=(32, 64, 128, 256),
-        evals=4, warmup=50, expected_minutes=60, machine="2-core CPU"),
-    # claim (a): 125 ... 1,000 people (4.5k ... 36k bits), the base reads each 20 times;
-    # Memory+ 16k spends the base's FLOPs; two seeds
+        evals=4, warmup=50, expected_minutes=45, machine="2-core CPU"),
+    # claim (a): 125, 250 and 500 people (4.5k, 9k and 18k bits), the base reads each 20
+    # times (100 exposures a fact); Memory+ 16k spends the base's FLOPs; two seeds
     "capacity_curve": Study(
-        name="capacity_curve", kind="curve", people=(125, 250, 500, 1000), docs_per_person=5, vocab_size=1024,
+        name="capacity_curve", kind="curve", people=(125, 250, 500), docs_per_person=5, vocab_size=1024,
         base=Size("d32", 32, 4, 4), passes=20, batch_size=16, seq_len=128, lr=3e-3, value_lr=3e-1,
         seeds=(0, 1), memory=MEMORY, heads=4, knn=8, n_keys=(128,), evals=4, warmup=50,
-        expected_minutes=110, machine="2-core CPU"),
+        expected_minutes=35, machine="2-core CPU"),
+    # one GPU (not run here; minutes are estimates at ~1.5M tokens/s for these sizes on an
+    # H100, slower for the largest tables). The base: d64 x 4, tied embeddings (279k
+    # parameters, ~0.56M bits at 2 bits a parameter); every corpus from 20k people (0.7M bits)
+    # up is past it. 20 passes (100 exposures a fact), 64 x 512 tokens a step.
+    "capacity_probe_gpu": Study(
+        name="capacity_probe_gpu", kind="probe", people=(20_000,), docs_per_person=5, vocab_size=1024,
+        base=Size("d64", 64, 4, 4), passes=20, batch_size=64, seq_len=512, lr=2e-3, value_lr=1e-1,
+        seeds=(0,), memory=MEMORY, heads=4, knn=32, n_keys=(512,), evals=5, warmup=500,
+        expected_minutes=20, machine="1 GPU (H100 class)", max_questions=2000,
+        probe=((1e-1, 4, 32), (3e-1, 4, 32), (1.0, 4, 32), (1e-1, 8, 16), (3e-1, 8, 16), (1.0, 8, 16)),
+        extra=("distributed.compute_dtype=bf16",)),
+    # claim (b): 50k people (1.8M bits), 4k ... 16.8M values, the base's 342M tokens each
+    "capacity_size_gpu": Study(
+        name="capacity_size_gpu", kind="size", people=(50_000,), docs_per_person=5, vocab_size=1024,
+        base=Size("d64", 64, 4, 4), passes=20, batch_size=64, seq_len=512, lr=2e-3, value_lr=3e-1,
+        seeds=(0, 1), memory=MEMORY, heads=4, knn=32, n_keys=(64, 128, 256, 512, 1024, 2048, 4096),
+        evals=5, warmup=500, expected_minutes=90, machine="1 GPU (H100 class)", max_questions=2000,
+        extra=("distributed.compute_dtype=bf16",)),
+    # claim (a): 5k ... 80k people (0.18M ... 2.9M bits) around the base's capacity; Memory+
+    # of 1M values spends the base's FLOPs
+    "capacity_curve_gpu": Study(
+        name="capacity_curve_gpu", kind="curve", people=(5_000, 10_000, 20_000, 40_000, 80_000),
+        docs_per_person=5, vocab_size=1024, base=Size("d64", 64, 4, 4), passes=20, batch_size=64,
+        seq_len=512, lr=2e-3, value_lr=3e-1, seeds=(0, 1), memory=MEMORY, heads=4, knn=32, n_keys=(1024,),
+        evals=5, warmup=500, expected_minutes=70, machine="1 GPU (H100 class)", max_questions=2000,
+        extra=("distributed.compute_dtype=bf16",)),
 }
 
 
