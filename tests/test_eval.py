@@ -306,6 +306,27 @@ def test_answer_bits_are_the_answers_code_length_and_bits_loss_what_beats_a_gues
     assert s["bits_loss"] == pytest.approx(math.log2(57) - 1) and s["bits"] == pytest.approx(math.log2(57))
 
 
+def test_the_answer_is_scored_in_the_tokens_it_has_after_its_prompt(tmp_path):
+    """With a SentencePiece vocabulary " Oslo" alone encodes as "▁", "▁Oslo" (the dummy prefix),
+    a pair training text never holds; answer_bits scores the answer's tokens in the whole text."""
+    from lingua_mem.data.facts import generate_facts
+    from lingua_mem.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+    from lingua_mem.eval.facts_qa import prompt_and_answer_ids
+
+    generate_facts(tmp_path, 30, 0, style="capacity")
+    train_sentencepiece([str(tmp_path / "train.jsonl")], 400, str(tmp_path / "t.model"), threads=1)
+    for tokenizer in (SentencePieceTokenizer(str(tmp_path / "t.model")), BytesTokenizer()):
+        for line in (tmp_path / "recall.jsonl").read_text().splitlines()[:12]:
+            q = json.loads(line)
+            prompt, answer = prompt_and_answer_ids(tokenizer, q["question"], q["answer"])
+            assert prompt + answer == tokenizer.encode(f"{q['question']} {q['answer']}", add_eos=False)
+            assert prompt == tokenizer.encode(q["question"], add_eos=False) and answer
+            assert tokenizer.decode(answer).strip() == q["answer"]
+    sp = SentencePieceTokenizer(str(tmp_path / "t.model"))
+    alone = sp.encode(" Oslo", add_bos=False, add_eos=False)
+    assert alone != prompt_and_answer_ids(sp, "Ada was born in", "Oslo")[1]
+
+
 def test_memory_analytics_equal_the_layers_own_lookups(model):
     tokens = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(1))
     memory = model.layers[1].feed_forward

@@ -117,6 +117,19 @@ def score(questions: list[dict], predictions: list[str], total: int, n_params: i
     return out
 
 
+def prompt_and_answer_ids(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """The ids of `question` (BOS first) and of " " + `answer` as they follow it in one text:
+    the encoding of question + " " + answer, cut after its longest common prefix with the
+    question's own. Encoding " " + answer alone would not do: a SentencePiece model with a
+    dummy prefix writes it as "▁", "▁Oslo", a sequence training text never holds."""
+    prompt = tokenizer.encode(question, add_bos=True, add_eos=False)
+    whole = tokenizer.encode(f"{question} {answer}", add_bos=True, add_eos=False)
+    common = 0
+    while common < min(len(prompt), len(whole) - 1) and prompt[common] == whole[common]:
+        common += 1  # the answer keeps a token at least
+    return whole[:common], whole[common:]
+
+
 @torch.no_grad()
 def answer_bits(model, tokenizer, questions: list[dict], batch_size: int) -> list[float]:
     """-log2 p(" " + answer | question) of every question: the bits the model needs to write
@@ -125,8 +138,7 @@ def answer_bits(model, tokenizer, questions: list[dict], batch_size: int) -> lis
     mine = []
     for batch in rank_batches(questions, batch_size):
         start, items = batch if batch is not None else (-1, [])
-        pairs = [(tokenizer.encode(q["question"], add_bos=True, add_eos=False),
-                  tokenizer.encode(" " + q["answer"], add_bos=False, add_eos=False)) for q in items]
+        pairs = [prompt_and_answer_ids(tokenizer, q["question"], q["answer"]) for q in items]
         pairs += [([tokenizer.bos_id], [tokenizer.bos_id])] * (batch_size - len(pairs))  # fillers
         # within the model's window: the answer, and the end of its prompt (a token at least)
         pairs = [(p[-(window - len(a)):], a) for p, a in ((p, a[: window - 1]) for p, a in pairs)]
