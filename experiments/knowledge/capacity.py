@@ -238,7 +238,7 @@ def summarise(study: Study, results: list[dict], corpora: dict[int, dict]) -> li
         rs = [r for r in results if r["size"] == group]
         people = rs[0]["people"]
         row = {"group": group, "kind": rs[0]["kind"], "people": people, "seeds": len(rs),
-               "n_keys": rs[0]["n_keys"], "values": rs[0]["value_params"],
+               "n_keys": rs[0]["n_keys"], "value_params": rs[0]["value_params"],
                "total_params": rs[0]["total_params"],
                "dense_params": rs[0]["dense_params"], "flops_per_token": rs[0]["flops_per_token"],
                "steps": rs[0]["steps"], "tokens": rs[0]["tokens"], "train_flops": rs[0]["train_flops"],
@@ -277,7 +277,7 @@ def plot(study: Study, rows: list[dict], out: Path) -> Path:
     if study.kind == "curve":
         for i, kind in enumerate(("dense", "memory")):
             rs = [r for r in rows if r["kind"] == kind]
-            label = "dense base" if kind == "dense" else f"Memory+ ({rs[0]['values']:,} values)"
+            label = "dense base" if kind == "dense" else f"Memory+ ({rs[0]['n_keys'] ** 2:,} values)"
             axes[0].errorbar([r["people"] for r in rs], [r["recall_em"] for r in rs],
                              yerr=[r["recall_em_se"] for r in rs], marker="o", capsize=4, color=f"C{i}",
                              label=label)
@@ -295,7 +295,7 @@ def plot(study: Study, rows: list[dict], out: Path) -> Path:
         memory = [r for r in rows if r["kind"] == "memory"]
         dense = next(r for r in rows if r["kind"] == "dense")
         for ax, key in zip(axes, ("recall_em", "recall_bits"), strict=True):
-            ax.errorbar([r["values"] for r in memory], [r[key] for r in memory],
+            ax.errorbar([r["n_keys"] ** 2 for r in memory], [r[key] for r in memory],
                         yerr=[r[f"{key}_se"] for r in memory], marker="o", capsize=4, label="Memory+")
             ax.axhline(dense[key], color="C1", linestyle="--", label="dense base")
             low, high = dense[key] - dense[f"{key}_se"], dense[key] + dense[f"{key}_se"]
