@@ -284,8 +284,8 @@ def plot(study: Study, rows: list[dict], out: Path) -> Path:
             axes[1].errorbar([r["corpus_bits"] for r in rs], [r["recall_bits"] for r in rs],
                              yerr=[r["recall_bits_se"] for r in rs], marker="o", capsize=4, color=f"C{i}",
                              label=label)
-        top = max(r["corpus_bits"] for r in rows)
-        axes[1].plot([0, top], [0, top], "k:", label="every fact stored")
+        corpus = sorted({r["corpus_bits"] for r in rows})
+        axes[1].plot(corpus, corpus, "k:", label="every fact stored")
         axes[0].set_xlabel("people in the corpus (6 facts each)")
         axes[1].set_xlabel("bits in the corpus")
         for ax in axes:
