@@ -212,8 +212,8 @@ def test_usage_command_counts_the_runs_own_data(pretrained):
     assert usage_file(pretrained, True) == pretrained.parents[1] / "memory_usage" / "0000000006.safetensors"
     assert usage.n_batches == 4 and usage.tokens == 4 * 2 * 64 and usage.meta["step"] == "6"
     assert int(usage.reads["shared"].sum()) == usage.tokens * 2 * 4  # heads x knn, one memory layer
-    assert json.loads(usage.meta["data"])["facts"] == {"people": 50, "seed": 0, "style": "mixed",
-                                                      "docs_per_person": 3, "qa_fraction": 0.0}  # its own data
+    facts = json.loads(usage.meta["data"])["facts"]  # the run's own data
+    assert facts == {"people": 50, "seed": 0, "style": "mixed", "docs_per_person": 3, "qa_fraction": 0.0}
     # bad input: one line, exit 2
     inside, beside = pretrained / "usage.safetensors", pretrained.parent / "u.safetensors"
     for args, words in ((["batches=0"], "batches: must be positive"),

@@ -137,7 +137,7 @@ STUDIES = {
 }
 
 
-def _count(corpus: Path, study: Study) -> int:
+def _count(corpus: Path) -> int:
     """The corpus's tokens a pass under its tokenizer (BOS and EOS included), as the loader
     packs them."""
     from lingua_mem.data.tokenizer import SentencePieceTokenizer
@@ -162,7 +162,7 @@ def prepare_corpus(study: Study, people: int, out: Path) -> dict:
     train_sentencepiece([str(corpus / "train.jsonl")], study.vocab_size, str(corpus / "tokenizer.model"),
                         threads=1)
     meta = json.loads((corpus / "meta.json").read_text())
-    done = {**want, "tokens_per_pass": _count(corpus, study), "bits": meta["bits"]}
+    done = {**want, "tokens_per_pass": _count(corpus), "bits": meta["bits"]}
     write_file(record, json.dumps(done, indent=2) + "\n")
     return done
 
@@ -199,12 +199,13 @@ def memory_keys(study: Study, n_keys: int, heads: int, knn: int, *more: str) -> 
 
 def plan(study: Study, corpora: dict[int, dict], out: Path) -> list[Planned]:
     """Every run, seed-major. A run's group (Run.size) names its corpus and model:
-    "p<people> dense", "p<people> mem<values>", "vlr<v> h<heads>k<knn>"."""
+    "p<people> dense", "p<people> mem<values>", "vlr<v> h<heads>k<knn>". `corpora`: the
+    study's corpora (prepare_corpus), one a corpus size it trains on."""
+    bases = {people: common(study, people, out / "corpus" / f"p{people}") for people in corpora}
     tokens_a_step = study.batch_size * study.seq_len
     dense = (*size_keys(study.base), "memory.layers=[]")
     groups: list[tuple[str, str, int, tuple[str, ...], int, int]] = []  # group, kind, people, keys, steps, k
-    for people in study.people if study.kind == "curve" else study.people[:1]:
-        base = common(study, people, out / "corpus" / f"p{people}")
+    for people, base in bases.items():
         steps = max(1, round(study.passes * corpora[people]["tokens_per_pass"] / tokens_a_step))
         groups.append((f"p{people} dense", "dense", people, dense, steps, 0))
         if study.kind == "probe":  # Memory+ at the base's tokens, a group a (value_lr, heads, knn)
@@ -226,7 +227,7 @@ def plan(study: Study, corpora: dict[int, dict], out: Path) -> list[Planned]:
                       f"log_every={max(1, steps // 20)}")
             name = group.replace(" ", "_") + f"_seed{seed}"
             run = Run(name, group, kind, 1, (*keys, *timing), k, variant=group)
-            planned.append(Planned(run, people, common(study, people, out / "corpus" / f"p{people}")))
+            planned.append(Planned(run, people, bases[people]))
     return planned
 
 
